@@ -1,0 +1,81 @@
+"""Training-loop and tracking options."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/demo"
+    """Folder for checkpoints, exports, the MLflow store (by default) and reports."""
+    max_steps: int = 400
+    """Optimizer steps to train for."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-3
+    """Peak learning rate (LoRA and projectors)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 40
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.05
+    """Final learning rate as a fraction of `lr`."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    seed: int = 1234
+    """Seed for model init, data order and dropout."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 on a GPU that supports it, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute LLM blocks in backward to save memory."""
+    log_every: int = 10
+    """Steps between metric logs."""
+    eval_every: int = 0
+    """Steps between WER evaluations on the validation split (0 = only at the end)."""
+    eval_max_samples: Optional[int] = None
+    """Cap on validation samples per periodic evaluation (None = the whole split)."""
+    eval_beams: int = 1
+    """Beam width for evaluation decoding (1 = greedy; the paper uses 15)."""
+    eval_max_new_tokens: int = 32
+    """Longest transcript generated in evaluation."""
+    test_at_end: bool = True
+    """Report WER on the held-out test split after training."""
+    save_every: int = 200
+    """Steps between checkpoints (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    resume: str = "auto"
+    """'auto' = resume from the run folder's latest complete checkpoint if any; 'never'; or a checkpoint path."""
+    fast_forward_data: bool = True
+    """On resume, skip the micro-batches already consumed in the current data epoch, so the resumed
+    run sees exactly the batches an uninterrupted run would (costs decoding them once more)."""
+    export_on_finish: bool = True
+    """Write the LoRA adapters (peft format), the projector weights and a consolidated model at the end."""
+
+    def __post_init__(self):
+        checks = [
+            (self.max_steps > 0, "train.max_steps must be > 0"),
+            (self.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (self.lr > 0, "train.lr must be > 0"),
+            (0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps must be in [0, max_steps]"),
+            (0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
+            (self.grad_clip >= 0, "train.grad_clip must be >= 0"),
+            (self.log_every >= 1, "train.log_every must be >= 1"),
+            (self.eval_every >= 0 and self.save_every >= 0, "train.eval_every/save_every must be >= 0"),
+            (self.keep_last >= 1, "train.keep_last must be >= 1"),
+            (self.eval_beams >= 1, "train.eval_beams must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow (rank 0 only)."""
+    experiment: Optional[str] = None
+    """MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or 'avsr')."""
+    run_name: Optional[str] = None
+    """MLflow run name (default: the run folder's name)."""

@@ -1,0 +1,60 @@
+"""The training stream as a resumable position: (data epoch, micro-batches consumed in it).
+
+Each data epoch is a loader built with its own seed; when it runs out the next one is
+built. Every rank steps by optimizer-step count, never by "end of epoch", so ranks with
+different batch counts (frame-budget batching) cannot fall out of step under ZeRO-3.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+
+class TrainStream:
+    def __init__(self, make_loader: Callable[[int], Iterator[dict]], epoch: int = 0, position: int = 0):
+        self._make_loader = make_loader
+        self.epoch = epoch
+        self.position = position
+        self.skipped: Counter = Counter()       # bad samples, by reason, since the last report
+        self._it: Iterator[dict] | None = None
+        self._pending_skip = position
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    @classmethod
+    def from_state(cls, make_loader, state: dict | None, fast_forward: bool = True) -> "TrainStream":
+        if not state:
+            return cls(make_loader)
+        stream = cls(make_loader, epoch=int(state["epoch"]), position=int(state["position"]))
+        if not fast_forward:     # start the epoch afresh: statistically equivalent, not identical
+            stream.epoch, stream.position, stream._pending_skip = stream.epoch + 1, 0, 0
+        return stream
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            if self._it is None:
+                self._it = iter(self._make_loader(self.epoch))
+                if self._pending_skip:
+                    log.info("fast-forwarding %d micro-batches of data epoch %d", self._pending_skip, self.epoch)
+                    for _ in range(self._pending_skip):
+                        next(self._it)
+                    self._pending_skip = 0
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self.epoch, self.position, self._it = self.epoch + 1, 0, None
+                continue
+            self.position += 1
+            self.skipped.update(batch.get("skipped", {}))
+            return batch
+
+    def pop_skipped(self) -> dict[str, int]:
+        out, self.skipped = dict(self.skipped), Counter()
+        return out
