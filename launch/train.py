@@ -1,0 +1,29 @@
+"""Entry point: `deepspeed launch/train.py --config ds_configs/zero3.json [options]`.
+
+With no other option it trains the embedded demo (tiny model, synthetic corpus, which
+is built on first use). `--help` lists every option.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def main() -> None:
+    from trainer.config import parse_args
+    from trainer.engine.demo_data import ensure_demo_corpus
+    from trainer.engine.trainer import Trainer
+
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = parse_args()            # validated before any process group starts
+    ensure_demo_corpus(cfg.data, rank)
+    results = Trainer(cfg).train()
+    if rank == 0:
+        logging.getLogger("trainer").info("done: %s", results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

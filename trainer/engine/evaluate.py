@@ -1,0 +1,80 @@
+"""WER evaluation across ranks.
+
+Ranks hold different numbers of eval batches (each reads its own shards), but under
+ZeRO-3 generation all-gathers parameters on every forward, so all ranks must call
+generate the same number of times: a rank that has run out repeats its last batch
+and throws the result away, until no rank has data left.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _gather(obj):
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_device, num_beams: int,
+                 max_new_tokens: int, synced_gpus: bool, max_samples: int | None = None,
+                 rank: int = 0, desc: str = "eval", report_path: Path | None = None) -> dict[str, float]:
+    from trainer.model.metrics import error_counts
+
+    was_training = model.training
+    model.eval()
+    it = iter(batches)
+    rows: list[dict] = []
+    last = None
+    bar = tqdm(desc=desc, unit="utt", disable=rank != 0, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    while True:
+        batch = None
+        if max_samples is None or len(rows) < max_samples:
+            batch = next(it, None)
+        if not _any_rank(batch is not None, device):
+            break
+        real = batch is not None
+        batch = batch if real else last
+        if batch is None:            # this rank never had data: nothing to pad with
+            raise RuntimeError("a rank got no evaluation data; use fewer ranks/workers or more shards")
+        last = batch
+        hyps = model.generate(to_device(batch), num_beams=num_beams, max_new_tokens=max_new_tokens,
+                              synced_gpus=synced_gpus)
+        if real:
+            rows.extend({"key": k, "ref": r, "hyp": h} for k, r, h in zip(batch["keys"], batch["text"], hyps))
+            bar.update(len(hyps))
+    bar.close()
+    model.train(was_training)
+
+    all_rows = [r for part in _gather(rows) for r in part]
+    counts = error_counts([r["ref"] for r in all_rows], [r["hyp"] for r in all_rows])
+    result = {
+        "wer": counts.wer, "cer": counts.cer, "num_utterances": float(len(all_rows)),
+        "ref_words": float(counts.ref_words), "eval_time_s": time.perf_counter() - t0,
+    }
+    if rank == 0 and report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps({"summary": result, "utterances": sorted(all_rows, key=lambda r: r["key"])},
+                                          indent=1))
+    return result

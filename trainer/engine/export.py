@@ -1,0 +1,53 @@
+"""Exports for use outside the trainer, gathered correctly under ZeRO-3.
+
+Under ZeRO-3 each rank holds a slice of every parameter, so a plain state_dict or
+peft `save_pretrained` writes empty tensors. The trainable parameters (LoRA,
+projectors, new token rows) are small: gather them on every rank, write on rank 0.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def _gathered(params):
+    import deepspeed
+    zero3 = [p for p in params if hasattr(p, "ds_id")]
+    return deepspeed.zero.GatheredParameters(zero3, modifier_rank=None, enabled=bool(zero3))
+
+
+def export_trainable(model, out_dir: str | Path, rank: int) -> dict[str, Path]:
+    """LoRA adapters in peft format (`adapters/`) and every trainable weight (`trainable.safetensors`)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    written: dict[str, Path] = {}
+    with _gathered(list(trainable.values())):
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable.items()}
+            empty = [n for n, t in tensors.items() if t.numel() == 0]
+            if empty:
+                raise RuntimeError(f"export gathered empty tensors for {empty[:5]}: ZeRO-3 gathering failed")
+            save_file(tensors, str(out_dir / "trainable.safetensors"))
+            written["trainable"] = out_dir / "trainable.safetensors"
+            model.llm.save_pretrained(str(out_dir / "adapters"))   # reads the gathered LoRA weights
+            written["adapters"] = out_dir / "adapters"
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return written
+
+
+def export_consolidated(engine, out_dir: str | Path) -> Path:
+    """The whole model (frozen parts included) as one 16-bit/fp32 state dict, for evaluation."""
+    out_dir = Path(out_dir)
+    ok = engine.save_16bit_model(str(out_dir), "model.pt")
+    if not ok:
+        log.warning("consolidated export skipped: set zero_optimization.stage3_gather_16bit_weights_on_model_save")
+    return out_dir / "model.pt"

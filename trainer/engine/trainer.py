@@ -1,0 +1,316 @@
+"""The training loop: build, resume, step, log, probe, evaluate, checkpoint, export.
+
+`Trainer(cfg).train()` is the whole run; launch/train.py is only its entry point.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.config import ExperimentConfig
+from trainer.engine.checkpoint import CheckpointManager
+from trainer.engine.data_stream import TrainStream
+from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
+from trainer.engine.evaluate import evaluate_wer
+from trainer.engine.export import export_consolidated, export_trainable
+from trainer.engine.signals import StopSignal
+from trainer.engine.throughput import ThroughputMeter, peak_memory_gb, train_flops
+from trainer.engine.tracking import make_tracker
+
+log = logging.getLogger("trainer")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_mean(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig):
+        import deepspeed
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir)
+        deepspeed.init_distributed()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = self._pick_device()
+        self.on_cpu = self.device.type == "cpu"
+        self.bf16 = (not self.on_cpu) and cfg.train.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+        if cfg.train.precision == "bf16" and not self.bf16:
+            raise ValueError("--train.precision bf16 needs a GPU with bf16 support")
+        seed_everything(cfg.train.seed)     # same init on every rank; zero.Init partitions it
+
+        from trainer.model import build_model, llm_hidden_size
+
+        self.ds_config = resolve_ds_config(
+            load_ds_config(cfg.config), hidden_size=llm_hidden_size(cfg.model),
+            micro_batch_size=cfg.data.max_batch_size, grad_accum=cfg.train.grad_accum,
+            grad_clip=cfg.train.grad_clip, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+            total_steps=cfg.train.max_steps, warmup_steps=cfg.train.warmup_steps,
+            min_lr_ratio=cfg.train.min_lr_ratio, bf16=self.bf16, on_cpu=self.on_cpu)
+        self.zero3 = zero_stage(self.ds_config) == 3
+        model = build_model(cfg.model, ds_config=self.ds_config)
+        if cfg.train.activation_checkpointing:
+            model.enable_activation_checkpointing()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=self.ds_config)
+        self.model = self.engine.module
+        self.param_counts = self._count_params()
+        self.frozen_fingerprint = self._frozen_fingerprint()
+
+        self.tracker = make_tracker(self.rank, self.run_dir, enabled=cfg.tracking.enabled,
+                                    experiment_name=cfg.tracking.experiment,
+                                    run_name=cfg.tracking.run_name or self.run_dir.name)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, self.rank, self.world_size)
+        self.stop = StopSignal().install()
+        self.step = 0
+        self.stream: TrainStream | None = None
+        self.monitor = None
+        self.probe_batch = None
+
+    # ---- the story of a run ----------------------------------------------------------------------
+    def train(self) -> dict:
+        status = "FAILED"
+        try:
+            self._resume_or_start()
+            self._log_run_setup()
+            meter = ThroughputMeter(self.world_size)
+            while self.step < self.cfg.train.max_steps:
+                stats = self._train_step(meter)
+                self.step += 1
+                if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.max_steps:
+                    self._log_step(stats, meter)
+                if self.monitor is not None and self.monitor.should_run(self.step):
+                    self._probe_sinks()
+                if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 \
+                        and self.step < self.cfg.train.max_steps:
+                    self._evaluate(self.cfg.data.eval_split, self.cfg.train.eval_max_samples)
+                if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
+                    self._save()
+                if self.stop.agreed(self.device):
+                    self._save()
+                    status = "KILLED"
+                    log.warning("stopped by signal at step %d; resume with the same command", self.step)
+                    return {"step": self.step, "status": status}
+            results = self._finish()
+            status = "FINISHED"
+            return results
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.stop.uninstall()
+            self.tracker.finish(status)
+
+    def _finish(self) -> dict:
+        cfg = self.cfg
+        if self.ckpt.latest_tag() != f"step_{self.step:08d}":
+            self._save()
+        results: dict = {"step": self.step}
+        if cfg.train.export_on_finish:
+            written = export_trainable(self.model, self.run_dir / "export", self.rank)
+            export_consolidated(self.engine, self.run_dir / "export")
+            if self.rank == 0:
+                for path in written.values():
+                    self.tracker.log_artifact(path, "export")
+        results["val"] = self._evaluate(cfg.data.eval_split, None)
+        if cfg.train.test_at_end:
+            results["test"] = self._evaluate(cfg.data.test_split, None)
+        if self.rank == 0:
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+            self.tracker.log_artifact(self.run_dir / "results.json")
+        return results
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _pick_device(self) -> torch.device:
+        from deepspeed.accelerator import get_accelerator
+        acc = get_accelerator()
+        if acc.device_name() == "cpu":
+            return torch.device("cpu")
+        acc.set_device(self.local_rank)
+        return torch.device(acc.device_name(), self.local_rank)
+
+    def _count_params(self) -> dict[str, int]:
+        def numel(p):
+            return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        counts = {"trainable": 0, "llm": 0, "encoders": 0, "total": 0}
+        for name, p in self.model.named_parameters():
+            n = numel(p)
+            counts["total"] += n
+            counts["trainable"] += n if p.requires_grad else 0
+            if name.startswith("llm."):
+                counts["llm"] += n
+            elif "encoder" in name:
+                counts["encoders"] += n
+        return counts
+
+    def _frozen_fingerprint(self) -> list[float]:
+        """Sum and sum of squares of the frozen weights, from each rank's slice (no gather).
+
+        Checkpoints hold what DeepSpeed trains; the frozen base comes from the model's
+        sources on every start, so a resume checks that those sources did not change."""
+        s = torch.zeros(2, dtype=torch.float64)
+        for p in self.model.parameters():
+            if p.requires_grad:
+                continue
+            t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+            t = t.detach().double().cpu()
+            s[0] += t.sum()
+            s[1] += (t * t).sum()
+        if self.zero3:
+            s = s.to(self.device)
+            dist.all_reduce(s)
+        return [float(x) for x in s.cpu()]
+
+    def _make_train_loader(self, epoch: int):
+        from trainer.data.pipeline import build_train_loader
+        return build_train_loader(self.cfg.data, rank=self.rank, world_size=self.world_size, epoch=epoch)
+
+    def _resume_or_start(self) -> None:
+        cfg = self.cfg
+        folder = self.ckpt.resolve(cfg.train.resume)
+        state = None
+        if folder is not None:
+            state = self.ckpt.load(self.engine, folder)
+            saved_fp = state.trainer_state.get("frozen_fingerprint")
+            if saved_fp and not np.allclose(saved_fp, self.frozen_fingerprint, rtol=1e-6):
+                raise RuntimeError(
+                    f"the frozen weights differ from those the checkpoint {folder} was trained on "
+                    f"({saved_fp} vs {self.frozen_fingerprint}): same pretrained paths and seed needed")
+            self.step = state.step
+            log.info("resumed from %s at step %d", folder, self.step)
+        self.stream = TrainStream.from_state(self._make_train_loader, state.rank_state.get("data") if state else None,
+                                             fast_forward=cfg.train.fast_forward_data)
+        self._setup_monitor()
+
+    def _setup_monitor(self) -> None:
+        mcfg = self.cfg.monitor
+        if not mcfg.every:
+            return
+        from trainer.data.pipeline import build_eval_loader
+        from trainer.monitor.monitor import SinkMonitor
+        self.monitor = SinkMonitor(mcfg)
+        # A fixed probe batch: the first validation batch of rank 0's stream, broadcast so every
+        # rank runs the identical probe forward (ZeRO-3 needs all ranks in it anyway).
+        batch = None
+        if self.rank == 0:
+            batch = next(iter(build_eval_loader(self.cfg.data, self.cfg.data.eval_split, rank=0, world_size=1)))
+            batch = {k: (v[:mcfg.probe_batch_size] if isinstance(v, (torch.Tensor, list)) else v)
+                     for k, v in batch.items() if k != "skipped"}
+        holder = [batch]
+        if self.world_size > 1:
+            dist.broadcast_object_list(holder, src=0)
+        self.probe_batch = holder[0]
+
+    def _log_run_setup(self) -> None:
+        if self.rank != 0:
+            return
+        cfg_dict = self.cfg.to_dict()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "experiment.json").write_text(json.dumps(cfg_dict, indent=2, default=str))
+        (self.run_dir / "ds_config.resolved.json").write_text(json.dumps(self.ds_config, indent=2))
+        self.tracker.log_params({**cfg_dict, "world_size": self.world_size,
+                                 "params": self.param_counts, "device": str(self.device)})
+        self.tracker.log_artifact(self.run_dir / "experiment.json", "config")
+        self.tracker.log_artifact(self.run_dir / "ds_config.resolved.json", "config")
+        log.info("params: %s; world size %d on %s", self.param_counts, self.world_size, self.device)
+
+    # ---- one optimizer step ------------------------------------------------------------------------
+    def to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in batch.items()}
+
+    def _train_step(self, meter: ThroughputMeter) -> dict:
+        self.engine.train()
+        sums = {"loss": 0.0, "ce_loss": 0.0, "dec_loss": 0.0, "dec_loss_raw": 0.0}
+        for _ in range(self.cfg.train.grad_accum):
+            batch = self.to_device(next(self.stream))
+            out = self.engine(batch)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            for k in sums:
+                sums[k] += float(getattr(out, k).detach()) / self.cfg.train.grad_accum
+            tokens = int(out.num_input_tokens) if hasattr(out, "num_input_tokens") else 0
+            frames = int(batch["video_lengths"].sum()) if "video_lengths" in batch else 0
+            meter.update(len(batch["keys"]), tokens, train_flops(
+                self.param_counts["llm"], self.param_counts["encoders"], tokens, frames))
+        meter.step()
+        gn = self.engine.get_global_grad_norm()
+        sums["grad_norm"] = float(gn) if gn is not None else float("nan")
+        return sums
+
+    def _log_step(self, stats: dict, meter: ThroughputMeter) -> None:
+        keys = list(stats)
+        reduced = dict(zip(keys, _all_mean([stats[k] for k in keys], self.device)))
+        metrics = {f"train/{k}": v for k, v in reduced.items()}
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr
+        metrics.update(meter.rates())
+        metrics.update(peak_memory_gb())
+        for reason, n in self.stream.pop_skipped().items():
+            metrics[f"data/skipped/{reason}"] = n
+        self.tracker.log_metrics(metrics, self.step)
+        if self.rank == 0:
+            log.info("step %d/%d loss %.4f ce %.4f dec %.4g lr %.2e gnorm %.3f %.1f samples/s",
+                     self.step, self.cfg.train.max_steps, reduced["loss"], reduced["ce_loss"],
+                     reduced["dec_loss_raw"], metrics["train/lr"], reduced["grad_norm"],
+                     metrics["perf/samples_per_s"])
+
+    # ---- periodic work -----------------------------------------------------------------------------
+    def _probe_sinks(self) -> None:
+        batch = self.to_device(self.probe_batch)
+        out_dir = self.run_dir / "sinks" / f"step_{self.step:08d}" if self.rank == 0 else None
+        with torch.no_grad():
+            parts = self.model.assemble(batch)
+        report = self.monitor.run(self.model.llm, parts.inputs_embeds, parts.attention_mask, parts.token_roles,
+                                  step=self.step, out_dir=out_dir)
+        if self.rank == 0:
+            self.tracker.log_metrics(report.to_metrics(), self.step)
+            if out_dir is not None and out_dir.exists():
+                self.tracker.log_artifact(out_dir, f"sinks/step_{self.step:08d}")
+
+    def _evaluate(self, split: str, max_samples: int | None) -> dict:
+        from trainer.data.pipeline import build_eval_loader
+        loader = build_eval_loader(self.cfg.data, split, rank=self.rank, world_size=self.world_size)
+        result = evaluate_wer(
+            self.model, loader, device=self.device, to_device=self.to_device,
+            num_beams=self.cfg.train.eval_beams, max_new_tokens=self.cfg.train.eval_max_new_tokens,
+            synced_gpus=self.zero3 and self.world_size > 1, max_samples=max_samples, rank=self.rank,
+            desc=f"{split} step {self.step}", report_path=self.run_dir / "eval" / f"{split}_step{self.step:08d}.json")
+        mod = self.cfg.model.modality
+        self.tracker.log_metrics({f"{split}/{mod}/{k}": v for k, v in result.items()}, self.step)
+        if self.rank == 0:
+            log.info("%s %s WER %.2f%% CER %.2f%% on %d utterances", split, mod, 100 * result["wer"],
+                     100 * result["cer"], int(result["num_utterances"]))
+            report = self.run_dir / "eval" / f"{split}_step{self.step:08d}.json"
+            if report.is_file():
+                self.tracker.log_artifact(report, "eval")
+        return result
+
+    def _save(self) -> None:
+        digest = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+        self.ckpt.save(self.engine, self.step, client_state={"step": self.step},
+                       rank_state={"data": self.stream.state()},
+                       trainer_state={"config_sha256": digest, "frozen_fingerprint": self.frozen_fingerprint,
+                                      "world_size": self.world_size,
+                                      "mlflow_run_id": getattr(self.tracker, "run_id", None)})
