@@ -1,0 +1,117 @@
+"""Unit tests of the engine parts that need no model: DeepSpeed config, tracking, data stream."""
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.engine.data_stream import TrainStream
+from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
+from trainer.engine.tracking import MLflowTracker, NullTracker, flatten, make_tracker
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = dict(hidden_size=64, micro_batch_size=8, grad_accum=2, grad_clip=1.0, lr=1e-3, weight_decay=0.01,
+              total_steps=100, warmup_steps=10, min_lr_ratio=0.1, bf16=False, on_cpu=True)
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_shipped_configs_resolve_fully(name):
+    cfg = resolve_ds_config(load_ds_config(REPO / "ds_configs" / name), **COMMON)
+    assert cfg["train_micro_batch_size_per_gpu"] == 8
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["optimizer"]["params"]["lr"] == 1e-3
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 100
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 10
+    assert cfg["bf16"]["enabled"] is False
+    zero = cfg["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 64 * 64
+    if zero["stage"] == 3:
+        assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+        assert zero["stage3_param_persistence_threshold"] == 640
+    # CPU without optimizer offload: plain torch AdamW (no op compile); offload keeps DeepSpeed's CPU Adam
+    assert cfg["optimizer"]["params"].get("torch_adam", False) == ("offload_optimizer" not in zero)
+    assert "auto" not in json.dumps(cfg)
+
+
+def test_explicit_value_conflicting_with_experiment_is_an_error():
+    raw = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    raw["gradient_accumulation_steps"] = 4
+    with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps"):
+        resolve_ds_config(raw, **COMMON)
+    raw["gradient_accumulation_steps"] = 2          # agreeing explicit value is kept
+    assert resolve_ds_config(raw, **COMMON)["gradient_accumulation_steps"] == 2
+
+
+def test_unknown_auto_is_reported_with_its_path():
+    raw = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    raw["zero_optimization"]["sub_group_size"] = "auto"
+    with pytest.raises(DeepSpeedConfigError, match="zero_optimization.sub_group_size"):
+        resolve_ds_config(raw, **COMMON)
+
+
+def test_bf16_forced_on_cpu_is_refused(tmp_path):
+    raw = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    raw["bf16"]["enabled"] = True
+    with pytest.raises(DeepSpeedConfigError, match="no GPU"):
+        resolve_ds_config(raw, **COMMON)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DeepSpeedConfigError, match="not valid JSON"):
+        load_ds_config(bad)
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": 1, "a.c": [1, 2], "d": None}
+
+
+def test_mlflow_tracker_logs_reattaches_and_marks_status(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    run_dir = tmp_path / "run"
+    tr = MLflowTracker(run_dir, experiment_name="t", run_name="r")
+    params = {f"p{i}": i for i in range(250)}            # more than one log_batch request
+    tr.log_params({"train": params, "long": "x" * 10000})
+    tr.log_metrics({f"m{i}": float(i) for i in range(1500)}, step=3)
+    (tmp_path / "a.json").write_text("{}")
+    tr.log_artifact(tmp_path / "a.json", "config")
+    tr.finish("KILLED")
+    run = tr.client.get_run(tr.run_id)
+    assert run.info.status == "KILLED"
+    assert len(run.data.params) == 251 and len(run.data.params["long"]) == 6000
+    assert run.data.metrics["m1499"] == 1499.0
+    assert [a.path for a in tr.client.list_artifacts(tr.run_id, "config")] == ["config/a.json"]
+
+    again = MLflowTracker(run_dir, experiment_name="t")   # resume: same run, RUNNING again
+    assert again.run_id == tr.run_id and again.resumed
+    assert again.client.get_run(again.run_id).info.status == "RUNNING"
+    again.log_params({"train": {"p0": 99}})               # changed param -> tag, not a crash
+    assert again.client.get_run(again.run_id).data.tags["resume.train.p0"] == "99"
+    again.finish("FAILED")
+    assert again.client.get_run(again.run_id).info.status == "FAILED"
+
+
+def test_non_zero_ranks_get_a_null_tracker(tmp_path):
+    assert type(make_tracker(1, tmp_path)) is NullTracker
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def _loader_factory(sizes):
+    def make(epoch):   # epoch e yields sizes[e % len] batches, each tagged with (epoch, i)
+        return iter([{"id": (epoch, i), "skipped": {"bad_video": 1}} for i in range(sizes[epoch % len(sizes)])])
+    return make
+
+
+def test_train_stream_rolls_epochs_and_resumes_exactly():
+    make = _loader_factory([3, 2])
+    full = TrainStream(make)
+    seen = [next(full)["id"] for _ in range(7)]
+    assert seen == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert full.pop_skipped() == {"bad_video": 7} and full.pop_skipped() == {}
+
+    part = TrainStream(make)
+    for _ in range(4):
+        next(part)
+    resumed = TrainStream.from_state(make, part.state())
+    assert [next(resumed)["id"] for _ in range(3)] == seen[4:]
+
+    fresh = TrainStream.from_state(make, part.state(), fast_forward=False)
+    assert next(fresh)["id"] == (2, 0)      # next epoch, not a replay
