@@ -47,6 +47,9 @@ class TrainConfig:
     """Checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
     resume: str = "auto"
     """'auto' = resume from the run folder's latest complete checkpoint if any; 'never'; or a checkpoint path."""
+    stop_after: Optional[int] = None
+    """Stop (with a checkpoint) after this many steps in this invocation: for time-sliced jobs
+    that resume in the next allocation."""
     fast_forward_data: bool = True
     """On resume, skip the micro-batches already consumed in the current data epoch, so the resumed
     run sees exactly the batches an uninterrupted run would (costs decoding them once more)."""
@@ -65,6 +68,7 @@ class TrainConfig:
             (self.eval_every >= 0 and self.save_every >= 0, "train.eval_every/save_every must be >= 0"),
             (self.keep_last >= 1, "train.keep_last must be >= 1"),
             (self.eval_beams >= 1, "train.eval_beams must be >= 1"),
+            (self.stop_after is None or self.stop_after >= 1, "train.stop_after must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -96,6 +96,7 @@ class Trainer:
             self._resume_or_start()
             self._log_run_setup()
             meter = ThroughputMeter(self.world_size)
+            start = self.step
             while self.step < self.cfg.train.max_steps:
                 stats = self._train_step(meter)
                 self.step += 1
@@ -113,6 +114,12 @@ class Trainer:
                     status = "KILLED"
                     log.warning("stopped by signal at step %d; resume with the same command", self.step)
                     return {"step": self.step, "status": status}
+                stop_after = self.cfg.train.stop_after
+                if stop_after and self.step - start >= stop_after and self.step < self.cfg.train.max_steps:
+                    self._save()
+                    status = "KILLED"    # MLflow's word for "ended before finishing"; resumable
+                    log.info("stop_after=%d reached at step %d; resume with the same command", stop_after, self.step)
+                    return {"step": self.step, "status": "STOPPED"}
             results = self._finish()
             status = "FINISHED"
             return results
