@@ -172,6 +172,14 @@ class Trainer:
                 counts["encoders"] += n
         return counts
 
+    def _local_param_fraction(self) -> float:
+        """Share of all parameter elements this rank stores: ~1/world_size under ZeRO-3, 1 otherwise."""
+        local = total = 0
+        for p in self.model.parameters():
+            total += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        return local / max(total, 1)
+
     def _frozen_fingerprint(self) -> list[float]:
         """Sum and sum of squares of the frozen weights, from each rank's slice (no gather).
 
@@ -239,6 +247,7 @@ class Trainer:
         (self.run_dir / "ds_config.resolved.json").write_text(json.dumps(self.ds_config, indent=2))
         self.tracker.log_params({**cfg_dict, "world_size": self.world_size,
                                  "params": self.param_counts, "device": str(self.device)})
+        self.tracker.log_metrics({"zero/local_param_fraction": self._local_param_fraction()}, self.step)
         self.tracker.log_artifact(self.run_dir / "experiment.json", "config")
         self.tracker.log_artifact(self.run_dir / "ds_config.resolved.json", "config")
         log.info("params: %s; world size %d on %s", self.param_counts, self.world_size, self.device)

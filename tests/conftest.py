@@ -1,0 +1,21 @@
+"""Shared fixtures: one small synthetic corpus per test session, built with the real tools."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")     # Triton kernels run on CPU in tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory) -> Path:
+    """~60 utterances of espeak-ng speech with matching mouth video, as train/val/test shards."""
+    from data_tools.synth import build_corpus
+
+    out = tmp_path_factory.mktemp("synth")
+    build_corpus(out, num_utterances=60, seed=7, samples_per_shard=10)
+    return out
