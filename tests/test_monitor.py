@@ -1,0 +1,280 @@
+"""Sink / massive-activation monitor on a tiny Llama with a sink planted by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from trainer.model.roles import TokenRole
+from trainer.monitor import MonitorConfig, SinkMonitor
+from trainer.monitor.analysis import SinkAnalyzer
+from trainer.monitor.capture import capture_layers, probe_forward
+
+D, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 64, 4, 2, 16, 4
+S, R, J = 5, 6, 17  # special-token marker, constant "bias" feature, planted massive feature
+MASSIVE_LAYER = 1  # the MLP of this layer writes the massive activation
+ROPE_SLOW = 7  # head dim whose RoPE frequency is ~0: q.k there is position independent
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=D, intermediate_size=128, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg).float()
+
+
+@torch.no_grad()
+def plant_sink(model: LlamaForCausalLM, gain: float = 2.0, out: float = 50.0, qk: float = 2.0) -> None:
+    """Layer 1's MLP turns the S marker into a huge value in feature J; layers 2-3 attend to J."""
+    layers = model.model.layers
+    for layer in layers:  # nothing but the planted unit writes S, R or J
+        for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+            w[[S, R, J]] = 0.0
+    mlp = layers[MASSIVE_LAYER].mlp
+    mlp.gate_proj.weight[0] = 0.0
+    mlp.gate_proj.weight[0, S] = gain
+    mlp.up_proj.weight[0] = 0.0
+    mlp.up_proj.weight[0, S] = gain
+    mlp.down_proj.weight[:, 0] = 0.0
+    mlp.down_proj.weight[J, 0] = out  # silu(g) * u ~ 130 for marked tokens, exactly 0 otherwise
+    for layer in layers[MASSIVE_LAYER + 1:]:
+        attn = layer.self_attn
+        for h in range(HEADS):
+            attn.q_proj.weight[h * HEAD_DIM + ROPE_SLOW] = 0.0
+            attn.q_proj.weight[h * HEAD_DIM + ROPE_SLOW, R] = qk  # every ordinary query asks for J
+        for g in range(KV_HEADS):
+            attn.k_proj.weight[g * HEAD_DIM + ROPE_SLOW] = 0.0
+            attn.k_proj.weight[g * HEAD_DIM + ROPE_SLOW, J] = qk  # keys with a massive J answer
+
+
+def make_inputs(lengths: list[int], mids: list[int], seed: int = 1):
+    """Right-padded embeddings; BOS and position mids[b] carry the S marker; roles like an AVSR prompt."""
+    torch.manual_seed(seed)
+    b, t = len(lengths), max(lengths)
+    x = torch.randn(b, t, D)
+    x[..., [S, J]] = 0.0
+    x[..., R] = 1.0
+    mask = torch.zeros(b, t, dtype=torch.long)
+    roles = torch.full((b, t), int(TokenRole.PAD))
+    for i, (n, m) in enumerate(zip(lengths, mids)):
+        mask[i, :n] = 1
+        x[i, 0, S] = x[i, m, S] = 8.0
+        roles[i, :n] = int(TokenRole.AUDIO)
+        roles[i, 0] = int(TokenRole.BOS)
+        roles[i, m] = int(TokenRole.DELIMITER)
+        roles[i, n - 4 : n - 1] = int(TokenRole.TRANSCRIPT)
+        roles[i, n - 1] = int(TokenRole.EOS)
+        x[i, n:] = 0.0
+    return x, mask, roles
+
+
+def monitor(**kw) -> SinkMonitor:
+    return SinkMonitor(MonitorConfig(every=1, **kw))
+
+
+def direct_attention(model, x, mask):
+    """Eager attention maps and hidden states via output_attentions (independent of the monitor)."""
+    prev = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(inputs_embeds=x, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    finally:
+        model.set_attn_implementation(prev)
+    return out.attentions, out.hidden_states
+
+
+def direct_alpha(attn: torch.Tensor, n: int) -> torch.Tensor:
+    """alpha[h, k] for one sample of real length n, by the definition, with loops."""
+    heads = attn.shape[0]
+    alpha = torch.zeros(heads, n)
+    for h in range(heads):
+        for k in range(n):
+            alpha[h, k] = sum(float(attn[h, i, k]) for i in range(k, n)) / (n - k)
+    return alpha
+
+
+def test_planted_sink_is_found():
+    model = tiny_llama()
+    plant_sink(model)
+    x, mask, roles = make_inputs([20, 20], [3, 7])
+    rep = monitor(top_k=4).run(model, x, mask, roles)
+
+    assert rep.first_massive_layer == MASSIVE_LAYER
+    for s in rep.layers:
+        expect_massive = s.layer >= MASSIVE_LAYER
+        got = {(e.batch, e.token, e.feature) for e in s.massive_entries}
+        assert got == ({(0, 0, J), (0, 3, J), (1, 0, J), (1, 7, J)} if expect_massive else set()), s.layer
+        if expect_massive:
+            assert s.massive_features == [J]
+            assert s.max_abs > 1000 and s.massive_ratio > 1000
+            assert {(e.batch, e.token, e.feature) for e in s.top_k[:4]} == got
+        sinks = {(t.batch, t.token) for t in s.sink_tokens}
+        if s.layer > MASSIVE_LAYER:  # sinks appear in the layers reading the massive residual
+            assert sinks == {(0, 0), (0, 3), (1, 0), (1, 7)}
+            assert s.bos_sink_head_frac == 1.0 and s.intermediate_sink_count == 1.0
+            assert all(t.head_frac == 1.0 and t.massive_features == [J] for t in s.sink_tokens)
+            assert s.sink_features_shared is True
+            assert s.sinks_by_role == {"bos": 2, "delimiter": 2}
+            assert s.cos_to_bos_sink > 0.99 and s.cos_to_bos_nonsink < 0.2
+        else:
+            assert sinks == set() and s.sink_features_shared is None
+    origin = rep.layer(MASSIVE_LAYER)
+    assert origin.mlp_share == pytest.approx(1.0) and origin.attn_abs_at_massive == 0.0
+    assert float(origin.cos_to_bos[0, 3]) > 0.99  # the marked token turns into a copy of BOS
+
+    m = rep.to_metrics()
+    assert m["sinks/first_massive_layer"] == MASSIVE_LAYER
+    assert m["sinks/origin_mlp_share"] == pytest.approx(1.0)
+    assert m["sinks/L02/bos_sink_head_frac"] == 1.0 and m["sinks/L00/bos_sink_head_frac"] == 0.0
+    assert m["sinks/L03/intermediate_sink_count"] == 1.0
+    assert m["sinks/L01/massive_count"] == 4 and m["sinks/L00/massive_count"] == 0
+    assert m["sinks/role/delimiter"] == 4 and m["sinks/role/audio"] == 0
+    assert all(isinstance(v, float) and not math.isnan(v) for v in m.values())
+    js = rep.to_json()
+    assert js["layers"][2]["sink_tokens"][1]["token"] == 3 and js["first_massive_layer"] == MASSIVE_LAYER
+
+
+@pytest.mark.parametrize("planted", [False, True])
+def test_sink_scores_match_output_attentions(planted):
+    model = tiny_llama(seed=3)
+    if planted:
+        plant_sink(model)
+    x, mask, roles = make_inputs([20, 13], [3, 5], seed=4)
+    rep = monitor().run(model, x, mask, roles)
+    attns, hidden = direct_attention(model, x, mask)
+    eps = rep.sink_epsilon
+    for s in rep.layers:
+        direct_sinks = set()
+        for b, n in enumerate([20, 13]):
+            alpha = direct_alpha(attns[s.layer][b], n)
+            torch.testing.assert_close(s.sink_scores[b, :, :n], alpha, atol=1e-5, rtol=1e-5)
+            assert float(s.sink_scores[b, :, n:].abs().sum()) == 0.0
+            direct_sinks |= {(b, k) for k in range(n) if bool((alpha[:, k] > eps).any())}
+        assert {(t.batch, t.token) for t in s.sink_tokens} == direct_sinks
+        if s.layer < LAYERS - 1:  # hidden_states[-1] is the final-normed state, not H^{L-1}
+            h = hidden[s.layer + 1]
+            real = mask.bool()
+            vals = h.abs()[real]
+            median = float(vals.median())
+            n_massive = int(((vals > 100) & (vals > 1000 * median)).sum())
+            assert s.massive_count == n_massive
+            assert s.max_abs == pytest.approx(float(vals.max()))
+    if not planted:  # a clean random model: nothing massive, and no sink besides what the maps say
+        assert rep.first_massive_layer == -1
+        assert all(s.massive_count == 0 and s.max_abs < 100 for s in rep.layers)
+
+
+def test_residual_capture_matches_hidden_states():
+    model = tiny_llama()
+    x, mask, _ = make_inputs([12], [2])
+    _, hidden = direct_attention(model, x, mask)
+    got = {}
+    with capture_layers(model, lambda cap: got.__setitem__(cap.layer, cap)) as dec:
+        probe_forward(dec, x, mask)
+    for layer in range(LAYERS - 1):
+        torch.testing.assert_close(got[layer].resid, hidden[layer + 1])
+    torch.testing.assert_close(model.model.norm(got[LAYERS - 1].resid), hidden[LAYERS])
+    # the block output is input + attention + MLP contributions
+    torch.testing.assert_close(got[1].resid, got[0].resid + got[1].attn_out + got[1].mlp_out, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_gives_per_sample_results():
+    model = tiny_llama()
+    plant_sink(model)
+    lengths, mids = [20, 14], [3, 5]
+    x, mask, roles = make_inputs(lengths, mids)
+    batch = monitor().run(model, x, mask, roles)
+    for b, n in enumerate(lengths):
+        alone = monitor().run(model, x[b : b + 1, :n], mask[b : b + 1, :n], roles[b : b + 1, :n])
+        for sb, sa in zip(batch.layers, alone.layers):
+            torch.testing.assert_close(sb.sink_scores[b, :, :n], sa.sink_scores[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(sb.cos_to_bos[b, :n], sa.cos_to_bos[0], atol=1e-5, rtol=1e-5)
+            assert {t.token for t in sb.sink_tokens if t.batch == b} == {t.token for t in sa.sink_tokens}
+            assert {(e.token, e.feature) for e in sb.massive_entries if e.batch == b} == {
+                (e.token, e.feature) for e in sa.massive_entries
+            }
+    # trailing all-padding columns are trimmed, so padding never reaches the statistics
+    wide_x = torch.cat([x, torch.zeros(2, 5, D)], 1)
+    wide = monitor().run(model, wide_x, torch.cat([mask, torch.zeros(2, 5, dtype=mask.dtype)], 1), None)
+    assert wide.layers[2].sink_scores.shape[-1] == 20
+
+
+def _hook_counts(model):
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+
+
+def test_state_restored_after_run_and_after_exception():
+    model = tiny_llama()
+    model.train()
+    model.model.layers[0].mlp.eval()  # a frozen part in eval must stay in eval
+    flags = [m.training for m in model.modules()]
+    hooks = _hook_counts(model)
+    x, mask, roles = make_inputs([10, 8], [2, 3])
+
+    monitor().run(model, x, mask, roles)
+    assert model.config._attn_implementation == "sdpa"
+    assert [m.training for m in model.modules()] == flags and _hook_counts(model) == hooks
+
+    def boom(cap):
+        assert model.config._attn_implementation == "eager" and not model.training  # probe state
+        if cap.layer == 2:
+            raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        with capture_layers(model, boom) as dec:
+            probe_forward(dec, x, mask)
+    assert model.config._attn_implementation == "sdpa"
+    assert [m.training for m in model.modules()] == flags and _hook_counts(model) == hooks
+    # a normal training forward still runs the fast path and returns no maps
+    out = model(inputs_embeds=x, attention_mask=mask)
+    assert out.logits.shape[:2] == x.shape[:2]
+
+
+def test_peft_wrapped_model_and_layer_subset():
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    plant_sink(model)
+    x, mask, roles = make_inputs([16], [4])
+    plain = monitor(layers=(1, -1)).run(model, x, mask, roles)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    wrapped = monitor(layers=(1, -1)).run(lora, x, mask, roles)
+    assert [s.layer for s in wrapped.layers] == [1, 3]
+    for a, b in zip(plain.layers, wrapped.layers):  # LoRA B starts at 0: same model function
+        torch.testing.assert_close(a.sink_scores, b.sink_scores)
+        assert a.massive_features == b.massive_features == [J]
+
+
+def test_figures_are_png(tmp_path):
+    model = tiny_llama()
+    plant_sink(model)
+    x, mask, roles = make_inputs([18, 12], [3, 4])
+    rep = monitor(figure_layers=(2, 9)).run(model, x, mask, roles, step=7, out_dir=tmp_path)
+    names = sorted(p.name for p in rep.files)
+    assert names == sorted(
+        ["report.json", "attention_L02.png", "activations_L02.png", "cos_to_bos.png", "bos_sink_heads.png"]
+    )
+    for p in rep.files:
+        assert p.parent == tmp_path / "step_0000007" and p.stat().st_size > 1000
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rep.maps == {}  # maps released once drawn
+
+
+def test_config_and_schedule():
+    assert not SinkMonitor(MonitorConfig(every=0)).should_run(0)
+    mon = SinkMonitor(MonitorConfig(every=5))
+    assert [s for s in range(12) if mon.should_run(s)] == [0, 5, 10]
+    for bad in ({"every": -1}, {"sink_epsilon": 1.5}, {"massive_ratio": 0.5}, {"top_k": 0}, {"layers": []}):
+        with pytest.raises(ValueError):
+            MonitorConfig(**bad)
+    assert MonitorConfig(layers=[0, 2]).layers == (0, 2)
+    x, mask, _ = make_inputs([6], [2])
+    mask[0, 0] = 0  # left padding: BOS would not be at 0
+    with pytest.raises(ValueError, match="right-padded"):
+        SinkAnalyzer(MonitorConfig(), mask)

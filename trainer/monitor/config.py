@@ -1,0 +1,85 @@
+"""Configuration of the attention-sink / massive-activation monitor (DESIGN.md section 2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class MonitorConfig:
+    every: int = 200
+    """Run the probe every N optimiser steps (step % every == 0, so step 0 included); 0 = off."""
+
+    sink_epsilon: float = 0.3
+    """Token k is a sink in (layer, head) when its sink score alpha^{l,h}_k > epsilon (Gu et al. 2024)."""
+
+    massive_abs: float = 100.0
+    """Absolute threshold: a massive activation has |H^l[i, j]| > massive_abs (Sun et al. 2024)."""
+
+    massive_ratio: float = 1000.0
+    """Relative threshold tau: |H^l[i, j]| > tau * median(|H^l|) over the real tokens of the layer."""
+
+    top_k: int = 10
+    """How many of the largest |H^l| entries (with batch, token, feature) to report per layer."""
+
+    probe_batch_size: int = 4
+    """Rows of the batch used by the probe forward (the first ones); keeps the cost low."""
+
+    layers: tuple[int, ...] | None = None
+    """Decoder layers to analyse (negative = from the end); None = all layers."""
+
+    figures: bool = True
+    """Write PNG figures (attention maps, activation magnitudes, cosine to BOS) when an out_dir is given."""
+
+    figure_layers: tuple[int, ...] = (0, 1, 2, -1)
+    """Layers drawn in the per-layer figures; only these keep full attention maps in memory."""
+
+    figure_head: int | None = None
+    """Head drawn in the attention-map figures; None = mean over heads."""
+
+    max_massive_entries: int = 4096
+    """Cap on the massive (batch, token, feature) entries kept per layer (the largest ones are kept)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"every must be >= 0 (0 = off), got {self.every}")
+        if not 0.0 < self.sink_epsilon < 1.0:
+            raise ValueError(f"sink_epsilon must be in (0, 1), got {self.sink_epsilon}")
+        if self.massive_abs < 0:
+            raise ValueError(f"massive_abs must be >= 0, got {self.massive_abs}")
+        if self.massive_ratio < 1.0:
+            raise ValueError(f"massive_ratio (tau) must be >= 1, got {self.massive_ratio}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.probe_batch_size < 1:
+            raise ValueError(f"probe_batch_size must be >= 1, got {self.probe_batch_size}")
+        if self.max_massive_entries < 1:
+            raise ValueError(f"max_massive_entries must be >= 1, got {self.max_massive_entries}")
+        # YAML/JSON configs give lists: normalise to tuples so the dataclass stays hashable-ish and typed.
+        if self.layers is not None:
+            self.layers = tuple(int(x) for x in self.layers)
+            if not self.layers:
+                raise ValueError("layers must be None (all) or a non-empty list")
+        self.figure_layers = tuple(int(x) for x in self.figure_layers)
+        if self.figure_head is not None and self.figure_head < 0:
+            raise ValueError(f"figure_head must be >= 0 or None, got {self.figure_head}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+
+def resolve_layers(indices: tuple[int, ...] | None, num_layers: int, strict: bool = True) -> list[int]:
+    """Turn possibly negative layer indices into a sorted, de-duplicated list in [0, num_layers).
+
+    strict=False drops out-of-range indices (figure layers on a model shallower than the default)."""
+    if indices is None:
+        return list(range(num_layers))
+    out = set()
+    for i in indices:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            if not strict:
+                continue
+            raise ValueError(f"layer index {i} out of range for a model with {num_layers} layers")
+        out.add(j)
+    return sorted(out)
