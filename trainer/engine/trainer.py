@@ -294,16 +294,16 @@ class Trainer:
 
     # ---- periodic work -----------------------------------------------------------------------------
     def _probe_sinks(self) -> None:
+        """All ranks run the probe forward (ZeRO-3 gathers weights in it); rank 0 logs and writes files."""
         batch = self.to_device(self.probe_batch)
-        out_dir = self.run_dir / "sinks" / f"step_{self.step:08d}" if self.rank == 0 else None
         with torch.no_grad():
             parts = self.model.assemble(batch)
         report = self.monitor.run(self.model.llm, parts.inputs_embeds, parts.attention_mask, parts.token_roles,
-                                  step=self.step, out_dir=out_dir)
+                                  step=self.step, out_dir=self.run_dir / "sinks")
         if self.rank == 0:
             self.tracker.log_metrics(report.to_metrics(), self.step)
-            if out_dir is not None and out_dir.exists():
-                self.tracker.log_artifact(out_dir, f"sinks/step_{self.step:08d}")
+            for path in report.files:
+                self.tracker.log_artifact(path, f"sinks/step_{self.step:07d}")
 
     def _evaluate(self, split: str, max_samples: int | None) -> dict:
         from trainer.data.pipeline import build_eval_loader
