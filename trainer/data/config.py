@@ -1,0 +1,114 @@
+"""Configuration of the streaming audio-visual data pipeline."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODALITIES = ("asr", "vsr", "avsr")
+NOISE_KINDS = ("none", "white", "babble")
+
+SAMPLE_RATE = 16000
+FPS = 25
+SAMPLES_PER_FRAME = SAMPLE_RATE // FPS     # 640 audio samples per video frame
+MEL_HOP = 160
+MELS_PER_FRAME = SAMPLES_PER_FRAME // MEL_HOP   # 4 Whisper mel frames per video frame
+
+
+@dataclass
+class DataConfig:
+    shard_dir: str = "data/synth"
+    """Folder with `{split}-NNNNNN.tar` shards and their `{split}.index.json` indexes. May be empty
+    while a config is assembled (so DataConfig() constructs); the loader builders require it."""
+    modality: str = "avsr"
+    """"asr" (audio only), "vsr" (video only) or "avsr"; only the used modalities are decoded."""
+    train_split: str = "train"
+    """Split name of the training shards."""
+    eval_split: str = "val"
+    """Split name used for validation during training."""
+    test_split: str = "test"
+    """Split name of the held-out test set."""
+
+    max_frames_per_batch: int = 1500
+    """Padded video-frame budget per batch: max clip frames in the batch x batch size <= this
+    (25 fps, so 1500 = 60 s of padded video). Audio cost follows (4 mel frames per video frame)."""
+    max_batch_size: int = 64
+    """Hard cap on clips per batch, whatever the budget allows."""
+    max_clip_frames: int = 600
+    """Clips longer than this (video frames; 600 = 24 s) are skipped and counted as "too_long"."""
+    min_clip_frames: int = 2
+    """Clips shorter than this are skipped as "too_short" (a 3-D conv stem needs a few frames)."""
+    sort_buffer: int = 64
+    """Training only: clips gathered and sorted by length before batching, to cut padding;
+    batches formed from one buffer are emitted in random order. 0 or 1 disables sorting."""
+
+    shuffle_shards: bool = True
+    """Training only: draw shards as random permutations (else cycle in index order)."""
+    shuffle_buffer: int = 256
+    """Training only: clips held in the sample shuffle buffer (raw bytes, before decoding)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    samples_per_epoch: int = 0
+    """Training: clips per rank per epoch; 0 = the index's sample count / world size."""
+    batches_per_epoch: int = 0
+    """Training: batches per rank per epoch; 0 = derived from samples_per_epoch and the index's mean
+    clip length. Every rank yields exactly this many batches, so all ranks step together."""
+    seed: int = 0
+    """Base seed; shard order, shuffles, crops, flips and noise derive from (seed, rank, worker, epoch)."""
+    prefetch_factor: int = 2
+    """Batches prefetched per worker."""
+
+    crop_size: int = 88
+    """Side of the square mouth crop (center crop in eval, random crop in training)."""
+    horizontal_flip: bool = True
+    """Training only: flip clips horizontally with probability 0.5."""
+    noise: str = "none"
+    """Additive audio noise: "none", "white", or "babble" (a sum of earlier clips from the stream)."""
+    snr_db: float = 5.0
+    """Signal-to-noise ratio of the added noise, in dB."""
+    noise_prob: float = 0.5
+    """Probability that a clip gets noise (when noise != "none")."""
+    noise_in_eval: bool = False
+    """Also add noise to eval/test clips (noise-robustness evaluation; deterministic per seed)."""
+    babble_speakers: int = 4
+    """Babble noise: number of earlier clips summed."""
+    babble_reservoir: int = 32
+    """Babble noise: clips kept in the per-worker reservoir of earlier audio."""
+
+    n_mels: int = 80
+    """Log-mel bins: 80 for Whisper up to large-v2, 128 for large-v3."""
+    strict_sample_rate: bool = False
+    """Skip audio that is not 16 kHz (reason "audio_sample_rate") instead of resampling it."""
+    max_initial_failures: int = 200
+    """A worker that sees this many failures before its first good clip raises: the shard set
+    is unusable (wrong format, wrong folder), and failing loudly beats an endless empty stream."""
+
+    @property
+    def use_audio(self) -> bool:
+        return self.modality in ("asr", "avsr")
+
+    @property
+    def use_video(self) -> bool:
+        return self.modality in ("vsr", "avsr")
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"DataConfig: {msg}")
+
+        need(self.modality in MODALITIES, f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        need(self.noise in NOISE_KINDS, f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
+        for name in ("max_frames_per_batch", "max_batch_size", "max_clip_frames", "min_clip_frames",
+                     "crop_size", "n_mels", "prefetch_factor", "max_initial_failures"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sort_buffer", "shuffle_buffer", "num_workers", "samples_per_epoch",
+                     "batches_per_epoch", "babble_reservoir"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.max_clip_frames <= self.max_frames_per_batch,
+             f"max_clip_frames ({self.max_clip_frames}) must be <= max_frames_per_batch "
+             f"({self.max_frames_per_batch}), or the longest allowed clip could not form a batch")
+        need(self.min_clip_frames <= self.max_clip_frames,
+             f"min_clip_frames ({self.min_clip_frames}) > max_clip_frames ({self.max_clip_frames})")
+        need(0.0 <= self.noise_prob <= 1.0, f"noise_prob must be in [0, 1], got {self.noise_prob}")
+        need(self.noise != "babble" or (self.babble_speakers >= 1 and self.babble_reservoir >= 1),
+             "babble noise needs babble_speakers >= 1 and babble_reservoir >= 1")
+        need(self.train_split not in (self.eval_split, self.test_split),
+             f"train_split {self.train_split!r} must differ from the eval and test splits")

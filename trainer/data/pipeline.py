@@ -1,0 +1,218 @@
+"""Train and eval DataLoaders over WebDataset shards.
+
+Every stage runs inside the DataLoader worker that owns it:
+  shard urls -> wds.tarfile_samples (corrupt tars counted, not raised) -> [train: shuffle
+  buffer] -> decode (bad samples counted) -> frame-budget batches -> collate (+ skip counts).
+
+Train: an endless stream of shards (random permutations, one after another) seeded by
+(seed, rank, worker, epoch); each rank yields exactly `train_batches_per_epoch(...)` batches,
+the same number on every rank, so ZeRO-3 ranks step together. Resampling makes epochs
+statistically, not exactly, equivalent to passes over the data (webdataset cannot resume
+mid-shard); build a new loader per epoch with the epoch number.
+Eval: one deterministic pass; shard i goes to rank i % world_size, and within a rank to
+worker j % num_workers: every sample is seen exactly once across ranks x workers, in a
+stable order. Ranks may get different numbers of batches: a trainer under ZeRO-3 must keep
+ranks in lockstep itself (e.g. all-reduce a "has a batch" flag and run a dummy batch).
+rank and world_size are passed explicitly; torch.distributed globals are never read.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import skips as R
+from .batching import budget_batches, collate_stream
+from .config import DataConfig
+from .decode import decode_stream
+from .index import ShardIndex, load_index
+from .skips import SkipCounter, UnusableDataError
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE_SLACK = 1.1   # padding allowance when estimating clips per batch from the mean length
+
+
+def stream_seed(seed: int, rank: int, worker: int, epoch: int, train: bool = True) -> int:
+    """One independent 63-bit seed per (seed, rank, worker, epoch) via numpy's SeedSequence."""
+    state = np.random.SeedSequence([seed, rank, worker, epoch, int(train)]).generate_state(2, np.uint64)
+    return int(state[0] >> 1)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)     # parallelism comes from the workers; avoid oversubscription
+
+
+def counting_handler(counter: SkipCounter):
+    """A webdataset exception handler that counts the error and continues (warn_and_continue, but counted)."""
+    def handler(exn: Exception) -> bool:
+        counter.skip(R.TAR_ERROR, repr(exn))
+        return True
+    return handler
+
+
+def shard_samples(shards: Iterator[tuple[str, int]], counter: SkipCounter) -> Iterator[dict]:
+    """Raw samples, one shard at a time, checked against the index's per-shard count.
+
+    Each shard gets its own wds.tarfile_samples, so a sample cut by a corrupt shard never merges
+    with the next shard's first sample. Read errors are counted by the handler (TAR_ERROR);
+    samples the index promises but the tar does not deliver (a short read, or a corrupt header,
+    on which tarfile stops silently) are counted as SHARD_SHORT.
+    """
+    handler = counting_handler(counter)
+    for url, expected in shards:
+        n = 0
+        for sample in wds.tarfile_samples(iter([{"url": url}]), handler=handler):
+            n += 1
+            yield sample
+        if n < expected:
+            counter.skip(R.SHARD_SHORT, f"{url}: {n} of {expected} samples", n=expected - n)
+
+
+def endless_shards(shards: list[tuple[str, int]], rng: random.Random, shuffle: bool,
+                   offset: int) -> Iterator[tuple[str, int]]:
+    """Shards as consecutive random permutations (every shard once per pass), or a rotated cycle."""
+    order = list(shards)
+    if not shuffle:
+        order = order[offset % len(order):] + order[:offset % len(order)]
+    while True:
+        if shuffle:
+            rng.shuffle(order)
+        yield from order
+
+
+class AVSRStream(IterableDataset):
+    """Batches of decoded clips (schema in batching.py); see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, shards: list[tuple[str, int]], *, train: bool, rank: int,
+                 world_size: int, epoch: int = 0, batches: int = 0):
+        super().__init__()
+        self.cfg, self.shards, self.train = cfg, list(shards), train
+        self.rank, self.world_size, self.epoch, self.batches = rank, world_size, epoch, batches
+
+    def __len__(self) -> int:
+        if not self.train:
+            raise TypeError("an eval stream has no fixed number of batches")
+        return self.batches
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg = self.cfg
+        worker, num_workers = _worker()
+        seed = stream_seed(cfg.seed, self.rank, worker, self.epoch, self.train)
+        counter = SkipCounter(max_initial_failures=cfg.max_initial_failures)
+        # independent generators: enabling noise must not change crops or batch order
+        aug_rng, noise_rng, batch_rng = (np.random.default_rng(s)
+                                         for s in np.random.SeedSequence(seed).spawn(3))
+        if self.train:
+            shards = endless_shards(self.shards, random.Random(seed), cfg.shuffle_shards,
+                                    self.rank * num_workers + worker)
+        else:
+            shards = iter(self.shards[self.rank::self.world_size][worker::num_workers])
+        samples = shard_samples(shards, counter)
+        if self.train and cfg.shuffle_buffer > 1:
+            shuffle = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=random.Random(seed + 1))
+            samples = shuffle(samples)
+        clips = decode_stream(samples, cfg, counter, train=self.train, rng=aug_rng, noise_rng=noise_rng)
+        batches = budget_batches(clips, cfg.max_frames_per_batch, cfg.max_batch_size,
+                                 cfg.sort_buffer if self.train else 0, batch_rng if self.train else None)
+        out = collate_stream(batches, counter)
+        if self.train:   # this worker's share of the rank's batches; shares differ by at most one
+            share = self.batches // num_workers + (1 if worker < self.batches % num_workers else 0)
+            out = islice(out, share)
+        yield from out
+
+
+def _shard_list(index: ShardIndex) -> list[tuple[str, int]]:
+    return [(url, info.samples) for url, info in zip(index.urls, index.shards)]
+
+
+def _index(cfg: DataConfig, split: str) -> ShardIndex:
+    if not cfg.shard_dir:
+        raise ValueError("DataConfig.shard_dir is not set: point it at the folder with the shards and "
+                         "their *.index.json")
+    index = load_index(cfg.shard_dir, split)
+    if not index.shards or index.num_samples == 0:
+        raise UnusableDataError(f"shard index for split {split!r} in {cfg.shard_dir} lists no samples")
+    missing = [u for u in index.urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(index.urls)} shards listed in the {split!r} index "
+                                f"are missing, e.g. {missing[:3]}")
+    return index
+
+
+def train_batches_per_epoch(cfg: DataConfig, index: ShardIndex, world_size: int) -> int:
+    """Batches per rank per epoch: cfg.batches_per_epoch, or an estimate that makes about
+    samples_per_epoch clips (default: the index's count / world size) from the mean clip length.
+    Depends only on the config and the index, so every rank computes the same number."""
+    if cfg.batches_per_epoch:
+        return cfg.batches_per_epoch
+    samples = cfg.samples_per_epoch or max(1, index.num_samples // world_size)
+    if index.duration > 0:
+        mean_frames = index.duration * index.fps / index.num_samples
+    else:
+        mean_frames = cfg.max_clip_frames / 2
+        log.warning("index of %s has no durations; assuming clips of %.0f frames", index.split, mean_frames)
+    per_batch = int(cfg.max_frames_per_batch / (BATCH_SIZE_SLACK * mean_frames))
+    per_batch = max(1, min(cfg.max_batch_size, per_batch))
+    return max(1, math.ceil(samples / per_batch))
+
+
+def _loader(dataset: AVSRStream, num_workers: int, cfg: DataConfig) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
+                      prefetch_factor=cfg.prefetch_factor if num_workers > 0 else None,
+                      persistent_workers=False, pin_memory=False)
+
+
+def build_train_loader(cfg: DataConfig, rank: int, world_size: int, epoch: int = 0) -> DataLoader:
+    """One training epoch for this rank: len(loader) batches, identical on every rank."""
+    _check_rank(rank, world_size)
+    index = _index(cfg, cfg.train_split)
+    n = train_batches_per_epoch(cfg, index, world_size)
+    workers = min(cfg.num_workers, n)      # a worker with no batches to make would only cost startup
+    ds = AVSRStream(cfg, _shard_list(index), train=True, rank=rank, world_size=world_size, epoch=epoch,
+                    batches=n)
+    return _loader(ds, workers, cfg)
+
+
+def eval_workers(cfg: DataConfig, num_shards: int, rank: int, world_size: int) -> int:
+    """Workers this rank can use so that each gets at least one shard; raises if the rank gets none."""
+    _check_rank(rank, world_size)
+    own = len(range(rank, num_shards, world_size))
+    if own == 0:
+        raise ValueError(f"eval split has {num_shards} shard(s) but there are {world_size} ranks: "
+                         f"rank {rank} would get no data. Write at least world_size x num_workers = "
+                         f"{world_size * max(1, cfg.num_workers)} shards (smaller shards), "
+                         f"or use fewer ranks")
+    if cfg.num_workers > own:
+        log.warning("eval rank %d has %d shard(s) for %d workers: using %d worker(s)",
+                    rank, own, cfg.num_workers, own)
+        return own
+    return cfg.num_workers
+
+
+def build_eval_loader(cfg: DataConfig, split: str | None, rank: int, world_size: int) -> DataLoader:
+    """A single deterministic pass over `split` (default cfg.eval_split) for this rank."""
+    _check_rank(rank, world_size)
+    split = split or cfg.eval_split
+    index = _index(cfg, split)
+    workers = eval_workers(cfg, len(index.urls), rank, world_size)
+    ds = AVSRStream(cfg, _shard_list(index), train=False, rank=rank, world_size=world_size)
+    return _loader(ds, workers, cfg)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")

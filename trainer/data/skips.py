@@ -1,0 +1,92 @@
+"""Counting bad input instead of dying on it.
+
+Each DataLoader worker owns a `SkipCounter`; the batcher drains it into every batch
+(`batch["skipped"]`), so the trainer can sum the counts in the main process with its own
+`SkipCounter.update(...)` and report them (and all-reduce them across ranks if it likes).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Reasons a sample is dropped. Keep the names stable: dashboards and tests use them.
+TAR_ERROR = "tar_error"                  # an error reading a shard (counts errors, not samples)
+SHARD_SHORT = "shard_short"              # samples the index promises but the tar did not deliver
+MISSING_AUDIO = "missing_audio"
+MISSING_VIDEO = "missing_video"
+EMPTY_TEXT = "empty_text"                # missing or blank transcript
+AUDIO_DECODE = "audio_decode"
+AUDIO_EMPTY = "audio_empty"
+AUDIO_SAMPLE_RATE = "audio_sample_rate"  # not 16 kHz and strict_sample_rate
+VIDEO_DECODE = "video_decode"
+VIDEO_EMPTY = "video_empty"
+VIDEO_FPS = "video_fps"                  # not 25 fps: audio/video alignment would be wrong
+VIDEO_SIZE = "video_size"                # smaller than the crop
+TOO_LONG = "too_long"
+TOO_SHORT = "too_short"
+OTHER = "other"
+SKIP_REASONS = (TAR_ERROR, SHARD_SHORT, MISSING_AUDIO, MISSING_VIDEO, EMPTY_TEXT, AUDIO_DECODE, AUDIO_EMPTY,
+                AUDIO_SAMPLE_RATE, VIDEO_DECODE, VIDEO_EMPTY, VIDEO_FPS, VIDEO_SIZE, TOO_LONG,
+                TOO_SHORT, OTHER)
+
+# Events that keep the sample but are worth knowing about.
+RESAMPLED = "resampled_audio"
+NOTE_REASONS = (RESAMPLED,)
+
+
+class UnusableDataError(RuntimeError):
+    """The shard set yields nothing usable: wrong folder, wrong format, or every sample broken."""
+
+
+@dataclass
+class SkipCounter:
+    """Counts per reason; `total` counts only real skips (not notes such as resampling).
+
+    `max_initial_failures`: raise UnusableDataError once this many skips happened before the
+    first good sample (0 disables the check; the main-process aggregate uses 0).
+    """
+    max_initial_failures: int = 0
+    counts: Counter = field(default_factory=Counter)
+    good: int = 0
+    _pending: Counter = field(default_factory=Counter)   # not yet handed out by drain()
+
+    def skip(self, reason: str, detail: str = "", n: int = 1) -> None:
+        self.counts[reason] += n
+        self._pending[reason] += n
+        if (self.max_initial_failures and self.good == 0 and reason not in NOTE_REASONS
+                and self.total >= self.max_initial_failures):
+            raise UnusableDataError(
+                f"{self.total} samples failed before any decoded (by reason: {dict(self.skipped_only())}); "
+                f"last: {reason} {detail[:300]}. Check the shard folder, the shard format and the "
+                f"modality settings")
+
+    def note(self, reason: str) -> None:
+        self.counts[reason] += 1
+        self._pending[reason] += 1
+
+    def ok(self) -> None:
+        self.good += 1
+
+    def drain(self) -> dict[str, int]:
+        """Counts since the previous drain (what goes into a batch)."""
+        out = dict(self._pending)
+        self._pending.clear()
+        return out
+
+    def update(self, counts: dict[str, int]) -> None:
+        """Aggregate counts drained elsewhere (e.g. from `batch["skipped"]` in the main process)."""
+        for reason, n in counts.items():
+            self.counts[reason] += int(n)
+
+    def skipped_only(self) -> dict[str, int]:
+        return {r: n for r, n in self.counts.items() if r not in NOTE_REASONS and n}
+
+    @property
+    def total(self) -> int:
+        return sum(self.skipped_only().values())
+
+    def report(self) -> str:
+        if not self.counts:
+            return "no samples skipped"
+        parts = ", ".join(f"{r}={n}" for r, n in sorted(self.counts.items()))
+        return f"{self.total} samples skipped ({parts})"
