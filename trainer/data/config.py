@@ -16,8 +16,8 @@ MELS_PER_FRAME = SAMPLES_PER_FRAME // MEL_HOP   # 4 Whisper mel frames per video
 @dataclass
 class DataConfig:
     shard_dir: str = "data/synth"
-    """Folder with `{split}-NNNNNN.tar` shards and their `{split}.index.json` indexes. May be empty
-    while a config is assembled (so DataConfig() constructs); the loader builders require it."""
+    """Folder with `{split}-NNNNNN.tar` shards and their `{split}.index.json` indexes. The default is
+    the synthetic demo corpus, which launch/train.py builds there on first use."""
     modality: str = "avsr"
     """"asr" (audio only), "vsr" (video only) or "avsr"; only the used modalities are decoded."""
     train_split: str = "train"
