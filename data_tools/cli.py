@@ -1,0 +1,48 @@
+"""`avsr-shards` / `python -m data_tools`: build and check shard sets.
+
+  synth     synthesise the GRID-style corpus (espeak-ng speech + mouth video)
+  lrs3      convert an auto_avsr-prepared LRS3/LRS2 folder
+  validate  check a shard set and its index
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import lrs3, synth, validate
+
+COMMANDS = {
+    "synth": (synth, "synthesise the GRID-style corpus into train/val/test shards"),
+    "lrs3": (lrs3, "convert an auto_avsr-prepared LRS3/LRS2 folder into shards"),
+    "validate": (validate, "check a shard set: index, tars and every sample"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="avsr-shards", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help=", ".join(COMMANDS))
+    for name, (module, help_text) in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return p
+
+
+def run_command(module, args: argparse.Namespace) -> int:
+    try:
+        return module.run(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        # expected user errors: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _ = COMMANDS[args.command]
+    return run_command(module, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
