@@ -1,0 +1,400 @@
+"""AV-HuBERT video encoder (video-only path), and loading of the official fairseq checkpoints.
+
+Architecture (Shi et al. 2022, facebookresearch/av_hubert), as run by its `extract_finetune`
+with audio=None:
+  video [B, T, H, W] (normalised grayscale mouth crops, 25 fps)
+  -> 3-D conv stem: Conv3d(1->C, k=(5,7,7), s=(1,2,2), p=(2,3,3)) -> BN -> PReLU -> MaxPool3d
+  -> per-frame ResNet-18 trunk (BasicBlocks with PReLU, widths C, 2C, 4C, 8C) -> global avg pool
+  -> Linear(8C, D)                                   ("feature_extractor_video.proj")
+  -> concat [zeros (absent audio), video] -> LayerNorm(2D) -> Linear(2D, D)
+     (the official model fuses modalities by concatenation and zero-fills a missing one)
+  -> Transformer encoder: x += GELU(weight-normed grouped Conv1d(x)) positional embedding,
+     then pre-LN (Large/Base releases) or post-LN layers, final LayerNorm.
+The output keeps the 25 Hz frame rate: [B, T, D]. Official sizes: C = 64; Large D = 1024,
+24 layers, 16 heads, FFN 4096; Base D = 768, 12 layers, 12 heads, FFN 3072.
+
+Module names here are descriptive; `OFFICIAL_TO_LOCAL` is the single documented key mapping.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .projector import frame_mask
+
+
+@dataclass
+class AVHubertConfig:
+    layers: int = 24
+    """Transformer encoder layers."""
+    width: int = 1024
+    """Transformer width D."""
+    heads: int = 16
+    """Attention heads."""
+    ffn: int = 4096
+    """Feed-forward inner size."""
+    resnet_channels: int = 64
+    """Width C of the stem and first ResNet stage; the trunk ends at 8C (512 officially)."""
+    conv_pos: int = 128
+    """Kernel size of the convolutional positional embedding."""
+    conv_pos_groups: int = 16
+    """Groups of the convolutional positional embedding."""
+    layer_norm_first: bool = True
+    """Pre-LN layers (True in the released checkpoints)."""
+    fuse: str = "concat"
+    """How the official model fuses audio and video features: "concat" (released models) or "add"."""
+    dropout: float = 0.0
+    """Dropout in the Transformer (the encoder normally runs frozen in eval mode)."""
+
+    @classmethod
+    def large(cls) -> "AVHubertConfig":
+        return cls(layers=24, width=1024, heads=16, ffn=4096)
+
+    @classmethod
+    def base(cls) -> "AVHubertConfig":
+        return cls(layers=12, width=768, heads=12, ffn=3072)
+
+    @property
+    def frame_dim(self) -> int:
+        return 8 * self.resnet_channels
+
+
+# ----------------------------------------------------------------------------- ResNet front end
+
+class Stem3D(nn.Module):
+    """Spatio-temporal stem: keeps T, reduces H and W by 4."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv3d(1, channels, kernel_size=(5, 7, 7), stride=(1, 2, 2), padding=(2, 3, 3), bias=False)
+        self.norm = nn.BatchNorm3d(channels)
+        self.act = nn.PReLU(channels)
+        self.pool = nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.act(self.norm(self.conv(x))))
+
+
+class Shortcut(nn.Module):
+    """1x1 strided conv + BN on the residual path where the shape changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False)
+        self.norm = nn.BatchNorm2d(out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(out_ch)
+        self.act1 = nn.PReLU(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(out_ch)
+        self.act2 = nn.PReLU(out_ch)
+        self.shortcut = Shortcut(in_ch, out_ch, stride) if (stride != 1 or in_ch != out_ch) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.shortcut is None else self.shortcut(x)
+        y = self.act1(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return self.act2(y + residual)
+
+
+class ResNetTrunk(nn.Module):
+    """ResNet-18 body (2 BasicBlocks per stage) applied to each frame, pooled to an 8C vector."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        widths = [channels, 2 * channels, 4 * channels, 8 * channels]
+        in_ch = channels
+        for i, (width, stride) in enumerate(zip(widths, (1, 2, 2, 2)), start=1):
+            self.add_module(f"stage{i}", nn.Sequential(BasicBlock(in_ch, width, stride), BasicBlock(width, width, 1)))
+            in_ch = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(1, 5):
+            x = getattr(self, f"stage{i}")(x)
+        return x.mean(dim=(2, 3))
+
+
+# ----------------------------------------------------------------------------- Transformer encoder
+
+class ConvPositionalEmbedding(nn.Module):
+    """GELU(grouped Conv1d(x)) with weight normalisation over dim 2, stored as (weight_g, weight_v)
+    exactly as the checkpoint does (fairseq applied torch weight_norm(dim=2))."""
+
+    def __init__(self, width: int, kernel: int, groups: int):
+        super().__init__()
+        self.kernel, self.groups = kernel, groups
+        std = (4.0 / (kernel * width)) ** 0.5
+        self.weight_v = nn.Parameter(torch.randn(width, width // groups, kernel) * std)
+        self.weight_g = nn.Parameter(torch.linalg.vector_norm(self.weight_v.detach(), dim=(0, 1), keepdim=True))
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / torch.linalg.vector_norm(self.weight_v, dim=(0, 1), keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv1d(x.transpose(1, 2), self.weight(), self.bias, padding=self.kernel // 2, groups=self.groups)
+        if self.kernel % 2 == 0:            # an even kernel yields T + 1 frames: drop the last ("same" length)
+            y = y[..., :-1]
+        return F.gelu(y).transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        attend = ~padding_mask[:, None, None, :]                               # keys only
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attend,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: AVHubertConfig):
+        super().__init__()
+        self.layer_norm_first = cfg.layer_norm_first
+        self.attn = SelfAttention(cfg.width, cfg.heads, cfg.dropout)
+        self.attn_norm = nn.LayerNorm(cfg.width)
+        self.ffn_in = nn.Linear(cfg.width, cfg.ffn)
+        self.ffn_out = nn.Linear(cfg.ffn, cfg.width)
+        self.ffn_norm = nn.LayerNorm(cfg.width)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.ffn_out(F.gelu(self.ffn_in(x))))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        if self.layer_norm_first:
+            x = x + self.drop(self.attn(self.attn_norm(x), padding_mask))
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attn_norm(x + self.drop(self.attn(x, padding_mask)))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, cfg: AVHubertConfig):
+        super().__init__()
+        self.layer_norm_first = cfg.layer_norm_first
+        self.pos_conv = ConvPositionalEmbedding(cfg.width, cfg.conv_pos, cfg.conv_pos_groups)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+        # Pre-LN: applied after the last layer. Post-LN: applied to the input, before the first layer.
+        self.final_norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        x = x.masked_fill(padding_mask[..., None], 0.0)
+        x = x + self.pos_conv(x)
+        if not self.layer_norm_first:
+            x = self.final_norm(x)
+        for layer in self.layers:
+            x = layer(x, padding_mask)
+        return self.final_norm(x) if self.layer_norm_first else x
+
+
+# ----------------------------------------------------------------------------- the video encoder
+
+class AVHubertVideoEncoder(nn.Module):
+    def __init__(self, cfg: AVHubertConfig):
+        super().__init__()
+        if cfg.fuse not in ("concat", "add"):
+            raise ValueError(f"unknown AV-HuBERT fuse mode {cfg.fuse!r}")
+        self.cfg = cfg
+        self.stem = Stem3D(cfg.resnet_channels)
+        self.trunk = ResNetTrunk(cfg.resnet_channels)
+        self.frame_proj = nn.Linear(cfg.frame_dim, cfg.width)
+        fused = 2 * cfg.width if cfg.fuse == "concat" else cfg.width
+        self.fusion_norm = nn.LayerNorm(fused)
+        self.fusion_proj = nn.Linear(fused, cfg.width) if cfg.fuse == "concat" else None
+        self.encoder = TransformerEncoder(cfg)
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.width
+
+    def frame_features(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, W] -> [B, T, D]: the per-frame visual front end."""
+        B, T = video.shape[:2]
+        x = self.stem(video.unsqueeze(1))                                   # [B, C, T, h, w]
+        C, h, w = x.shape[1], x.shape[3], x.shape[4]
+        x = x.transpose(1, 2).reshape(B * T, C, h, w)                       # frames through the 2-D trunk
+        x = self.trunk(x).view(B, T, -1)
+        return self.frame_proj(x)
+
+    def forward(self, video: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """video [B, T, H, W], lengths [B] (frames) -> (features [B, T, D] at 25 Hz, lengths)."""
+        if video.dim() != 4:
+            raise ValueError(f"video must be [B, T, H, W], got shape {tuple(video.shape)}")
+        real = frame_mask(lengths, video.shape[1])
+        # Zero the padded frames: the stem's temporal kernel reaches 2 frames past a clip's end, and
+        # zeros are what a clip padded alone (or the official collater) would show it.
+        video = video.to(self.frame_proj.weight.dtype) * real[:, :, None, None]
+        x = self.frame_features(video)
+        if self.cfg.fuse == "concat":                                       # [audio = zeros, video]
+            x = torch.cat([torch.zeros_like(x), x], dim=-1)
+        x = self.fusion_norm(x)
+        if self.fusion_proj is not None:
+            x = self.fusion_proj(x)
+        return self.encoder(x, ~real), lengths
+
+
+# ----------------------------------------------------------------------------- official checkpoint keys
+
+# Official module path (fairseq AVHubertModel) -> module path here. The parameter / buffer name
+# after the last dot (weight, bias, running_mean, running_var, num_batches_tracked, weight_g,
+# weight_v) is the same on both sides. {s}: ResNet stage 1-4, {b}: block 0-1, {n}: layer index.
+OFFICIAL_TO_LOCAL: tuple[tuple[str, str], ...] = (
+    ("feature_extractor_video.resnet.frontend3D.0", "stem.conv"),
+    ("feature_extractor_video.resnet.frontend3D.1", "stem.norm"),
+    ("feature_extractor_video.resnet.frontend3D.2", "stem.act"),
+    ("feature_extractor_video.resnet.trunk.layer{s}.{b}.conv1", "trunk.stage{s}.{b}.conv1"),
+    ("feature_extractor_video.resnet.trunk.layer{s}.{b}.bn1", "trunk.stage{s}.{b}.norm1"),
+    ("feature_extractor_video.resnet.trunk.layer{s}.{b}.relu1", "trunk.stage{s}.{b}.act1"),
+    ("feature_extractor_video.resnet.trunk.layer{s}.{b}.conv2", "trunk.stage{s}.{b}.conv2"),
+    ("feature_extractor_video.resnet.trunk.layer{s}.{b}.bn2", "trunk.stage{s}.{b}.norm2"),
+    ("feature_extractor_video.resnet.trunk.layer{s}.{b}.relu2", "trunk.stage{s}.{b}.act2"),
+    ("feature_extractor_video.resnet.trunk.layer{s}.{b}.downsample.0", "trunk.stage{s}.{b}.shortcut.conv"),
+    ("feature_extractor_video.resnet.trunk.layer{s}.{b}.downsample.1", "trunk.stage{s}.{b}.shortcut.norm"),
+    ("feature_extractor_video.proj", "frame_proj"),
+    ("layer_norm", "fusion_norm"),
+    ("post_extract_proj", "fusion_proj"),
+    ("encoder.pos_conv.0", "encoder.pos_conv"),
+    ("encoder.layers.{n}.self_attn.q_proj", "encoder.layers.{n}.attn.q_proj"),
+    ("encoder.layers.{n}.self_attn.k_proj", "encoder.layers.{n}.attn.k_proj"),
+    ("encoder.layers.{n}.self_attn.v_proj", "encoder.layers.{n}.attn.v_proj"),
+    ("encoder.layers.{n}.self_attn.out_proj", "encoder.layers.{n}.attn.out_proj"),
+    ("encoder.layers.{n}.self_attn_layer_norm", "encoder.layers.{n}.attn_norm"),
+    ("encoder.layers.{n}.fc1", "encoder.layers.{n}.ffn_in"),
+    ("encoder.layers.{n}.fc2", "encoder.layers.{n}.ffn_out"),
+    ("encoder.layers.{n}.final_layer_norm", "encoder.layers.{n}.ffn_norm"),
+    ("encoder.layer_norm", "encoder.final_norm"),
+)
+
+# Official keys that the video-only encoder does not use: the audio front end, masking and
+# pretraining heads. Matched as prefixes.
+IGNORED_OFFICIAL_PREFIXES: tuple[str, ...] = (
+    "feature_extractor_audio.", "mask_emb", "label_embs_concat", "final_proj.", "target_glu.",
+)
+
+# A fine-tuned (seq2seq / CTC) checkpoint wraps the pretrained model as `encoder.w2v_model.*`
+# next to a decoder; only the wrapped encoder is used.
+FINETUNED_PREFIX = "encoder.w2v_model."
+
+
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template)
+    for name in ("s", "b", "n"):
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>\\d+)")
+    return re.compile(pattern + r"\.(?P<param>[A-Za-z_0-9]+)")
+
+
+_FORWARD = tuple((_template_regex(off), loc) for off, loc in OFFICIAL_TO_LOCAL)
+_BACKWARD = tuple((_template_regex(loc), off) for off, loc in OFFICIAL_TO_LOCAL)
+
+
+def _translate(key: str, rules) -> str | None:
+    for regex, target in rules:
+        m = regex.fullmatch(key)
+        if m:
+            groups = {k: v for k, v in m.groupdict().items() if k != "param"}
+            return target.format(**groups) + "." + m["param"]
+    return None
+
+
+def official_to_local_key(key: str) -> str | None:
+    """Official key -> key of AVHubertVideoEncoder.state_dict(); None when no rule matches."""
+    return _translate(key, _FORWARD)
+
+
+def local_to_official_key(key: str) -> str | None:
+    """Inverse of official_to_local_key (used to export and in tests)."""
+    return _translate(key, _BACKWARD)
+
+
+def unwrap_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the pretrained AV-HuBERT keys (strips the fine-tuned wrapper prefix when present)."""
+    if any(k.startswith(FINETUNED_PREFIX) for k in state):
+        return {k[len(FINETUNED_PREFIX):]: v for k, v in state.items() if k.startswith(FINETUNED_PREFIX)}
+    return dict(state)
+
+
+def convert_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official (pretrained or fine-tuned) state dict -> local names. Unknown keys raise."""
+    state = unwrap_official_state_dict(state)
+    converted, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith(IGNORED_OFFICIAL_PREFIXES):
+            continue
+        local = official_to_local_key(key)
+        if local is None:
+            unknown.append(key)
+        else:
+            converted[local] = value
+    if unknown:
+        raise KeyError(f"AV-HuBERT checkpoint has {len(unknown)} keys with no mapping "
+                       f"(see OFFICIAL_TO_LOCAL in {__name__}): {sorted(unknown)[:20]}")
+    return converted
+
+
+def config_from_official_state_dict(state: dict[str, torch.Tensor], layer_norm_first: bool = True) -> AVHubertConfig:
+    """Read the architecture off the tensor shapes. The head count is not stored in a state dict:
+    both released sizes use 64-dim heads, so heads = D / 64."""
+    state = unwrap_official_state_dict(state)
+    try:
+        width = state["encoder.layer_norm.weight"].shape[0]
+        channels = state["feature_extractor_video.resnet.frontend3D.0.weight"].shape[0]
+        pos_v = state["encoder.pos_conv.0.weight_v"]
+        ffn = state["encoder.layers.0.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise KeyError(f"not an AV-HuBERT checkpoint: missing {e}") from None
+    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
+    return AVHubertConfig(
+        layers=layers, width=width, heads=max(1, width // 64), ffn=ffn, resnet_channels=channels,
+        conv_pos=pos_v.shape[2], conv_pos_groups=width // pos_v.shape[1], layer_norm_first=layer_norm_first,
+        fuse="concat" if "post_extract_proj.weight" in state else "add",
+    )
+
+
+def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `model` state dict of a fairseq checkpoint. fairseq pickles its config objects, hence
+    weights_only=False: load only checkpoints you trust. mmap keeps the tensors on disk until copied."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"AV-HuBERT checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:                    # legacy (non-zip) serialisation cannot be memory-mapped
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise KeyError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
+    return ckpt["model"]
+
+
+def export_official_state_dict(encoder: AVHubertVideoEncoder) -> dict[str, torch.Tensor]:
+    """Local weights under the official key names (the inverse mapping)."""
+    out = {}
+    for key, value in encoder.state_dict().items():
+        official = local_to_official_key(key)
+        if official is None:
+            raise KeyError(f"no official name for local key {key}")
+        out[official] = value
+    return out

@@ -1,0 +1,312 @@
+"""LlamaAVSR: encoders -> projectors -> prompt -> LoRA LLM, and `build_model`.
+
+Trainable: LoRA adapters of the LLM, the projectors, the four delimiter embeddings, and (by
+config) AV-HuBERT LoRA adapters or all of AV-HuBERT. Frozen: Whisper, AV-HuBERT (default) and
+the LLM base, including its embedding table.
+
+Delimiter tokens: <audio> </audio> <video> </video> get rows in the resized LLM vocabulary (so
+every id is valid for the tokenizer, the monitor and generate), but their input embeddings are
+taken from `delimiter_embeddings`, a small trainable [4, D] table initialised from those rows.
+Training rows of the LLM's table instead would mean a trainable 128k x D matrix (and, with the
+tied embeddings of Llama 3.2, changing output logits too); the small table is also ZeRO-3
+friendly. The model never has to emit these tokens: generation suppresses them.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .audio_encoder import WhisperAudioEncoder
+from .avhubert import AVHubertConfig, AVHubertVideoEncoder
+from .config import ModelConfig
+from .decoding import DecodingConfig, generate_transcripts
+from .prompt import IGNORE_INDEX, INSTRUCTIONS, AssembledInputs, assemble
+from .projector import Projector
+from .roles import prefix_mask
+from .tokenizer import SpecialTokenIds, encode_text, special_token_ids
+
+
+@dataclass
+class AVSROutput(ModelOutput):
+    """A dataclass that is also a dict (transformers' ModelOutput), so that DeepSpeed's ZeRO-3
+    hooks can find the tensors in the model's output. Fields are always set by forward."""
+    loss: torch.Tensor | None = None
+    """ce_loss + dec_loss: what the optimiser minimises."""
+    ce_loss: torch.Tensor | None = None
+    """Mean cross-entropy over the batch's target tokens (transcript + EOS)."""
+    dec_loss: torch.Tensor | None = None
+    """decorrelation_weight * dec_loss_raw (0 when the weight is 0)."""
+    dec_loss_raw: torch.Tensor | None = None
+    """Unscaled decorrelation loss (mean cos^2 to BOS over prefix tokens and layers); NaN when not measured."""
+    num_target_tokens: torch.Tensor | None = None
+    """Number of target tokens (long scalar), to weight ce_loss across micro-batches and ranks."""
+
+
+class LlamaAVSR(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer, llm, audio_encoder: WhisperAudioEncoder | None,
+                 video_encoder: AVHubertVideoEncoder | None, audio_projector: Projector | None,
+                 video_projector: Projector | None, delimiter_embeddings: nn.Embedding):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.specials: SpecialTokenIds = special_token_ids(tokenizer)
+        self.instruction_ids = tokenizer(INSTRUCTIONS[cfg.modality], add_special_tokens=False)["input_ids"]
+        self.llm = llm
+        self.audio_encoder = audio_encoder
+        self.video_encoder = video_encoder
+        self.audio_projector = audio_projector
+        self.video_projector = video_projector
+        self.delimiter_embeddings = delimiter_embeddings
+        num_layers = self.base_llm.config.num_hidden_layers
+        self.decorrelation_layers = (tuple(range(1, num_layers)) if cfg.decorrelation_layers is None
+                                     else cfg.decorrelation_layers)
+        if any(i > num_layers for i in self.decorrelation_layers):
+            raise ValueError(f"decorrelation_layers {self.decorrelation_layers} out of range: the LLM has "
+                             f"{num_layers} layers, so hidden_states indices go 0..{num_layers}")
+        self.train()
+
+    # ----------------------------------------------------------------- parts of the LLM
+    @property
+    def base_llm(self):
+        """The causal LM under the peft wrapper (LoRA layers are inside it)."""
+        return self.llm.get_base_model()
+
+    @property
+    def decoder(self):
+        """The decoder stack (e.g. LlamaModel) returning hidden states, without the LM head."""
+        return self.base_llm.model
+
+    def train(self, mode: bool = True) -> "LlamaAVSR":
+        super().train(mode)
+        # Encoders always run in eval mode: frozen BatchNorm statistics, no dropout.
+        for enc in (self.audio_encoder, self.video_encoder):
+            if enc is not None:
+                enc.eval()
+        return self
+
+    # ----------------------------------------------------------------- inputs
+    def _video_trainable(self) -> bool:
+        return self.video_encoder is not None and any(p.requires_grad for p in self.video_encoder.parameters())
+
+    def encode(self, batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """modality -> (projected tokens [B, N, D_llm], token lengths [B]) for every enabled modality.
+        The set of modules run depends on the config only, never on the data (ZeRO-3 safety)."""
+        features = {}
+        for modality in self.cfg.enabled_modalities:
+            if modality not in batch or f"{modality}_lengths" not in batch:
+                raise KeyError(f"modality {self.cfg.modality!r} needs batch['{modality}'] and "
+                               f"batch['{modality}_lengths']; got keys {sorted(batch)}")
+            data, lengths = batch[modality], batch[f"{modality}_lengths"].long()
+            if lengths.min() < 1 or lengths.max() > data.shape[-1 if modality == "audio" else 1]:
+                raise ValueError(f"{modality}_lengths {lengths.tolist()} do not fit the padded {modality} "
+                                 f"tensor of shape {tuple(data.shape)}")
+            if modality == "audio":
+                with torch.no_grad():
+                    frames, lengths = self.audio_encoder(data, lengths)
+                projector = self.audio_projector
+            else:
+                with nullcontext() if self._video_trainable() else torch.no_grad():
+                    frames, lengths = self.video_encoder(data, lengths)
+                projector = self.video_projector
+            features[modality] = projector(frames.to(projector.fc1.weight.dtype), lengths)
+        return features
+
+    def assemble(self, batch: dict, for_generation: bool = False) -> AssembledInputs:
+        """LLM inputs for a batch: right-padded with transcript + EOS for training, or a left-padded
+        prompt (no transcript) for generation."""
+        transcripts = None if for_generation else [encode_text(self.tokenizer, t) for t in batch["text"]]
+        return assemble(
+            features=self.encode(batch), modality_order=self.cfg.modality_order, specials=self.specials,
+            instruction_ids=self.instruction_ids, transcripts=transcripts,
+            embed_tokens=self.base_llm.get_input_embeddings(), embed_delimiters=self.delimiter_embeddings,
+        )
+
+    # ----------------------------------------------------------------- training
+    def forward(self, batch: dict) -> AVSROutput:
+        inputs = self.assemble(batch)
+        measure_dec = self.cfg.decorrelation_weight > 0 or self.cfg.measure_decorrelation_when_off
+        out = self.decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                           position_ids=inputs.position_ids, output_hidden_states=measure_dec, use_cache=False)
+        ce_loss, num_targets = self._cross_entropy(out.last_hidden_state, inputs.labels)
+
+        zero = ce_loss.new_zeros(())
+        dec_raw, dec = zero + float("nan"), zero
+        if measure_dec:
+            with nullcontext() if self.cfg.decorrelation_weight > 0 else torch.no_grad():
+                dec_raw = self._decorrelation(out.hidden_states, inputs.token_roles)
+            if self.cfg.decorrelation_weight > 0:
+                dec = self.cfg.decorrelation_weight * dec_raw
+            dec_raw = dec_raw.detach()
+        return AVSROutput(loss=ce_loss + dec, ce_loss=ce_loss, dec_loss=dec, dec_loss_raw=dec_raw,
+                          num_target_tokens=num_targets)
+
+    def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token CE on target positions only: the LM head runs on those rows alone, not on
+        [B, T, vocab], which matters with a 128k vocabulary."""
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = self.base_llm.get_output_embeddings()(hidden[:, :-1][selected])
+        num = selected.sum()
+        ce = F.cross_entropy(logits.float(), targets[selected], reduction="sum") / num.clamp_min(1)
+        return ce, num
+
+    def _decorrelation(self, hidden_states, token_roles: torch.Tensor) -> torch.Tensor:
+        from trainer.kernels import decorrelation_loss   # lazy: the kernel package is built separately
+
+        layers = [hidden_states[i] for i in self.decorrelation_layers]
+        return decorrelation_loss(layers, prefix_mask(token_roles), impl=self.cfg.decorrelation_impl)
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def generate(self, batch: dict, num_beams: int = 1, max_new_tokens: int = 32, synced_gpus: bool = False,
+                 length_penalty: float = 1.0) -> list[str]:
+        prompt = self.assemble(batch, for_generation=True)
+        decoding = DecodingConfig(num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                  length_penalty=length_penalty, synced_gpus=synced_gpus)
+        return generate_transcripts(self.llm, self.tokenizer, self.specials, prompt, decoding)
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------- building
+
+def _is_zero3(ds_config: dict | None) -> bool:
+    return bool(ds_config) and int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def build_tokenizer(cfg: ModelConfig):
+    from .tokenizer import add_avsr_special_tokens, character_tokenizer, load_tokenizer
+
+    path = cfg.tokenizer_path or cfg.llm_path
+    tokenizer = load_tokenizer(path) if path else character_tokenizer()
+    return add_avsr_special_tokens(tokenizer)
+
+
+def build_audio_encoder(cfg: ModelConfig, ds_config: dict | None = None) -> WhisperAudioEncoder:
+    """Whisper encoder (frozen) from a local folder, or tiny. Only the encoder's tensors are read
+    (never the decoder's). Under ZeRO-3 the plain encoder is partitioned right after loading
+    (zero.Init(module=...)): transformers' own ZeRO-3 loading of Whisper crashes in its sinusoid
+    init on partitioned (empty) position tables, so it is not used here."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from .audio_encoder import read_whisper_encoder_weights
+    from .llm import DTYPES
+    from .loading import load_state_dict_exact
+
+    if cfg.whisper_path is None:
+        w = cfg.tiny_whisper_width
+        config = WhisperConfig(num_mel_bins=cfg.n_mels, d_model=w, encoder_layers=cfg.tiny_whisper_layers,
+                               encoder_attention_heads=cfg.tiny_whisper_heads, encoder_ffn_dim=4 * w,
+                               decoder_layers=1, decoder_attention_heads=cfg.tiny_whisper_heads, decoder_ffn_dim=4 * w,
+                               max_source_positions=cfg.tiny_whisper_max_source_positions)
+        encoder = WhisperEncoder(config)
+    else:
+        config = WhisperConfig.from_pretrained(cfg.whisper_path, local_files_only=True)
+        encoder = WhisperEncoder(config)
+        state = read_whisper_encoder_weights(cfg.whisper_path)
+        load_state_dict_exact(encoder, state, what=f"Whisper encoder ({cfg.whisper_path})")
+        encoder.to(DTYPES[cfg.load_dtype])
+    encoder.requires_grad_(False)
+    if _is_zero3(ds_config):
+        import deepspeed
+
+        deepspeed.zero.Init(module=encoder, config_dict_or_path=ds_config)
+    return WhisperAudioEncoder(encoder.eval(), pad_to_window=cfg.whisper_pad_to_30s)
+
+
+def build_video_encoder(cfg: ModelConfig, init_ctx=nullcontext) -> AVHubertVideoEncoder:
+    """AV-HuBERT built under `init_ctx()` (zero.Init under ZeRO-3), then the official weights copied in."""
+    from .avhubert import config_from_official_state_dict, convert_official_state_dict, read_official_checkpoint
+    from .loading import load_state_dict_exact
+
+    if cfg.avhubert_path is None:
+        av_cfg = AVHubertConfig(layers=cfg.tiny_avhubert_layers, width=cfg.tiny_avhubert_width,
+                                heads=cfg.tiny_avhubert_heads, ffn=cfg.tiny_avhubert_ffn,
+                                resnet_channels=cfg.tiny_avhubert_resnet_channels, conv_pos=16, conv_pos_groups=4,
+                                layer_norm_first=cfg.avhubert_layer_norm_first)
+        with init_ctx():
+            return AVHubertVideoEncoder(av_cfg)
+    official = read_official_checkpoint(cfg.avhubert_path)
+    av_cfg = config_from_official_state_dict(official, layer_norm_first=cfg.avhubert_layer_norm_first)
+    with init_ctx():
+        encoder = AVHubertVideoEncoder(av_cfg)
+    load_state_dict_exact(encoder, convert_official_state_dict(official), what=f"AV-HuBERT ({cfg.avhubert_path})")
+    return encoder
+
+
+def _add_video_lora(encoder: AVHubertVideoEncoder, cfg: ModelConfig) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=r"encoder\.layers\.\d+\.attn\.(q_proj|v_proj)", bias="none")
+    inject_adapter_in_model(lora, encoder)
+    for name, p in encoder.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+@torch.no_grad()
+def _delimiter_table(llm, specials: SpecialTokenIds, init_ctx=nullcontext) -> nn.Embedding:
+    """[4, D] trainable copy of the delimiter rows of the LLM's (frozen) input embedding."""
+    table = llm.get_input_embeddings()
+    with init_ctx():
+        delimiters = nn.Embedding(4, table.embedding_dim)
+    rows = list(specials.delimiters)
+    from .loading import is_partitioned
+
+    if is_partitioned(table) or is_partitioned(delimiters):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([table.weight, delimiters.weight], modifier_rank=0):
+            delimiters.weight.copy_(table.weight[rows].float())
+    else:
+        delimiters.weight.copy_(table.weight[rows].float())
+    return delimiters
+
+
+def build_model(cfg: ModelConfig, ds_config: dict | None = None) -> LlamaAVSR:
+    """Build the full model. With a ZeRO-3 `ds_config`: the LLM is partitioned while it loads (an
+    HfDeepSpeedConfig is kept alive on the model), this project's modules (AV-HuBERT, projectors,
+    delimiter table) are created under deepspeed.zero.Init and AV-HuBERT's weights copied in one
+    module at a time; the Whisper encoder alone is read whole (encoder tensors only) and partitioned
+    right away. LoRA adapters are added outside zero.Init; deepspeed.initialize partitions them."""
+    from .llm import add_lora, load_llm
+
+    hf_ds_config, init_ctx = None, nullcontext
+    if _is_zero3(ds_config):
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)     # must outlive from_pretrained: transformers holds a weakref
+
+        def init_ctx():                                  # a fresh zero.Init context per use
+            return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+    tokenizer = build_tokenizer(cfg)
+    specials = special_token_ids(tokenizer)
+    llm = load_llm(cfg, len(tokenizer), specials)
+    d_llm = llm.config.hidden_size
+    audio_encoder = build_audio_encoder(cfg, ds_config) if cfg.uses_audio else None
+    video_encoder = build_video_encoder(cfg, init_ctx) if cfg.uses_video else None
+    if video_encoder is not None:
+        video_encoder.requires_grad_(not cfg.freeze_video_encoder)
+        if cfg.video_lora:
+            _add_video_lora(video_encoder, cfg)
+
+    def projector(in_dim: int, rate: int) -> Projector:
+        with init_ctx():
+            return Projector(in_dim, d_llm, rate, cfg.downsample, cfg.projector_hidden, cfg.prefusion_layernorm)
+
+    audio_projector = projector(audio_encoder.out_dim, cfg.audio_rate) if audio_encoder is not None else None
+    video_projector = projector(video_encoder.out_dim, cfg.video_rate) if video_encoder is not None else None
+    delimiters = _delimiter_table(llm, specials, init_ctx)
+    llm = add_lora(llm, cfg)
+    model = LlamaAVSR(cfg, tokenizer, llm, audio_encoder, video_encoder, audio_projector, video_projector, delimiters)
+    model.hf_ds_config = hf_ds_config
+    return model
