@@ -27,8 +27,6 @@ class TrainConfig:
     """Seed for model init, data order and dropout."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on a GPU that supports it, fp32 on CPU."""
-    activation_checkpointing: bool = False
-    """Recompute LLM blocks in backward to save memory."""
     log_every: int = 10
     """Steps between metric logs."""
     eval_every: int = 0

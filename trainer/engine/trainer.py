@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -62,6 +63,8 @@ class Trainer:
 
         from trainer.model import build_model, llm_hidden_size
 
+        cfg.model = self._prepare_tokenizer(cfg)
+
         self.ds_config = resolve_ds_config(
             load_ds_config(cfg.config), hidden_size=llm_hidden_size(cfg.model),
             micro_batch_size=cfg.data.max_batch_size, grad_accum=cfg.train.grad_accum,
@@ -70,8 +73,6 @@ class Trainer:
             min_lr_ratio=cfg.train.min_lr_ratio, bf16=self.bf16, on_cpu=self.on_cpu)
         self.zero3 = zero_stage(self.ds_config) == 3
         model = build_model(cfg.model, ds_config=self.ds_config)
-        if cfg.train.activation_checkpointing:
-            model.enable_activation_checkpointing()
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=trainable, config=self.ds_config)
@@ -157,6 +158,29 @@ class Trainer:
             return torch.device("cpu")
         acc.set_device(self.local_rank)
         return torch.device(acc.device_name(), self.local_rank)
+
+    def _prepare_tokenizer(self, cfg: ExperimentConfig):
+        """The tiny LLM's BPE tokenizer, trained on the training transcripts by rank 0 and saved in the
+        run folder (reused on resume, so token ids never change under a checkpoint)."""
+        mcfg = cfg.model
+        if mcfg.llm_path or mcfg.tokenizer_path or mcfg.tiny_tokenizer != "bpe":
+            return mcfg
+        folder = self.run_dir / "tokenizer"
+        if self.rank == 0 and not (folder / "tokenizer.json").is_file():
+            from trainer.data.text import iter_transcripts
+            from trainer.model.tokenizer import train_bpe_tokenizer
+            texts = list(iter_transcripts(cfg.data.shard_dir, cfg.data.train_split))
+            if not texts:
+                raise RuntimeError(f"no transcripts in {cfg.data.shard_dir} split {cfg.data.train_split}")
+            tmp = folder.with_name("tokenizer.tmp")
+            train_bpe_tokenizer(texts, vocab_size=mcfg.tiny_tokenizer_vocab).save_pretrained(str(tmp))
+            if folder.exists():                 # debris of an interrupted earlier attempt
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+            log.info("trained a %d-token BPE tokenizer on %d transcripts -> %s",
+                     mcfg.tiny_tokenizer_vocab, len(texts), folder)
+        dist.barrier()
+        return dataclasses.replace(mcfg, tokenizer_path=str(folder))
 
     def _count_params(self) -> dict[str, int]:
         def numel(p):
@@ -267,7 +291,7 @@ class Trainer:
             self.engine.step()
             for k in sums:
                 sums[k] += float(getattr(out, k).detach()) / self.cfg.train.grad_accum
-            tokens = int(out.num_input_tokens) if hasattr(out, "num_input_tokens") else 0
+            tokens = int(out.num_input_tokens)
             frames = int(batch["video_lengths"].sum()) if "video_lengths" in batch else 0
             meter.update(len(batch["keys"]), tokens, train_flops(
                 self.param_counts["llm"], self.param_counts["encoders"], tokens, frames))

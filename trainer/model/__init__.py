@@ -9,6 +9,7 @@ from importlib import import_module
 _EXPORTS = {
     "ModelConfig": "config",
     "build_model": "avsr",
+    "llm_hidden_size": "llm",
     "LlamaAVSR": "avsr",
     "AVSROutput": "avsr",
     "AssembledInputs": "prompt",

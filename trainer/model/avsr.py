@@ -45,6 +45,8 @@ class AVSROutput(ModelOutput):
     """Unscaled decorrelation loss (mean cos^2 to BOS over prefix tokens and layers); NaN when not measured."""
     num_target_tokens: torch.Tensor | None = None
     """Number of target tokens (long scalar), to weight ce_loss across micro-batches and ranks."""
+    num_input_tokens: torch.Tensor | None = None
+    """Real (non-pad) LLM input tokens in the batch, for tokens/s and MFU."""
 
 
 class LlamaAVSR(nn.Module):
@@ -143,7 +145,7 @@ class LlamaAVSR(nn.Module):
                 dec = self.cfg.decorrelation_weight * dec_raw
             dec_raw = dec_raw.detach()
         return AVSROutput(loss=ce_loss + dec, ce_loss=ce_loss, dec_loss=dec, dec_loss_raw=dec_raw,
-                          num_target_tokens=num_targets)
+                          num_target_tokens=num_targets, num_input_tokens=inputs.attention_mask.sum())
 
     def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token CE on target positions only: the LM head runs on those rows alone, not on

@@ -24,6 +24,11 @@ class ModelConfig:
     tokenizer_path: str | None = None
     """Local tokenizer folder; None -> the LLM folder's tokenizer, or (tiny LLM) a character-level
     tokenizer built in code. `trainer.model.tokenizer.train_bpe_tokenizer` writes a corpus BPE one."""
+    tiny_tokenizer: str = "bpe"
+    """Tokenizer for the tiny LLM when no tokenizer_path is given: "bpe" (trained by the trainer on
+    the training transcripts, saved in the run folder) or "char" (character level, no corpus needed)."""
+    tiny_tokenizer_vocab: int = 400
+    """Vocabulary size of the corpus BPE tokenizer."""
     whisper_path: str | None = None
     """Local folder of a Whisper checkpoint (WhisperModel / WhisperForConditionalGeneration);
     None -> tiny WhisperConfig built in code."""
@@ -134,6 +139,8 @@ class ModelConfig:
         errors: list[str] = []
         if self.modality not in MODALITIES:
             errors.append(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.tiny_tokenizer not in ("bpe", "char"):
+            errors.append(f"tiny_tokenizer must be 'bpe' or 'char', got {self.tiny_tokenizer!r}")
         if self.downsample not in DOWNSAMPLE_MODES:
             errors.append(f"downsample must be one of {DOWNSAMPLE_MODES}, got {self.downsample!r}")
         if self.decorrelation_impl not in DECORRELATION_IMPLS:

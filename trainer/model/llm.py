@@ -79,3 +79,16 @@ def add_lora(model: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
         peft_model.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     return peft_model
+
+
+def llm_hidden_size(cfg) -> int:
+    """The LLM width, without building it (the DeepSpeed bucket sizes depend on it)."""
+    if cfg.llm_path is None:
+        return cfg.tiny_llm_width
+    import json
+    from pathlib import Path
+    config_file = Path(cfg.llm_path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model.llm_path {cfg.llm_path}: no config.json (a transformers model folder)")
+    raw = json.loads(config_file.read_text())
+    return int(raw.get("hidden_size") or raw["text_config"]["hidden_size"])
