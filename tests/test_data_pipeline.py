@@ -73,9 +73,14 @@ def test_eval_sees_every_sample_exactly_once(corpus, world_size, workers):
     assert Counter(keys) == Counter(corpus.keys["val"])
 
 
-def test_eval_with_fewer_shards_than_ranks_is_a_clear_error(corpus):
-    with pytest.raises(ValueError, match="4 shard.*5 ranks.*rank 4 would get no data"):
-        build_eval_loader(_cfg(corpus.folder), "val", 4, 5)
+@pytest.mark.parametrize("world_size", [5, 7])
+def test_eval_with_fewer_shards_than_ranks_splits_by_sample(corpus, world_size):
+    # 4 val shards, more ranks: every rank reads all shards and keeps the keys hashed to it
+    cfg = _cfg(corpus.folder, num_workers=2)
+    per_rank = [_keys(build_eval_loader(cfg, "val", rank, world_size)) for rank in range(world_size)]
+    keys = [k for part in per_rank for k in part]
+    assert Counter(keys) == Counter(corpus.keys["val"])
+    assert sum(1 for part in per_rank if part) > 1          # the work really is spread
 
 
 def test_eval_with_fewer_shards_than_ranks_x_workers_reduces_workers(corpus, caplog):

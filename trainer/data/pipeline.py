@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import zlib
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -98,10 +99,11 @@ class AVSRStream(IterableDataset):
     """Batches of decoded clips (schema in batching.py); see the module docstring."""
 
     def __init__(self, cfg: DataConfig, shards: list[tuple[str, int]], *, train: bool, rank: int,
-                 world_size: int, epoch: int = 0, batches: int = 0):
+                 world_size: int, epoch: int = 0, batches: int = 0, split_by_sample: bool = False):
         super().__init__()
         self.cfg, self.shards, self.train = cfg, list(shards), train
         self.rank, self.world_size, self.epoch, self.batches = rank, world_size, epoch, batches
+        self.split_by_sample = split_by_sample
 
     def __len__(self) -> int:
         if not self.train:
@@ -119,9 +121,13 @@ class AVSRStream(IterableDataset):
         if self.train:
             shards = endless_shards(self.shards, random.Random(seed), cfg.shuffle_shards,
                                     self.rank * num_workers + worker)
+        elif self.split_by_sample:   # every rank reads every shard and keeps its own keys
+            shards = iter(self.shards[worker::num_workers])
         else:
             shards = iter(self.shards[self.rank::self.world_size][worker::num_workers])
         samples = shard_samples(shards, counter)
+        if not self.train and self.split_by_sample:
+            samples = (s for s in samples if key_rank(s.get("__key__", ""), self.world_size) == self.rank)
         if self.train and cfg.shuffle_buffer > 1:
             shuffle = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=random.Random(seed + 1))
             samples = shuffle(samples)
@@ -187,15 +193,18 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, epoch: int =
     return _loader(ds, workers, cfg)
 
 
+def key_rank(key: str, world_size: int) -> int:
+    """The rank that evaluates a sample when ranks split a small eval set by sample (stable hash)."""
+    return zlib.crc32(key.encode("utf-8")) % world_size
+
+
 def eval_workers(cfg: DataConfig, num_shards: int, rank: int, world_size: int) -> int:
-    """Workers this rank can use so that each gets at least one shard; raises if the rank gets none."""
+    """Workers this rank can use so that each gets at least one shard (shard-level splitting)."""
     _check_rank(rank, world_size)
     own = len(range(rank, num_shards, world_size))
     if own == 0:
         raise ValueError(f"eval split has {num_shards} shard(s) but there are {world_size} ranks: "
-                         f"rank {rank} would get no data. Write at least world_size x num_workers = "
-                         f"{world_size * max(1, cfg.num_workers)} shards (smaller shards), "
-                         f"or use fewer ranks")
+                         f"rank {rank} would get no data")
     if cfg.num_workers > own:
         log.warning("eval rank %d has %d shard(s) for %d workers: using %d worker(s)",
                     rank, own, cfg.num_workers, own)
@@ -208,6 +217,14 @@ def build_eval_loader(cfg: DataConfig, split: str | None, rank: int, world_size:
     _check_rank(rank, world_size)
     split = split or cfg.eval_split
     index = _index(cfg, split)
+    if len(index.urls) < world_size:
+        # Fewer shards than ranks (a small validation set): each rank reads all shards and keeps
+        # the samples whose key hashes to it. Reads world_size times the bytes, so only for small sets.
+        log.info("eval split %r has %d shard(s) for %d ranks: splitting by sample key",
+                 split, len(index.urls), world_size)
+        ds = AVSRStream(cfg, _shard_list(index), train=False, rank=rank, world_size=world_size,
+                        split_by_sample=True)
+        return _loader(ds, min(cfg.num_workers, len(index.urls)), cfg)
     workers = eval_workers(cfg, len(index.urls), rank, world_size)
     ds = AVSRStream(cfg, _shard_list(index), train=False, rank=rank, world_size=world_size)
     return _loader(ds, workers, cfg)

@@ -7,6 +7,7 @@ and throws the result away, until no rank has data left.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -27,6 +28,22 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def _first_and_filler(it):
+    """This rank's first batch, and a filler for ranks whose share of the eval set is empty: the
+    lowest rank with data sends its first batch (all ranks take part in the collectives)."""
+    first = next(it, None)
+    if not (dist.is_available() and dist.is_initialized()):
+        return first, first
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, first is not None)
+    if all(flags) or not any(flags):
+        return first, first
+    src = flags.index(True)
+    holder = [first if dist.get_rank() == src else None]
+    dist.broadcast_object_list(holder, src=src)
+    return first, (first if first is not None else holder[0])
+
+
 def _gather(obj):
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
@@ -44,8 +61,9 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
     was_training = model.training
     model.eval()
     it = iter(batches)
+    first, last = _first_and_filler(it)
+    it = itertools.chain([first], it) if first is not None else iter(())
     rows: list[dict] = []
-    last = None
     bar = tqdm(desc=desc, unit="utt", disable=rank != 0, dynamic_ncols=True)
     t0 = time.perf_counter()
     while True:
@@ -56,8 +74,6 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
             break
         real = batch is not None
         batch = batch if real else last
-        if batch is None:            # this rank never had data: nothing to pad with
-            raise RuntimeError("a rank got no evaluation data; use fewer ranks/workers or more shards")
         last = batch
         hyps = model.generate(to_device(batch), num_beams=num_beams, max_new_tokens=max_new_tokens,
                               synced_gpus=synced_gpus)
