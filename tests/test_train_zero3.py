@@ -1,10 +1,15 @@
 """End to end: real 2-process DeepSpeed ZeRO-3 runs of the tiny model on CPU (gloo).
 
-One uninterrupted run is compared with a run stopped at step 3 and resumed: the
-per-step losses must be the same. The exports and the MLflow run are checked too.
+- an uninterrupted run (with sink monitoring on);
+- the same run stopped at step 3 and resumed: per-step losses must match;
+- the same run as 2 "nodes" of 1 process (two launchers rendezvousing on loopback), also
+  stopped and resumed: must match 1 node of 2;
+- a run from pretrained parts in local folders (Llama, Whisper, official AV-HuBERT keys)
+  written by the test, loaded under zero.Init.
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,24 +21,58 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 STEPS = 6
+COMMON = ["--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
+          "--data.batches-per-epoch", "4", "--train.max-steps", str(STEPS), "--train.log-every", "1",
+          "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "3",
+          "--train.eval-max-new-tokens", "6", "--train.test-at-end", "False", "--train.eval-untrained", "False",
+          "--model.decorrelation-weight", "1.0", "--monitor.every", "3", "--monitor.probe-batch-size", "2"]
 
 
-def _train(run_dir: Path, corpus: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def _env() -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "MLFLOW_EXPERIMENT_NAME": "e2e"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MLFLOW_RUN_ID", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-           "--data.shard-dir", str(corpus), "--data.num-workers", "1", "--data.max-frames-per-batch", "600",
-           "--data.max-batch-size", "4", "--data.batches-per-epoch", "4",
-           "--train.run-dir", str(run_dir), "--train.max-steps", str(STEPS), "--train.log-every", "1",
-           "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "3",
-           "--train.eval-max-new-tokens", "6", "--train.test-at-end", "False",
-           "--model.decorrelation-weight", "1.0", *extra]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return env
+
+
+def _train_args(run_dir: Path, corpus: Path, extra) -> list[str]:
+    return [str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
+            "--data.shard-dir", str(corpus), "--train.run-dir", str(run_dir), *COMMON, *extra]
+
+
+def _check(proc_out: tuple[int, str, str]) -> None:
+    code, out, err = proc_out
+    assert code == 0, f"training failed:\n{out[-3000:]}\n{err[-6000:]}"
+
+
+def _train(run_dir: Path, corpus: Path, *extra: str) -> None:
+    """One node, two processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *_train_args(run_dir, corpus, extra)]
+    p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    _check((p.returncode, p.stdout, p.stderr))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_two_nodes(run_dir: Path, corpus: Path, *extra: str) -> None:
+    """Two launchers of one process each, rendezvousing with c10d on loopback, as two SLURM nodes would."""
+    port = _free_port()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=e2e", *_train_args(run_dir, corpus, extra)]
+        procs.append(subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        _check((p.returncode, out, err))
 
 
 def _mlflow(run_dir: Path):
@@ -52,9 +91,8 @@ def _losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, synth_corpus):
     root = tmp_path_factory.mktemp("zero3")
-    full = root / "full"
+    full, resumed = root / "full", root / "resumed"
     _train(full, synth_corpus)
-    resumed = root / "resumed"
     _train(resumed, synth_corpus, "--train.stop-after", "3")
     first_half = _losses(resumed)
     _train(resumed, synth_corpus)
@@ -82,6 +120,15 @@ def test_resume_reproduces_the_uninterrupted_losses(runs):
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
+def test_two_nodes_of_one_train_and_resume_like_one_node_of_two(runs, tmp_path, synth_corpus):
+    full, _, _ = runs
+    two = tmp_path / "two_nodes"
+    _train_two_nodes(two, synth_corpus, "--train.stop-after", "3")
+    _train_two_nodes(two, synth_corpus)
+    a, b = _losses(full), _losses(two)
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5), (a, b)
+
+
 def test_exports_are_non_empty_and_load_with_peft(runs):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -97,17 +144,26 @@ def test_exports_are_non_empty_and_load_with_peft(runs):
     assert any(v.abs().sum() > 0 for v in lora_b.values()), "LoRA B is still zero: training did not reach it"
 
     seed_everything(1234)
-    model = build_model(ModelConfig(decorrelation_weight=1.0))
-    base = model.llm.get_base_model()
-    reloaded = PeftModel.from_pretrained(base, str(full / "export" / "adapters"))
+    model = build_model(ModelConfig(decorrelation_weight=1.0, tokenizer_path=str(full / "tokenizer")))
+    reloaded = PeftModel.from_pretrained(model.llm.get_base_model(), str(full / "export" / "adapters"))
     sd = reloaded.state_dict()
     for name, tensor in lora_b.items():
-        key = name.removeprefix("llm.")
-        match = [k for k in sd if k.endswith(key.split("base_model.", 1)[-1])]
+        suffix = name.split("base_model.model.", 1)[-1]
+        match = [k for k in sd if k.endswith(suffix)]
         assert match, name
         torch.testing.assert_close(sd[match[0]].float(), tensor.float())
     consolidated = torch.load(full / "export" / "model.pt", map_location="cpu", weights_only=True)
-    assert all(t.numel() > 0 for t in consolidated.values())
+    assert consolidated and all(t.numel() > 0 for t in consolidated.values())
+
+
+def test_monitor_ran_under_zero3_and_logged_figures(runs):
+    full, _, _ = runs
+    client, run = _mlflow(full)
+    assert "sinks/bos_sink_head_frac_mean" in run.data.metrics
+    hist = client.get_metric_history(run.info.run_id, "sinks/bos_sink_head_frac_mean")
+    assert sorted(m.step for m in hist) == [3, 6]
+    files = [a.path for a in client.list_artifacts(run.info.run_id, "sinks/step_0000003")]
+    assert any(f.endswith(".png") for f in files) and any(f.endswith(".json") for f in files)
 
 
 def test_mlflow_run_has_params_metrics_artifacts(runs):
@@ -119,9 +175,41 @@ def test_mlflow_run_has_params_metrics_artifacts(runs):
                 "perf/tokens_per_s", "val/avsr/wer"):
         assert key in run.data.metrics, key
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config", "export", "results.json"} <= top
+    assert {"config", "export", "results.json", "sinks"} <= top
     results = json.loads((full / "results.json").read_text())
     assert 0 <= results["val"]["wer"] and results["val"]["num_utterances"] > 0
-    # the resumed job reattached to one MLflow run
-    _, rrun = _mlflow(resumed)
+    _, rrun = _mlflow(resumed)              # the resumed job reattached to one MLflow run
     assert rrun.info.status == "FINISHED"
+
+
+def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_corpus):
+    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
+
+    from test_model_avhubert import official_tiny_state_dict
+    from trainer.data.text import iter_transcripts
+    from trainer.model.tokenizer import train_bpe_tokenizer
+
+    torch.manual_seed(0)
+    llm_dir, whisper_dir, av_path = tmp_path / "llama", tmp_path / "whisper", tmp_path / "avhubert_large.pt"
+    tok = train_bpe_tokenizer(iter_transcripts(str(synth_corpus), "train"), vocab_size=200)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    llm.save_pretrained(llm_dir)
+    tok.save_pretrained(llm_dir)
+    WhisperModel(WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, max_source_positions=200)).save_pretrained(whisper_dir)
+    torch.save({"model": official_tiny_state_dict()}, av_path)
+
+    run = tmp_path / "pretrained"
+    _train(run, synth_corpus, "--model.llm-path", str(llm_dir), "--model.whisper-path", str(whisper_dir),
+           "--model.avhubert-path", str(av_path), "--monitor.every", "0")
+    _, mrun = _mlflow(run)
+    assert mrun.info.status == "FINISHED"
+    assert 0.3 < mrun.data.metrics["zero/local_param_fraction"] < 0.7
+    # the frozen base in the consolidated export is the pretrained one, not a fresh init
+    consolidated = torch.load(run / "export" / "model.pt", map_location="cpu", weights_only=True)
+    key = [k for k in consolidated if k.endswith("layers.1.mlp.down_proj.weight") and k.startswith("llm.")]
+    assert key, sorted(consolidated)[:10]
+    torch.testing.assert_close(consolidated[key[0]].float(), llm.model.layers[1].mlp.down_proj.weight)

@@ -37,6 +37,9 @@ class TrainConfig:
     """Beam width for evaluation decoding (1 = greedy; the paper uses 15)."""
     eval_max_new_tokens: int = 32
     """Longest transcript generated in evaluation."""
+    eval_untrained: bool = True
+    """Before the first step of a fresh run, report the untrained model's WER on the test split
+    (the baseline in results.json)."""
     test_at_end: bool = True
     """Report WER on the held-out test split after training."""
     save_every: int = 200

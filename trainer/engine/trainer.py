@@ -89,6 +89,7 @@ class Trainer:
         self.stream: TrainStream | None = None
         self.monitor = None
         self.probe_batch = None
+        self.untrained: dict | None = None
 
     # ---- the story of a run ----------------------------------------------------------------------
     def train(self) -> dict:
@@ -96,6 +97,8 @@ class Trainer:
         try:
             self._resume_or_start()
             self._log_run_setup()
+            if self.step == 0 and self.cfg.train.eval_untrained:
+                self.untrained = self._evaluate(self.cfg.data.test_split, None, tag="untrained")
             meter = ThroughputMeter(self.world_size)
             start = self.step
             while self.step < self.cfg.train.max_steps:
@@ -145,6 +148,8 @@ class Trainer:
         results["val"] = self._evaluate(cfg.data.eval_split, None)
         if cfg.train.test_at_end:
             results["test"] = self._evaluate(cfg.data.test_split, None)
+        if self.untrained is not None:
+            results["test_untrained"] = self.untrained
         if self.rank == 0:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
             self.tracker.log_artifact(self.run_dir / "results.json")
@@ -329,20 +334,22 @@ class Trainer:
             for path in report.files:
                 self.tracker.log_artifact(path, f"sinks/step_{self.step:07d}")
 
-    def _evaluate(self, split: str, max_samples: int | None) -> dict:
+    def _evaluate(self, split: str, max_samples: int | None, tag: str = "") -> dict:
         from trainer.data.pipeline import build_eval_loader
         loader = build_eval_loader(self.cfg.data, split, rank=self.rank, world_size=self.world_size)
+        name = f"{split}_{tag}" if tag else f"{split}_step{self.step:08d}"
         result = evaluate_wer(
             self.model, loader, device=self.device, to_device=self.to_device,
             num_beams=self.cfg.train.eval_beams, max_new_tokens=self.cfg.train.eval_max_new_tokens,
             synced_gpus=self.zero3 and self.world_size > 1, max_samples=max_samples, rank=self.rank,
-            desc=f"{split} step {self.step}", report_path=self.run_dir / "eval" / f"{split}_step{self.step:08d}.json")
+            desc=f"{split} {tag or f'step {self.step}'}", report_path=self.run_dir / "eval" / f"{name}.json")
         mod = self.cfg.model.modality
-        self.tracker.log_metrics({f"{split}/{mod}/{k}": v for k, v in result.items()}, self.step)
+        self.tracker.log_metrics({f"{split}{'_' + tag if tag else ''}/{mod}/{k}": v for k, v in result.items()},
+                                 self.step)
         if self.rank == 0:
-            log.info("%s %s WER %.2f%% CER %.2f%% on %d utterances", split, mod, 100 * result["wer"],
-                     100 * result["cer"], int(result["num_utterances"]))
-            report = self.run_dir / "eval" / f"{split}_step{self.step:08d}.json"
+            log.info("%s%s %s WER %.2f%% CER %.2f%% on %d utterances", split, f" ({tag})" if tag else "", mod,
+                     100 * result["wer"], 100 * result["cer"], int(result["num_utterances"]))
+            report = self.run_dir / "eval" / f"{name}.json"
             if report.is_file():
                 self.tracker.log_artifact(report, "eval")
         return result
