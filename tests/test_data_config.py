@@ -25,8 +25,10 @@ def test_invalid_values_are_rejected_clearly(kw, msg):
         DataConfig(shard_dir="x", **kw)
 
 
-def test_loaders_need_a_shard_dir():
+def test_loaders_need_a_shard_dir(tmp_path):
     with pytest.raises(ValueError, match="shard_dir is not set"):
-        build_train_loader(DataConfig(), 0, 1)
+        build_train_loader(DataConfig(shard_dir=""), 0, 1)
+    with pytest.raises(FileNotFoundError, match="no shard index for split 'train'"):
+        build_train_loader(DataConfig(shard_dir=str(tmp_path)), 0, 1)
     with pytest.raises(ValueError, match="need 0 <= rank < world_size"):
         build_eval_loader(DataConfig(shard_dir="x"), "val", 2, 2)
