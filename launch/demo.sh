@@ -10,5 +10,5 @@ else
   NPROC=${NPROC:-2}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi
-[ -f data/synth/test.index.json ] || python -m data_tools synth --out data/synth --num 600 --seed 0
+[ -f data/synth/test.index.json ] || python -m data_tools synth --out data/synth --num 2000 --seed 0
 deepspeed --num_gpus "$NPROC" launch/train.py --config ds_configs/zero3.json "$@"

@@ -207,7 +207,8 @@ def build_audio_encoder(cfg: ModelConfig, ds_config: dict | None = None) -> Whis
         config = WhisperConfig(num_mel_bins=cfg.n_mels, d_model=w, encoder_layers=cfg.tiny_whisper_layers,
                                encoder_attention_heads=cfg.tiny_whisper_heads, encoder_ffn_dim=4 * w,
                                decoder_layers=1, decoder_attention_heads=cfg.tiny_whisper_heads, decoder_ffn_dim=4 * w,
-                               max_source_positions=cfg.tiny_whisper_max_source_positions)
+                               max_source_positions=cfg.tiny_whisper_max_source_positions,
+                               init_std=cfg.tiny_whisper_init_std)
         encoder = WhisperEncoder(config)
     else:
         config = WhisperConfig.from_pretrained(cfg.whisper_path, local_files_only=True)
