@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer.engine.data_stream import TrainStream
 from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
@@ -115,3 +116,33 @@ def test_train_stream_rolls_epochs_and_resumes_exactly():
 
     fresh = TrainStream.from_state(make, part.state(), fast_forward=False)
     assert next(fresh)["id"] == (2, 0)      # next epoch, not a replay
+
+
+class _EchoModel(torch.nn.Module):
+    """Decodes every utterance as its reference except keys listed in `wrong`."""
+
+    def __init__(self, wrong=()):
+        super().__init__()
+        self.wrong = set(wrong)
+
+    def generate(self, batch, **_):
+        return ["x" if k in self.wrong else t for k, t in zip(batch["keys"], batch["text"])]
+
+
+def test_evaluate_wer_caps_samples_and_writes_report(tmp_path):
+    from trainer.engine.evaluate import evaluate_wer
+
+    batches = [{"keys": [f"u{i}{j}" for j in range(4)], "text": ["a b"] * 4} for i in range(3)]
+    model = _EchoModel(wrong={"u00"})
+    model.train()
+    report = tmp_path / "eval.json"
+    res = evaluate_wer(model, batches, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
+                       max_new_tokens=8, synced_gpus=False, max_samples=6, report_path=report)
+    assert res["num_utterances"] == 6 and res["ref_words"] == 12
+    assert res["wer"] == pytest.approx(2 / 12)              # "x" for "a b": one substitution, one deletion
+    assert model.training                                    # train mode restored
+    rows = json.loads(report.read_text())["utterances"]
+    assert [r["key"] for r in rows] == sorted(r["key"] for r in rows) and len(rows) == 6
+    full = evaluate_wer(_EchoModel(), batches, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
+                        max_new_tokens=8, synced_gpus=False)
+    assert full["num_utterances"] == 12 and full["wer"] == 0

@@ -32,7 +32,7 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between WER evaluations on the validation split (0 = only at the end)."""
     eval_max_samples: Optional[int] = None
-    """Cap on validation samples per periodic evaluation (None = the whole split)."""
+    """Cap on validation samples per periodic evaluation, over all ranks (None = the whole split)."""
     eval_beams: int = 1
     """Beam width for evaluation decoding (1 = greedy; the paper uses 15)."""
     eval_max_new_tokens: int = 32

@@ -63,12 +63,15 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
     it = iter(batches)
     first, last = _first_and_filler(it)
     it = itertools.chain([first], it) if first is not None else iter(())
+    # The cap is over all ranks: each rank decodes its share, whole batches, then trims.
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    cap = None if max_samples is None else -(-max_samples // world)
     rows: list[dict] = []
     bar = tqdm(desc=desc, unit="utt", disable=rank != 0, dynamic_ncols=True)
     t0 = time.perf_counter()
     while True:
         batch = None
-        if max_samples is None or len(rows) < max_samples:
+        if cap is None or len(rows) < cap:
             batch = next(it, None)
         if not _any_rank(batch is not None, device):
             break
@@ -83,7 +86,7 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
     bar.close()
     model.train(was_training)
 
-    all_rows = [r for part in _gather(rows) for r in part]
+    all_rows = [r for part in _gather(rows[:cap]) for r in part][:max_samples]
     counts = error_counts([r["ref"] for r in all_rows], [r["hyp"] for r in all_rows])
     result = {
         "wer": counts.wer, "cer": counts.cer, "num_utterances": float(len(all_rows)),
