@@ -118,6 +118,19 @@ def test_training_order_is_deterministic_per_seed_and_epoch(corpus):
     assert set(k for b in a for k in b) <= set(corpus.keys["train"])
 
 
+def test_loaders_leave_the_global_torch_rng_alone(corpus):
+    # a resumed run restores the RNG and then makes its loader; if that drew from the global RNG
+    # the LoRA-dropout masks after a resume would differ from an uninterrupted run's
+    import torch
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    for loader in (build_train_loader(_cfg(corpus.folder, batches_per_epoch=2, num_workers=1), 0, 1),
+                   build_eval_loader(_cfg(corpus.folder), "val", 0, 1)):
+        next(iter(loader))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_training_epoch_length_is_the_same_on_every_rank(corpus):
     cfg = _cfg(corpus.folder, num_workers=2, samples_per_epoch=20)
     lengths = [len(_train_keys(cfg, rank, 3)) for rank in range(3)]

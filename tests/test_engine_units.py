@@ -88,6 +88,12 @@ def test_mlflow_tracker_logs_reattaches_and_marks_status(tmp_path, monkeypatch):
     assert again.client.get_run(again.run_id).data.tags["resume.train.p0"] == "99"
     again.finish("FAILED")
     assert again.client.get_run(again.run_id).info.status == "FAILED"
+    assert (run_dir / "mlartifacts").is_dir()
+
+    # a second run in the same process keeps its artefacts in its own folder too
+    other = MLflowTracker(tmp_path / "other", experiment_name="t2")
+    other.log_artifact(tmp_path / "a.json", "config")
+    assert list((tmp_path / "other" / "mlartifacts").rglob("a.json"))
 
 
 def test_non_zero_ranks_get_a_null_tracker(tmp_path):

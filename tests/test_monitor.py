@@ -18,10 +18,10 @@ MASSIVE_LAYER = 1  # the MLP of this layer writes the massive activation
 ROPE_SLOW = 7  # head dim whose RoPE frequency is ~0: q.k there is position independent
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab_size: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=32, hidden_size=D, intermediate_size=128, num_hidden_layers=LAYERS,
+        vocab_size=vocab_size, hidden_size=D, intermediate_size=128, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
         attn_implementation="sdpa",
     )

@@ -177,9 +177,13 @@ def train_batches_per_epoch(cfg: DataConfig, index: ShardIndex, world_size: int)
 
 
 def _loader(dataset: AVSRStream, num_workers: int, cfg: DataConfig) -> DataLoader:
+    # A private generator: creating an iterator draws a worker base seed, and from the global
+    # RNG that draw would shift LoRA-dropout masks, so a resumed run (loader made after the RNG
+    # restore) would drift from an uninterrupted one. Our workers seed themselves anyway.
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
                       prefetch_factor=cfg.prefetch_factor if num_workers > 0 else None,
-                      persistent_workers=False, pin_memory=False)
+                      persistent_workers=False, pin_memory=False,
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def build_train_loader(cfg: DataConfig, rank: int, world_size: int, epoch: int = 0) -> DataLoader:

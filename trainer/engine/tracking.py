@@ -51,19 +51,20 @@ class NullTracker:
 class MLflowTracker(NullTracker):
     def __init__(self, run_dir: str | Path, experiment_name: str | None = None,
                  run_name: str | None = None, tags: dict[str, str] | None = None):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
-        mlflow.set_tracking_uri(uri)
+        # Only the client gets the URI: mlflow.set_tracking_uri would also export it as
+        # MLFLOW_TRACKING_URI, and a later tracker in this process would mistake it for the user's.
+        user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        uri = user_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "avsr"
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            location = None if os.environ.get("MLFLOW_TRACKING_URI") else \
+            location = None if user_uri else \
                 (self.run_dir / "mlartifacts").resolve().as_uri()
             exp_id = self.client.create_experiment(name, artifact_location=location)
         else:

@@ -45,6 +45,20 @@ def _all_mean(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def frozen_weight_sums(model: torch.nn.Module) -> torch.Tensor:
+    """float64 [sum, sum of squares] of the frozen weights this process holds (its ZeRO-3 slices,
+    or everything without ZeRO-3): the checkpoint's `frozen_fingerprint` once summed over ranks."""
+    s = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        t = t.detach().double().cpu()
+        s[0] += t.sum()
+        s[1] += (t * t).sum()
+    return s
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         import deepspeed
@@ -214,14 +228,7 @@ class Trainer:
 
         Checkpoints hold what DeepSpeed trains; the frozen base comes from the model's
         sources on every start, so a resume checks that those sources did not change."""
-        s = torch.zeros(2, dtype=torch.float64)
-        for p in self.model.parameters():
-            if p.requires_grad:
-                continue
-            t = p.ds_tensor if hasattr(p, "ds_tensor") else p
-            t = t.detach().double().cpu()
-            s[0] += t.sum()
-            s[1] += (t * t).sum()
+        s = frozen_weight_sums(self.model)
         if self.zero3:
             s = s.to(self.device)
             dist.all_reduce(s)
@@ -252,16 +259,14 @@ class Trainer:
         mcfg = self.cfg.monitor
         if not mcfg.every:
             return
-        from trainer.data.pipeline import build_eval_loader
+        from trainer.engine.probe import first_eval_batch
         from trainer.monitor.monitor import SinkMonitor
         self.monitor = SinkMonitor(mcfg)
         # A fixed probe batch: the first validation batch of rank 0's stream, broadcast so every
         # rank runs the identical probe forward (ZeRO-3 needs all ranks in it anyway).
         batch = None
         if self.rank == 0:
-            batch = next(iter(build_eval_loader(self.cfg.data, self.cfg.data.eval_split, rank=0, world_size=1)))
-            batch = {k: (v[:mcfg.probe_batch_size] if isinstance(v, (torch.Tensor, list)) else v)
-                     for k, v in batch.items() if k != "skipped"}
+            batch = first_eval_batch(self.cfg.data, self.cfg.data.eval_split, mcfg.probe_batch_size)
         holder = [batch]
         if self.world_size > 1:
             dist.broadcast_object_list(holder, src=0)
@@ -324,11 +329,9 @@ class Trainer:
     # ---- periodic work -----------------------------------------------------------------------------
     def _probe_sinks(self) -> None:
         """All ranks run the probe forward (ZeRO-3 gathers weights in it); rank 0 logs and writes files."""
-        batch = self.to_device(self.probe_batch)
-        with torch.no_grad():
-            parts = self.model.assemble(batch)
-        report = self.monitor.run(self.model.llm, parts.inputs_embeds, parts.attention_mask, parts.token_roles,
-                                  step=self.step, out_dir=self.run_dir / "sinks")
+        from trainer.engine.probe import run_probe
+        report, _ = run_probe(self.monitor, self.model, self.to_device(self.probe_batch), self.step,
+                              out_dir=self.run_dir / "sinks")
         if self.rank == 0:
             self.tracker.log_metrics(report.to_metrics(), self.step)
             for path in report.files:

@@ -40,13 +40,15 @@ class SinkMonitor:
         token_roles: torch.Tensor | None = None,
         step: int = 0,
         out_dir: str | Path | None = None,
+        step_subdir: bool = True,
     ) -> SinkReport:
         """Probe `llm` (LlamaForCausalLM, possibly a PeftModel) on the first rows of a batch.
 
         inputs_embeds [B, T, D], attention_mask [B, T] (right-padded, BOS at 0), token_roles
         [B, T] (TokenRole values; None = text-only: BOS at 0, text elsewhere). The model is put
         in eval mode and eager attention for the probe and restored afterwards. With out_dir,
-        rank 0 writes `out_dir/step_XXXXXXX/{report.json, *.png}` (listed in `report.files`).
+        rank 0 writes `out_dir/step_XXXXXXX/{report.json, *.png}` (listed in `report.files`);
+        step_subdir=False writes them straight into out_dir.
         """
         cfg = self.cfg
         n = min(cfg.probe_batch_size, inputs_embeds.shape[0])
@@ -69,7 +71,7 @@ class SinkMonitor:
         report = analyzer.report(step)
 
         if writes:
-            folder = Path(out_dir) / f"step_{step:07d}"
+            folder = Path(out_dir) / f"step_{step:07d}" if step_subdir else Path(out_dir)
             folder.mkdir(parents=True, exist_ok=True)
             json_path = folder / "report.json"
             json_path.write_text(json.dumps(report.to_json(), indent=1))

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The body shared by train_single_node.sbatch and train_multi_node.sbatch (they `exec` it, so this
+# process *is* the batch shell and receives `#SBATCH --signal=B:USR1@...`).
+#
+#   job.sh [--dry-run] RECIPE DS_CONFIG [trainer args...]
+#
+# 1. sets the NCCL / torch.distributed environment (defaults only: what you export wins);
+# 2. AVSR_DRY_RUN=1 (or --dry-run): prints every node's torchrun command and exits;
+# 3. otherwise starts one task per node with srun; each task is `plan.py node`, which runs torchrun
+#    (c10d rendezvous on the first host) and relays stop signals to the trainer processes;
+# 4. relays SIGUSR1 (the time-limit warning) and SIGTERM (scancel, preemption) to the job step: the
+#    trainer finishes its step, checkpoints, marks the MLflow run KILLED and exits 0;
+# 5. after a SIGUSR1 it requeues the job (`scontrol requeue`): same job id and name -> same run folder
+#    -> the next run resumes (--train.resume auto) and reattaches to its MLflow run (mlflow_run.json).
+#    After a SIGTERM it does not requeue: SLURM requeues preempted `--requeue` jobs itself, and a
+#    scancel is meant to stop. AVSR_REQUEUE=0 turns the self-requeue off.
+set -euo pipefail
+
+DRY_RUN=${AVSR_DRY_RUN:-0}
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
+if [ $# -lt 2 ]; then
+  echo "usage: sbatch launch/slurm/train_{single,multi}_node.sbatch RECIPE DS_CONFIG [trainer args...]" >&2
+  echo "       e.g. ... launch/recipes/lrs3_avsr.yaml ds_configs/zero3.json --train.max-steps 1000" >&2
+  exit 2
+fi
+RECIPE=$1 DS_CONFIG=$2
+shift 2
+
+AVSR_REPO=${AVSR_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+cd "$AVSR_REPO"
+
+# ---- software environment -------------------------------------------------------------------------
+# sbatch passes on the environment it was submitted from (--export=ALL), so activating the venv (or
+# `source launch/setup_env.sh`) before `sbatch` is enough. AVSR_ENV_SCRIPT=path is sourced here
+# instead, on the first node, before srun (which passes the environment on to every node).
+if [ "$DRY_RUN" = 0 ] && [ -n "${AVSR_ENV_SCRIPT:-}" ]; then
+  set +u; source "$AVSR_ENV_SCRIPT"; set -u
+  cd "$AVSR_REPO"
+fi
+PYTHON=${AVSR_PYTHON:-python3}            # plan.py needs only the standard library
+
+# ---- NCCL and torch.distributed (defaults; export your own before sbatch to override) ---------------
+# NCCL_SOCKET_IFNAME   interface for NCCL's bootstrap and socket transport. Set it when nodes have
+#                      several (e.g. "ib0", "eth0", "^lo,docker0"); NCCL guesses otherwise, and a wrong
+#                      guess shows up as a hang or "connection refused" at the first collective.
+# NCCL_IB_HCA          InfiniBand adapters to use, e.g. "mlx5" or "mlx5_0,mlx5_1" (default: all).
+# NCCL_IB_GID_INDEX    RoCE only: the GID index of the RoCEv2 address (often 3).
+# NCCL_IB_DISABLE=1    no InfiniBand/RoCE: use TCP sockets (slow across nodes; a last resort).
+# NCCL_IB_TIMEOUT      IB retransmission timeout exponent (default 20 in recent NCCL; raise on flaky fabrics).
+# NCCL_DEBUG           WARN (default here); INFO prints the chosen transports/rings: run once with INFO
+#                      on a new cluster and check for "NET/IB" (not "NET/Socket") between nodes.
+# TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+#                      a failed or timed-out collective aborts the process instead of hanging, so srun's
+#                      --kill-on-bad-exit ends the whole step and the job fails fast.
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+#                      seconds torchrun waits for its workers after it is itself signalled before it
+#                      SIGKILLs them (torch default 30); long enough here for a checkpoint.
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+export PYTHONUNBUFFERED=1
+# Since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: pass it on explicitly.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+
+plan=("$PYTHON" "$AVSR_REPO/launch/slurm/plan.py")
+if [ "$DRY_RUN" != 0 ]; then
+  exec "${plan[@]}" dry-run "$RECIPE" "$DS_CONFIG" "$@"
+fi
+
+: "${SLURM_JOB_ID:?not inside a SLURM job (use AVSR_DRY_RUN=1 to only print the commands)}"
+launcher=${AVSR_TORCHRUN:-torchrun}
+if ! command -v "${launcher%% *}" >/dev/null; then
+  echo "[job] ${launcher%% *} not found: activate the environment before sbatch or set AVSR_ENV_SCRIPT" >&2
+  exit 1
+fi
+run_dir=$("${plan[@]}" run-dir "$RECIPE" "$DS_CONFIG" "$@")
+mkdir -p "$run_dir"
+nnodes=${SLURM_NNODES:-1}
+echo "[job] $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) start $(date -Is), restart ${SLURM_RESTART_COUNT:-0}:" \
+     "$nnodes node(s) ${SLURM_JOB_NODELIST:-}, run dir $run_dir"
+
+started=$(mktemp)
+trap 'rm -f "$started"' EXIT
+step_pid=""
+requeue_wanted=""
+
+relay() {
+  echo "[job] got SIG$1 at $(date -Is): relaying it to the job step (the trainer checkpoints and exits)"
+  if [ "$1" = USR1 ]; then requeue_wanted=1; fi
+  if [ -n "$step_pid" ]; then kill -s "$1" "$step_pid" 2>/dev/null || true; fi
+}
+trap 'relay USR1' USR1
+trap 'relay TERM' TERM
+
+# One task per node; srun passes the signals it receives on to the tasks.
+${AVSR_SRUN:-srun} --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+  "${plan[@]}" node "$RECIPE" "$DS_CONFIG" "$@" &
+step_pid=$!
+
+# A trapped signal interrupts `wait` while the step still runs: wait again until it is gone, then
+# collect its exit status (bash keeps it for a reaped child).
+while kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid" || true; done
+rc=0
+wait "$step_pid" || rc=$?
+echo "[job] job step ended with status $rc at $(date -Is)"
+
+if [ -n "$requeue_wanted" ]; then
+  if [ -f "$run_dir/results.json" ] && [ "$run_dir/results.json" -nt "$started" ]; then
+    echo "[job] training finished before the stop: not requeuing"
+  elif [ "${AVSR_REQUEUE:-1}" = 1 ]; then
+    echo "[job] requeuing $SLURM_JOB_ID: the next run resumes from the newest checkpoint in $run_dir"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+fi
+exit "$rc"
