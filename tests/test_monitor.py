@@ -266,6 +266,26 @@ def test_figures_are_png(tmp_path):
     assert rep.maps == {}  # maps released once drawn
 
 
+def test_background_figures_match_the_inline_ones(tmp_path):
+    from trainer.monitor.monitor import FigureQueue
+    model = tiny_llama()
+    plant_sink(model)
+    x, mask, roles = make_inputs([18, 12], [3, 4])
+    queue = FigureQueue()
+    rep = monitor(figure_layers=(2,)).run(model, x, mask, roles, step=7, out_dir=tmp_path / "bg",
+                                          figure_queue=queue)
+    assert [p.name for p in rep.files] == ["report.json"] and rep.maps == {}
+    rep2 = monitor(figure_layers=(2,)).run(model, x, mask, roles, step=8, out_dir=tmp_path / "bg",
+                                           figure_queue=queue)
+    done = dict(queue.close())
+    assert sorted(done) == [7, 8] and queue.finished() == []
+    inline = monitor(figure_layers=(2,)).run(model, x, mask, roles, step=7, out_dir=tmp_path / "inline")
+    assert sorted(p.name for p in done[7]) == sorted(p.name for p in inline.files if p.suffix == ".png")
+    for p in done[7]:
+        assert p.parent == tmp_path / "bg" / "step_0000007" and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rep2.step == 8
+
+
 def test_config_and_schedule():
     assert not SinkMonitor(MonitorConfig(every=0)).should_run(0)
     mon = SinkMonitor(MonitorConfig(every=5))

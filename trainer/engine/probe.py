@@ -12,7 +12,7 @@ import torch
 from trainer.data.config import DataConfig
 from trainer.model.prompt import AssembledInputs
 from trainer.monitor.analysis import SinkReport
-from trainer.monitor.monitor import SinkMonitor
+from trainer.monitor.monitor import FigureQueue, SinkMonitor
 
 
 def first_eval_batch(data_cfg: DataConfig, split: str, size: int) -> dict:
@@ -28,11 +28,12 @@ def first_eval_batch(data_cfg: DataConfig, split: str, size: int) -> dict:
 
 
 def run_probe(monitor: SinkMonitor, model, batch: dict, step: int, out_dir: str | Path | None,
-              step_subdir: bool = True) -> tuple[SinkReport, AssembledInputs]:
+              step_subdir: bool = True, figure_queue: FigureQueue | None = None) -> tuple[SinkReport, AssembledInputs]:
     """Assemble the training prompt for `batch` (already on the model's device) and probe the LLM
     on it. Under ZeRO-3 every rank must call this on the same step."""
     with torch.no_grad():
         parts = model.assemble(batch)
     report = monitor.run(model.llm, parts.inputs_embeds, parts.attention_mask, parts.token_roles,
-                         step=step, out_dir=out_dir, step_subdir=step_subdir)
+                         step=step, out_dir=out_dir, step_subdir=step_subdir,
+                         figure_queue=figure_queue)
     return report, parts

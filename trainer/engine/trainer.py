@@ -102,6 +102,7 @@ class Trainer:
         self.step = 0
         self.stream: TrainStream | None = None
         self.monitor = None
+        self.figure_queue = None     # rank 0: sink figures drawn in a background process
         self.probe_batch = None
         self.untrained: dict | None = None
 
@@ -146,6 +147,8 @@ class Trainer:
             raise
         finally:
             self.stop.uninstall()
+            if self.figure_queue is not None:
+                self._log_sink_files(self.figure_queue.close())
             self.tracker.finish(status)
 
     def _finish(self) -> dict:
@@ -262,6 +265,9 @@ class Trainer:
         from trainer.engine.probe import first_eval_batch
         from trainer.monitor.monitor import SinkMonitor
         self.monitor = SinkMonitor(mcfg)
+        if self.rank == 0 and mcfg.figures:
+            from trainer.monitor.monitor import FigureQueue
+            self.figure_queue = FigureQueue()
         # A fixed probe batch: the first validation batch of rank 0's stream, broadcast so every
         # rank runs the identical probe forward (ZeRO-3 needs all ranks in it anyway).
         batch = None
@@ -320,6 +326,8 @@ class Trainer:
         for reason, n in self.stream.pop_skipped().items():
             metrics[f"data/skipped/{reason}"] = n
         self.tracker.log_metrics(metrics, self.step)
+        if self.figure_queue is not None:
+            self._log_sink_files(self.figure_queue.finished())
         if self.rank == 0:
             log.info("step %d/%d loss %.4f ce %.4f dec %.4g lr %.2e gnorm %.3f %.1f samples/s",
                      self.step, self.cfg.train.max_steps, reduced["loss"], reduced["ce_loss"],
@@ -331,11 +339,15 @@ class Trainer:
         """All ranks run the probe forward (ZeRO-3 gathers weights in it); rank 0 logs and writes files."""
         from trainer.engine.probe import run_probe
         report, _ = run_probe(self.monitor, self.model, self.to_device(self.probe_batch), self.step,
-                              out_dir=self.run_dir / "sinks")
+                              out_dir=self.run_dir / "sinks", figure_queue=self.figure_queue)
         if self.rank == 0:
             self.tracker.log_metrics(report.to_metrics(), self.step)
-            for path in report.files:
-                self.tracker.log_artifact(path, f"sinks/step_{self.step:07d}")
+            self._log_sink_files([(self.step, report.files)])
+
+    def _log_sink_files(self, done: list[tuple[int, list[Path]]]) -> None:
+        for step, files in done:
+            for path in files:
+                self.tracker.log_artifact(path, f"sinks/step_{step:07d}")
 
     def _evaluate(self, split: str, max_samples: int | None, tag: str = "") -> dict:
         from trainer.data.pipeline import build_eval_loader
