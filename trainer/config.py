@@ -21,6 +21,8 @@ from trainer.engine.config import TrackingConfig, TrainConfig
 from trainer.model.config import ModelConfig
 from trainer.monitor.config import MonitorConfig
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
 
 @dataclass
 class ExperimentConfig:
@@ -35,7 +37,10 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
-        if not Path(self.config).is_file():
+        path = Path(self.config)
+        if not path.is_file() and not path.is_absolute() and (CHECKOUT / path).is_file():
+            self.config = str(CHECKOUT / path)     # run from elsewhere: the checkout's ds_configs/
+        elif not path.is_file():
             raise ValueError(f"--config {self.config}: no such DeepSpeed JSON (see ds_configs/)")
         # The data pipeline decodes only what the model consumes.
         if self.data.modality != self.model.modality:

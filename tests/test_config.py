@@ -1,0 +1,63 @@
+"""The experiment config from the command line and recipes: precedence, validation, clear errors."""
+import pytest
+
+from tests.conftest import REPO
+from trainer.config import ExperimentConfig, load_recipe, parse_args
+
+
+def test_defaults_are_the_demo():
+    cfg = parse_args([])
+    assert cfg.model.llm_path is None and cfg.data.shard_dir == "data/synth"
+    assert cfg.config.endswith("ds_configs/zero3.json")
+
+
+def test_command_line_beats_recipe_beats_defaults(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {modality: asr, lora_r: 4}\ntrain: {lr: 0.002, max_steps: 50}\n")
+    cfg = parse_args(["--recipe", str(recipe), "--train.lr", "0.005", "--local_rank=0"])
+    assert cfg.train.lr == 0.005                     # command line
+    assert cfg.train.max_steps == 50 and cfg.model.lora_r == 4 and cfg.model.modality == "asr"   # recipe
+    assert cfg.data.modality == "asr"                # the pipeline follows the model's modality
+    assert cfg.recipe == str(recipe)
+
+
+def test_the_ds_config_is_found_from_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse_args([]).config == str(REPO / "ds_configs" / "zero3.json")
+    assert parse_args(["--config", str(REPO / "ds_configs" / "zero2.json")]).config.endswith("zero2.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {modality: speech}", "modality"),
+    ("train: {lr: -1}", "train.lr must be > 0"),
+    ("train: {warmup_steps: 500, max_steps: 100}", "warmup_steps"),
+    ("train: {learning_rate: 0.1}", "unknown option(s) ['learning_rate']"),
+    ("optimizer: {lr: 0.1}", "unknown option(s) ['optimizer']"),
+    ("- just a list", "must be a mapping"),
+])
+def test_bad_recipes_are_clear_errors(tmp_path, text, message):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_recipe(recipe)
+    assert message in str(err.value)
+
+
+def test_bad_command_line_values_stop_before_anything_starts():
+    with pytest.raises(SystemExit):
+        parse_args(["--train.max-steps", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "no/such.json"])
+    with pytest.raises(SystemExit, match="--recipe needs a path"):
+        parse_args(["--recipe"])
+
+
+def test_to_dict_round_trips_through_a_recipe(tmp_path):
+    import yaml
+    cfg = parse_args(["--model.modality", "vsr", "--train.max-steps", "70"])
+    d = cfg.to_dict()
+    del d["config"], d["recipe"]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    again = load_recipe(tmp_path / "r.yaml")
+    assert isinstance(again, ExperimentConfig)
+    assert again.model == cfg.model and again.train == cfg.train and again.data == cfg.data
