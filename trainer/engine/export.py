@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
