@@ -238,7 +238,7 @@ def parameter_counts(parts: _Parts) -> dict[str, int]:
             counts["projectors"] += n
         elif name.startswith("delimiter_embeddings"):
             counts["delimiters"] += n
-    # The trainer's rule (Trainer._count_params), which feeds train_flops for perf/mfu.
+    # The trainer's rule (Trainer._count_params) for its logged parameter counts.
     counts["trainer_llm"] = sum(p.numel() for n, p in parts.named_parameters() if n.startswith("llm."))
     counts["trainer_encoders"] = sum(p.numel() for n, p in parts.named_parameters()
                                      if not n.startswith("llm.") and "encoder" in n)
@@ -402,16 +402,18 @@ def count_sample_flops(cfg: ModelConfig, shape: SampleShape, llm_config, whisper
                        avhubert_config: AVHubertConfig | None = None, *, logits: str = "targets",
                        backward: bool = True, dtype: torch.dtype = torch.bfloat16) -> dict:
     """FLOPs of one training clip, counted on meta. Any sizes (tests pass tiny configs).
-    Returns {"flops": {part: FLOPs}, "params": {...}, "layout": {...}, "trainer_flops": train_flops(...)}."""
-    from trainer.engine.throughput import train_flops
+    Returns {"flops": {part: FLOPs}, "params": {...}, "layout": {...}, "trainer_flops": ...}, the last
+    being what the trainer's perf/mfu counts for this clip (trainer.engine.flops.StepFlops)."""
+    from trainer.engine.flops import StepFlops
 
     parts = build_parts(cfg, llm_config, whisper_config, avhubert_config, dtype=dtype)
     res = run_step(parts, cfg, shape, logits=logits, backward=backward)
     res["params"] = parameter_counts(parts)
-    # What the trainer logs for this clip: frames = sum of video_lengths (0 without video).
-    frames = shape.video_frames if cfg.uses_video else 0
-    res["trainer_flops"] = train_flops(res["params"]["trainer_llm"], res["params"]["trainer_encoders"],
-                                       res["layout"]["tokens"], frames)
+    lay = res["layout"]
+    res["trainer_flops"] = StepFlops.from_model(parts)(
+        [lay["tokens"]], lay["target_tokens"],
+        audio_lengths=[shape.mel_frames] if cfg.uses_audio else (),
+        video_lengths=[shape.video_frames] if cfg.uses_video else ())
     return res
 
 
@@ -584,7 +586,7 @@ def render(r: dict) -> str:
         f" | {used(f['avhubert'], _t(f['avhubert']))} |",
         f"| TFLOPs/clip: projectors fwd + bwd | {_t(f['projectors'])} |",
         f"| **TFLOPs/clip: total (counted)** | **{_t(f['total'])}** |",
-        f"| TFLOPs/clip: trainer's train_flops (perf/mfu) | {_t(r['trainer_train_flops_per_clip'])} "
+        f"| TFLOPs/clip: what the trainer's perf/mfu counts | {_t(r['trainer_train_flops_per_clip'])} "
         f"({r['trainer_over_counted']:.2f}x counted) |",
         f"| FLOPs/epoch ({r['corpus']['clips']:,} clips) | {_e(r['flops_per_epoch'])} |",
         f"| FLOPs/run ({r['epochs']:g} epochs) | {_e(r['flops_run'])} |",
@@ -621,9 +623,9 @@ def render(r: dict) -> str:
         f"(stage3_max_live_parameters 1e9) + saved activations {m['activations_gb']:.2f} GB (measured on meta "
         f"for one micro-batch; {m['activations_tt_excluded_gb']:.2f} GB of T x T attention tensors excluded, "
         "which GPU sdpa kernels do not keep).",
-        f"The trainer's perf/mfu uses train_flops = 4 x LLM params x tokens + 2 x encoder params x video frames, "
-        f"{r['trainer_over_counted']:.2f}x the counted FLOPs for this recipe: a logged perf/mfu of X is a "
-        f"counted MFU of X / {r['trainer_over_counted']:.2f} (or pass perf/samples_per_s as --measured-samples-per-s).",
+        f"The trainer's perf/mfu counts FLOPs with trainer.engine.flops.StepFlops (closed form for the LLM, "
+        f"encoders counted on meta at start-up): {r['trainer_over_counted']:.3f}x the FLOPs counted here "
+        "(it leaves out the projectors).",
         f"Logits for all positions (plain LlamaForCausalLM) would add {_t(f['all_position_logits_extra'])} "
         "TFLOPs/clip; the trainer computes them on target rows only.",
         "Not included: evaluation (beam 15 every eval_every steps), sink probes, checkpoints, data loading.",

@@ -115,15 +115,36 @@ def test_avhubert_forward_only_when_frozen_and_backward_with_video_lora():
     assert small["flops"]["avhubert_fwd"] == pytest.approx(frozen["flops"]["avhubert_fwd"] / 2, rel=0.1)
 
 
-def test_trainer_train_flops_is_reproduced_with_the_trainers_inputs():
-    from trainer.engine.throughput import train_flops
-
-    res = est.count_sample_flops(tiny_model_cfg(), SHAPE, tiny_llama(), tiny_whisper(), tiny_avhubert())
+@pytest.mark.parametrize("modality, extra", [
+    ("avsr", {}), ("asr", {"whisper_pad_to_30s": False}), ("vsr", {"video_lora": True}), ("avsr", {"attn": "eager"}),
+])
+def test_trainer_mfu_flops_match_the_counted_flops(modality, extra):
+    """trainer.engine.flops.StepFlops (what perf/mfu divides by) against FlopCounterMode on the real
+    modules, forward and backward: equal up to the projectors, which it leaves out."""
+    extra = dict(extra)
+    attn = extra.pop("attn", "sdpa")
+    cfg = tiny_model_cfg(modality=modality, attn=attn, **extra)
+    res = est.count_sample_flops(cfg, SHAPE, tiny_llama(), tiny_whisper() if cfg.uses_audio else None,
+                                 tiny_avhubert() if cfg.uses_video else None)
+    f = res["flops"]
+    counted = sum(v for k, v in f.items() if not k.startswith("projectors"))
+    assert res["trainer_flops"] == pytest.approx(counted, rel=0.01), f
+    # and the parameter counts the trainer logs
     p = res["params"]
     assert p["trainer_llm"] == p["llm_total"]
-    assert p["trainer_encoders"] == p["whisper_encoder"] + p["avhubert"] + p["avhubert_lora"]
-    assert res["trainer_flops"] == train_flops(p["llm_total"], p["trainer_encoders"], res["layout"]["tokens"], 40)
     assert p["trainable"] == p["llm_lora"] + p["projectors"] + p["delimiters"] + p["avhubert_lora"]
+
+
+def test_step_flops_sum_over_a_padded_batch():
+    from trainer.engine.flops import Quadratic, StepFlops
+
+    sf = StepFlops(llm_matmul_params=10, llm_layers=2, llm_attn_width=4, lm_head_params=3,
+                   audio=Quadratic(c0=100.0), video=Quadratic(c1=2.0, c2=1.0))
+    got = sf([5, 3], 4, audio_lengths=[40, 24], video_lengths=[10, 6])
+    llm = 4 * 10 * 8 + 12 * 2 * 4 * (25 + 9) + 4 * 3 * 4
+    assert got == llm + 2 * 100.0 + (2 * 10 + 100) + (2 * 6 + 36)
+    fit = Quadratic.fit(lambda n: 3.0 * n + 0.5 * n * n)
+    assert fit(7) == pytest.approx(3.0 * 7 + 0.5 * 49)
 
 
 def test_activation_bytes_grow_with_the_micro_batch():

@@ -236,6 +236,38 @@ def test_state_restored_after_run_and_after_exception():
     assert out.logits.shape[:2] == x.shape[:2]
 
 
+def test_probe_between_checkpointed_training_steps():
+    """With activation checkpointing on, a probe between two training steps finds the same sinks as
+    without it, leaves no hook behind, and nothing it installs fires in the backward's recompute."""
+    plain, ckpt = tiny_llama(), tiny_llama()
+    for m in (plain, ckpt):
+        plant_sink(m)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt.train()
+    hooks = _hook_counts(ckpt)
+    x, mask, roles = make_inputs([10, 8], [2, 3])
+    calls = []
+
+    def train_step():
+        ckpt.zero_grad()
+        out = ckpt(inputs_embeds=x.clone().requires_grad_(), attention_mask=mask)
+        out.logits.float().square().mean().backward()
+        return [p.grad.clone() for p in ckpt.parameters() if p.grad is not None]
+
+    before = train_step()
+    with capture_layers(ckpt, lambda cap: calls.append(cap.layer)) as dec:
+        probe_forward(dec, x, mask)
+    assert calls == list(range(LAYERS))
+    after = train_step()                     # the hooks are gone: the recompute calls nothing
+    assert calls == list(range(LAYERS)) and _hook_counts(ckpt) == hooks and ckpt.training
+    for a, b in zip(before, after):          # and training is untouched by the probe
+        torch.testing.assert_close(a, b)
+    got, want = monitor().run(ckpt, x, mask, roles), monitor().run(plain, x, mask, roles)
+    for lg, lw in zip(got.layers, want.layers):
+        assert lg.sink_tokens == lw.sink_tokens and lg.massive_features == lw.massive_features
+        torch.testing.assert_close(lg.sink_scores, lw.sink_scores)
+
+
 def test_peft_wrapped_model_and_layer_subset():
     peft = pytest.importorskip("peft")
     model = tiny_llama()

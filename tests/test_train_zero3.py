@@ -1,7 +1,7 @@
 """End to end: real 2-process DeepSpeed ZeRO-3 runs of the tiny model on CPU (gloo).
 
-- an uninterrupted run (with sink monitoring on);
-- the same run stopped at step 3 and resumed: per-step losses must match;
+- an uninterrupted run (with sink monitoring on), started by the `deepspeed` launcher;
+- the same run under torchrun, stopped at step 3 and resumed: per-step losses must match;
 - the same run as 2 "nodes" of 1 process (two launchers rendezvousing on loopback), also
   stopped and resumed: must match 1 node of 2;
 - a run from pretrained parts in local folders (Llama, Whisper, official AV-HuBERT keys)
@@ -46,10 +46,17 @@ def _check(proc_out: tuple[int, str, str]) -> None:
     assert code == 0, f"training failed:\n{out[-3000:]}\n{err[-6000:]}"
 
 
-def _train(run_dir: Path, corpus: Path, *extra: str) -> None:
-    """One node, two processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *_train_args(run_dir, corpus, extra)]
+def _train(run_dir: Path, corpus: Path, *extra: str, launcher: str = "torchrun") -> None:
+    """One node, two processes, started by torchrun or by the `deepspeed` launcher exactly as the
+    README has it (`deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ...`,
+    which passes --local_rank to the script)."""
+    if launcher == "deepspeed":
+        deepspeed_bin = Path(sys.executable).with_name("deepspeed")
+        cmd = [str(deepspeed_bin), "--num_gpus", "2", "--master_port", str(_free_port()),
+               *_train_args(run_dir, corpus, extra)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *_train_args(run_dir, corpus, extra)]
     p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     _check((p.returncode, p.stdout, p.stderr))
 
@@ -92,7 +99,7 @@ def _losses(run_dir: Path) -> list[float]:
 def runs(tmp_path_factory, synth_corpus):
     root = tmp_path_factory.mktemp("zero3")
     full, resumed = root / "full", root / "resumed"
-    _train(full, synth_corpus)
+    _train(full, synth_corpus, launcher="deepspeed")       # the uninterrupted run: the users' launcher
     _train(resumed, synth_corpus, "--train.stop-after", "3")
     first_half = _losses(resumed)
     _train(resumed, synth_corpus)

@@ -23,13 +23,6 @@ def peak_flops() -> float | None:
     return None
 
 
-def train_flops(llm_params: int, encoder_params: int, llm_tokens: int, encoder_frames: int) -> float:
-    """FLOPs of one step: the LLM runs forward (2N/token) and backward for activations only
-    (2N/token; base weights are frozen, LoRA weight-gradients are negligible), the frozen
-    encoders forward only (2N/frame). Attention's T^2 term is left out (prompts are short)."""
-    return 4.0 * llm_params * llm_tokens + 2.0 * encoder_params * encoder_frames
-
-
 def peak_memory_gb() -> dict[str, float]:
     out = {"mem/host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if torch.cuda.is_available():

@@ -24,7 +24,8 @@ from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_sta
 from trainer.engine.evaluate import evaluate_wer
 from trainer.engine.export import export_consolidated, export_trainable
 from trainer.engine.signals import StopSignal
-from trainer.engine.throughput import ThroughputMeter, peak_memory_gb, train_flops
+from trainer.engine.flops import StepFlops
+from trainer.engine.throughput import ThroughputMeter, peak_memory_gb
 from trainer.engine.tracking import make_tracker
 
 log = logging.getLogger("trainer")
@@ -91,6 +92,7 @@ class Trainer:
             model=model, model_parameters=trainable, config=self.ds_config)
         self.model = self.engine.module
         self.param_counts = self._count_params()
+        self.step_flops = StepFlops.from_model(self.model, cfg.data.crop_size)
         self.frozen_fingerprint = self._frozen_fingerprint()
 
         self.tracker = make_tracker(self.rank, self.run_dir, enabled=cfg.tracking.enabled,
@@ -306,10 +308,10 @@ class Trainer:
             self.engine.step()
             for k in sums:
                 sums[k] += float(getattr(out, k).detach()) / self.cfg.train.grad_accum
-            tokens = int(out.num_input_tokens)
-            frames = int(batch["video_lengths"].sum()) if "video_lengths" in batch else 0
-            meter.update(len(batch["keys"]), tokens, train_flops(
-                self.param_counts["llm"], self.param_counts["encoders"], tokens, frames))
+            meter.update(len(batch["keys"]), int(out.num_input_tokens), self.step_flops(
+                out.input_lengths.tolist(), int(out.num_target_tokens),
+                audio_lengths=batch["audio_lengths"].tolist() if "audio_lengths" in batch else (),
+                video_lengths=batch["video_lengths"].tolist() if "video_lengths" in batch else ()))
         meter.step()
         gn = self.engine.get_global_grad_norm()
         sums["grad_norm"] = float(gn) if gn is not None else float("nan")

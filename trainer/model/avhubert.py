@@ -248,13 +248,16 @@ class AVHubertVideoEncoder(nn.Module):
         # Zero the padded frames: the stem's temporal kernel reaches 2 frames past a clip's end, and
         # zeros are what a clip padded alone (or the official collater) would show it.
         video = video.to(self.frame_proj.weight.dtype) * real[:, :, None, None]
-        x = self.frame_features(video)
+        return self.contextualise(self.frame_features(video), real), lengths
+
+    def contextualise(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Per-frame features [B, T, D] and the real-frame mask [B, T] -> the Transformer's output."""
         if self.cfg.fuse == "concat":                                       # [audio = zeros, video]
             x = torch.cat([torch.zeros_like(x), x], dim=-1)
         x = self.fusion_norm(x)
         if self.fusion_proj is not None:
             x = self.fusion_proj(x)
-        return self.encoder(x, ~real), lengths
+        return self.encoder(x, ~real)
 
 
 # ----------------------------------------------------------------------------- official checkpoint keys

@@ -47,6 +47,8 @@ class AVSROutput(ModelOutput):
     """Number of target tokens (long scalar), to weight ce_loss across micro-batches and ranks."""
     num_input_tokens: torch.Tensor | None = None
     """Real (non-pad) LLM input tokens in the batch, for tokens/s and MFU."""
+    input_lengths: torch.Tensor | None = None
+    """Real LLM input tokens per sample (long [B]), for the attention FLOPs of MFU."""
 
 
 class LlamaAVSR(nn.Module):
@@ -145,7 +147,8 @@ class LlamaAVSR(nn.Module):
                 dec = self.cfg.decorrelation_weight * dec_raw
             dec_raw = dec_raw.detach()
         return AVSROutput(loss=ce_loss + dec, ce_loss=ce_loss, dec_loss=dec, dec_loss_raw=dec_raw,
-                          num_target_tokens=num_targets, num_input_tokens=inputs.attention_mask.sum())
+                          num_target_tokens=num_targets, num_input_tokens=inputs.attention_mask.sum(),
+                          input_lengths=inputs.attention_mask.sum(1))
 
     def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token CE on target positions only: the LM head runs on those rows alone, not on
