@@ -3,8 +3,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")     # Triton kernels run on CPU in tests
+# Triton kernels: compiled on a GPU; elsewhere interpreted on CPU tensors. Triton reads this when
+# a kernel is decorated, so it is decided here, before any test module imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICE = "cpu" if TRITON_INTERPRETED else "cuda"   # where tests run the Triton kernels
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

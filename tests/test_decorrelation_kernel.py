@@ -1,16 +1,16 @@
 """Decorrelation loss: Triton kernel vs the PyTorch reference, and the reference vs the formula.
 
-CPU runs the kernels under TRITON_INTERPRET=1 (set before anything imports triton);
-tests marked by CUDA run the compiled kernels on larger shapes.
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it
+before anything imports triton); on a GPU the same tests run the compiled kernels on CUDA tensors,
+and the tests marked by CUDA add larger shapes.
 """
 import os
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"  # the process shares it; must precede `import triton`
-
 import pytest
 import torch
 
+from tests.conftest import KERNEL_DEVICE, TRITON_INTERPRETED
 from trainer.kernels import DecorrelationLoss, decorrelation_loss, resolve_impl
 from trainer.kernels.decorrelation_reference import EPS, decorrelation_loss_reference
 
@@ -31,7 +31,8 @@ def make_mask(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return mask
 
 
-def make_hidden(L: int, B: int, T: int, D: int, dtype=torch.float32, device="cpu", seed: int = 0) -> torch.Tensor:
+def make_hidden(L: int, B: int, T: int, D: int, dtype=torch.float32, device=KERNEL_DEVICE,
+                seed: int = 0) -> torch.Tensor:
     """Tokens partly aligned with BOS (as attention sinks are), so cosines span (-1, 1)."""
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(L, B, T, D, generator=g, dtype=torch.float64)
@@ -170,6 +171,7 @@ def test_bos_position_never_penalised():
 def test_gradient_zero_off_mask():
     hidden, mask = make_hidden(2, 4, 37, 100), make_mask(4, 37)
     _, (grad,) = loss_and_grads(triton_impl, hidden, mask)
+    mask = mask.to(grad.device)
     off = ~mask
     off[:, 0] = False  # BOS collects from all its pairs
     assert torch.count_nonzero(grad[:, off]) == 0
@@ -191,7 +193,7 @@ def test_module_and_dispatch():
     hidden, mask = make_hidden(2, 4, 7, 24), make_mask(4, 7)
     weighted, raw = DecorrelationLoss(weight=10.0, impl="torch")(hidden, mask)
     assert weighted.item() == pytest.approx(10.0 * raw.item())
-    assert resolve_impl("auto", torch.device("cpu")) == "triton"  # TRITON_INTERPRET=1 in this process
+    assert resolve_impl("auto", torch.device("cpu")) == ("triton" if TRITON_INTERPRETED else "torch")
     assert resolve_impl("auto", torch.device("cuda")) == "triton"
     assert resolve_impl("torch", torch.device("cuda")) == "torch"
     with pytest.raises(ValueError):

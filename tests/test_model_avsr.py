@@ -3,6 +3,7 @@ decoding, and loading pretrained parts from local folders."""
 import pytest
 import torch
 
+from tests.conftest import KERNEL_DEVICE
 from trainer.model.avsr import build_model
 from trainer.model.config import ModelConfig
 from trainer.model.roles import TokenRole, prefix_mask
@@ -212,12 +213,14 @@ def test_decorrelation_loss_matches_reference():
 
 def test_training_loss_is_the_same_with_the_triton_kernel_and_the_reference():
     """The model's loss and every trainable gradient agree between decorrelation implementations
-    (the Triton kernel runs on CPU under TRITON_INTERPRET=1, set by tests/conftest.py)."""
+    (the Triton kernel runs on CPU under TRITON_INTERPRET=1, or compiled on a GPU: tests/conftest.py)."""
     results = {}
     for impl in ("torch", "triton"):
         torch.manual_seed(0)
         model = build_model(tiny_config(modality="avsr", decorrelation_weight=100.0, decorrelation_impl=impl))
-        out = model(make_batch())
+        model.to(KERNEL_DEVICE)
+        batch = {k: v.to(KERNEL_DEVICE) if torch.is_tensor(v) else v for k, v in make_batch().items()}
+        out = model(batch)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
         results[impl] = (out.loss.detach(), out.dec_loss_raw, grads)
