@@ -152,3 +152,26 @@ def test_evaluate_wer_caps_samples_and_writes_report(tmp_path):
     full = evaluate_wer(_EchoModel(), batches, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
                         max_new_tokens=8, synced_gpus=False)
     assert full["num_utterances"] == 12 and full["wer"] == 0
+
+
+def test_a_run_folder_with_checkpoints_is_continued_never_restarted(tmp_path):
+    from trainer.engine.checkpoint import LATEST, MARKER, CheckpointManager
+
+    mgr = CheckpointManager(tmp_path / "run", keep_last=2, rank=0, world_size=1)
+    for resume in ("auto", "never"):
+        mgr.check_start(resume)                         # an empty run folder: anything goes
+    done = mgr.root / "step_00000200"
+    done.mkdir()
+    (done / MARKER).write_text("ok\n")
+    (mgr.root / LATEST).write_text("step_00000200\n")
+    mgr.check_start("auto")
+    mgr.check_start(str(done))                          # one of its own checkpoints
+    mgr.check_start(str(mgr.root))
+    with pytest.raises(FileExistsError, match="already holds a run .*step_00000200.*--train.resume auto"):
+        mgr.check_start("never")
+    other = tmp_path / "other" / "checkpoints" / "step_00000100"
+    other.mkdir(parents=True)
+    (other / MARKER).write_text("ok\n")
+    with pytest.raises(FileExistsError, match="own --train.run-dir"):
+        mgr.check_start(str(other))                     # warm-starting from another run, into this one
+    assert (done / MARKER).is_file()                    # nothing was touched

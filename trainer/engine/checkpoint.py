@@ -58,6 +58,25 @@ class CheckpointManager:
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
 
+    def check_start(self, resume: str) -> None:
+        """Refuse to start afresh in a run folder that already holds checkpoints.
+
+        A fresh start there would skip saving every step the old run had saved ("already complete"),
+        prune its own checkpoints in favour of the old ones and reattach to the old MLflow run: the
+        old run would be corrupted and the new one unresumable. Called before anything is written."""
+        latest = self.latest_tag()
+        if latest is None or resume == "auto":
+            return
+        if resume != "never":
+            own = self.root.resolve()
+            target = Path(resume).resolve()
+            if target == own or own in target.parents:
+                return                                   # one of this run's own checkpoints
+        raise FileExistsError(
+            f"{self.root.parent} already holds a run (checkpoints up to {latest}); --train.resume {resume} "
+            f"would start a new run over it. Continue it with --train.resume auto, or give this run its "
+            f"own --train.run-dir")
+
     # ---- saving ------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, rank_state: dict, trainer_state: dict) -> Path:
         """Every rank must call this (ZeRO partitions are written by their owners)."""

@@ -67,6 +67,8 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         deepspeed.init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, self.rank, self.world_size)
+        self.ckpt.check_start(cfg.train.resume)       # before anything is built, written or logged
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = self._pick_device()
         self.on_cpu = self.device.type == "cpu"
@@ -98,7 +100,6 @@ class Trainer:
         self.tracker = make_tracker(self.rank, self.run_dir, enabled=cfg.tracking.enabled,
                                     experiment_name=cfg.tracking.experiment,
                                     run_name=cfg.tracking.run_name or self.run_dir.name)
-        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, self.rank, self.world_size)
         self.stop = StopSignal().install()
         self.step = 0
         self.stream: TrainStream | None = None
