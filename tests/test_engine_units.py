@@ -154,6 +154,25 @@ def test_evaluate_wer_caps_samples_and_writes_report(tmp_path):
     assert full["num_utterances"] == 12 and full["wer"] == 0
 
 
+def test_evaluate_wer_stops_at_once_on_a_stop_signal(tmp_path):
+    """A SLURM time-limit signal during a long eval: the next batch is not decoded, nothing is reported,
+    train mode is restored, and the trainer gets EvalInterrupted to checkpoint and exit."""
+    from trainer.engine.evaluate import EvalInterrupted, evaluate_wer
+
+    batches = [{"keys": [f"u{i}{j}" for j in range(4)], "text": ["a b"] * 4} for i in range(3)]
+    model = _EchoModel()
+    model.train()
+    calls = []
+    original = model.generate
+    model.generate = lambda batch, **kw: calls.append(batch["keys"][0]) or original(batch, **kw)
+    report = tmp_path / "eval.json"
+    with pytest.raises(EvalInterrupted, match="after 4 utterances"):
+        evaluate_wer(model, batches, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
+                     max_new_tokens=8, synced_gpus=False, report_path=report,
+                     stop_requested=lambda: len(calls) >= 1)     # the signal lands during batch 1
+    assert calls == ["u00"] and model.training and not report.exists()
+
+
 def test_a_run_folder_with_checkpoints_is_continued_never_restarted(tmp_path):
     from trainer.engine.checkpoint import LATEST, MARKER, CheckpointManager
 

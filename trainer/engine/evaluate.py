@@ -21,11 +21,17 @@ from tqdm import tqdm
 log = logging.getLogger(__name__)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR over ranks, in one all-reduce."""
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(x) for x in t.tolist()]
+
+
+class EvalInterrupted(Exception):
+    """A stop signal (SLURM time limit, preemption) arrived during evaluation: the partial result is
+    dropped so that the trainer can checkpoint within the signal's grace time."""
 
 
 def _first_and_filler(it):
@@ -55,7 +61,11 @@ def _gather(obj):
 @torch.no_grad()
 def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_device, num_beams: int,
                  max_new_tokens: int, synced_gpus: bool, max_samples: int | None = None,
-                 rank: int = 0, desc: str = "eval", report_path: Path | None = None) -> dict[str, float]:
+                 rank: int = 0, desc: str = "eval", report_path: Path | None = None,
+                 stop_requested=lambda: False) -> dict[str, float]:
+    """WER/CER over this rank's batches, gathered from all ranks. Raises EvalInterrupted on every rank
+    as soon as `stop_requested()` is true on any rank (checked before each batch, with the same
+    all-reduce that keeps the ranks in lockstep)."""
     from trainer.model.metrics import error_counts
 
     was_training = model.training
@@ -73,7 +83,12 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
         batch = None
         if cap is None or len(rows) < cap:
             batch = next(it, None)
-        if not _any_rank(batch is not None, device):
+        has_batch, stop = _any_rank([batch is not None, bool(stop_requested())], device)
+        if stop:
+            bar.close()
+            model.train(was_training)
+            raise EvalInterrupted(f"{desc}: stopped by a signal after {len(rows)} utterances on rank {rank}")
+        if not has_batch:
             break
         real = batch is not None
         batch = batch if real else last

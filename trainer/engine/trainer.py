@@ -21,7 +21,7 @@ from trainer.config import ExperimentConfig
 from trainer.engine.checkpoint import CheckpointManager
 from trainer.engine.data_stream import TrainStream
 from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
-from trainer.engine.evaluate import evaluate_wer
+from trainer.engine.evaluate import EvalInterrupted, evaluate_wer
 from trainer.engine.export import export_consolidated, export_trainable
 from trainer.engine.signals import StopSignal
 from trainer.engine.flops import StepFlops
@@ -144,6 +144,13 @@ class Trainer:
             results = self._finish()
             status = "FINISHED"
             return results
+        except EvalInterrupted as stopped:
+            # The checkpoint of this step is complete unless we were still before the first save.
+            if self.ckpt.latest_tag() != f"step_{self.step:08d}" and self.step > 0:
+                self._save()
+            status = "KILLED"
+            log.warning("%s; checkpoint at step %d; resume with the same command", stopped, self.step)
+            return {"step": self.step, "status": status}
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -359,7 +366,8 @@ class Trainer:
             self.model, loader, device=self.device, to_device=self.to_device,
             num_beams=self.cfg.train.eval_beams, max_new_tokens=self.cfg.train.eval_max_new_tokens,
             synced_gpus=self.zero3 and self.world_size > 1, max_samples=max_samples, rank=self.rank,
-            desc=f"{split} {tag or f'step {self.step}'}", report_path=self.run_dir / "eval" / f"{name}.json")
+            desc=f"{split} {tag or f'step {self.step}'}", report_path=self.run_dir / "eval" / f"{name}.json",
+            stop_requested=lambda: self.stop.received is not None)
         mod = self.cfg.model.modality
         self.tracker.log_metrics({f"{split}{'_' + tag if tag else ''}/{mod}/{k}": v for k, v in result.items()},
                                  self.step)
