@@ -184,7 +184,7 @@ class VideoInfo:
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
+def quiet_stderr() -> Iterator[None]:
     """Silence file descriptor 2: decord's C++ logger prints the whole input (binary bytes) on failure."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -212,7 +212,7 @@ def decode_video(data: bytes, read_frames: bool = True) -> tuple[np.ndarray | No
     import decord  # imported late: its FFmpeg libraries are heavy and only some tools need them
 
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             vr = decord.VideoReader(io.BytesIO(data))
             info = VideoInfo(num_frames=len(vr), fps=float(vr.get_avg_fps()), height=0, width=0)
             if info.num_frames == 0:

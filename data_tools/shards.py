@@ -170,7 +170,8 @@ def _write_shard(tmp_path: str, items: list, producer: Producer) -> ShardResult:
     """Produce and write one whole shard; runs in a worker process."""
     result = ShardResult(tmp_path=tmp_path, samples=0, duration=0.0, nbytes=0, skipped=[])
     with open(tmp_path, "wb") as stream:
-        writer = tarfile.open(fileobj=stream, mode="w|", format=tarfile.USTAR_FORMAT)
+        # PAX: member names over 100 bytes (long keys) are valid; USTAR would fail the whole shard
+        writer = tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT)
         try:
             batch_size = getattr(producer, "batch_size", 1) if hasattr(producer, "produce_batch") else 1
             for start in range(0, len(items), batch_size):
@@ -235,7 +236,7 @@ def write_splits(specs: Sequence[SplitSpec], producer: Producer, out_dir: str | 
         dupes = [k for k, n in Counter(keys).items() if n > 1]
         if dupes:
             raise ValueError(f"duplicate sample keys in split {spec.split!r}: {dupes[:5]}")
-        _clear_split(out, spec.split, overwrite)
+        _check_split(out, spec.split, overwrite)
         sizes = spec.sizes if spec.sizes is not None else [0] * len(spec.items)
         groups = plan_shards(sizes, max_bytes if spec.sizes is not None else None, max_samples)
         jobs += [(spec.split, str(out / f".tmp-{spec.split}-{i:06d}.tar"), [spec.items[j] for j in g])
@@ -272,6 +273,11 @@ def write_split(items: Sequence[Item], producer: Producer, out_dir: str | os.Pat
 
 
 def _finish_split(out: Path, spec: SplitSpec, results: list[ShardResult]) -> SplitResult:
+    # Every new shard of every split is written: only now does the old split go (--overwrite), the
+    # index first, so a reader finds no index rather than one naming removed shards.
+    index_path(out, spec.split).unlink(missing_ok=True)
+    for p in existing_shards(out, spec.split):
+        p.unlink()
     # Compact numbering: a shard whose items were all skipped is dropped (an empty tar
     # makes WebDataset fail), and the following ones move down.
     shards: list[ShardInfo] = []
@@ -289,18 +295,17 @@ def _finish_split(out: Path, spec: SplitSpec, results: list[ShardResult]) -> Spl
     return SplitResult(index=index, skipped=skipped)
 
 
-def _clear_split(out: Path, split: str, overwrite: bool) -> None:
+def _check_split(out: Path, split: str, overwrite: bool) -> None:
+    """Refuse an existing split unless overwrite; nothing old is removed until the new one is written."""
     old = existing_shards(out, split)
     idx = index_path(out, split)
     if (old or idx.exists()) and not overwrite:
         raise FileExistsError(f"{out} already holds split {split!r} ({len(old)} shards"
                               f"{', an index' if idx.exists() else ''}); pass overwrite=True / --overwrite")
-    # The index goes first: a reader then finds no index rather than one naming removed shards.
-    idx.unlink(missing_ok=True)
-    for p in old:
-        p.unlink()
-    for p in out.glob(f".tmp-{split}-*.tar"):    # leftovers of a crashed run
-        p.unlink()
+    stale = re.compile(rf"\.tmp-{re.escape(split)}-\d{{6}}\.tar")
+    for p in out.iterdir():                       # leftovers of a crashed run of this split
+        if stale.fullmatch(p.name):
+            p.unlink()
 
 
 def _run_pool(jobs: list[tuple[str, list]], producer: Producer, workers: int, bar: tqdm) -> list[ShardResult]:

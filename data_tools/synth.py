@@ -153,7 +153,7 @@ def espeak(text: str, voice: str, speed: int, pitch: int, wav_path: Path) -> str
     if exe is None:
         raise MediaError("`espeak-ng` not found on PATH; install it (Debian: apt-get install -y espeak-ng)")
     proc = subprocess.run([exe, "-v", voice, "-s", str(speed), "-p", str(pitch), "-x", "--sep=_",
-                           "-w", str(wav_path), text], capture_output=True, text=True)
+                           "-w", str(wav_path), "--", text], capture_output=True, text=True)  # "--": "-5 ..." is text
     if proc.returncode != 0 or not wav_path.is_file():
         raise MediaError(f"espeak-ng failed for {text!r} (voice {voice}): {proc.stderr.strip()}")
     return proc.stdout

@@ -250,6 +250,32 @@ def test_unusable_shard_set_is_a_clear_error(tmp_path):
         next(iter(build_train_loader(cfg, 0, 1)))      # resampled: would loop forever without the check
 
 
+def test_one_corrupt_shard_does_not_stop_training(tmp_path):
+    """A shard whose header is garbage is counted (tar_error, shard_short for all it promised), not
+    taken for an unusable shard set, even when it holds more samples than max_initial_failures."""
+    good = [make_sample(f"g{i}", 8, seed=i) for i in range(4)]
+    bad = [make_sample(f"b{i}", 8, seed=10 + i) for i in range(12)]
+    write_shards(tmp_path, "train", [bad, good])
+    shard0 = tmp_path / "train-000000.tar"
+    raw = bytearray(shard0.read_bytes())
+    raw[:512] = b"\xff" * 512
+    shard0.write_bytes(bytes(raw))
+    counter = SkipCounter()
+    cfg = _cfg(tmp_path, max_initial_failures=6, batches_per_epoch=3, shuffle_shards=False)
+    keys = _keys(build_train_loader(cfg, 0, 1), counter)
+    assert keys and all(k.startswith("g") for k in keys)
+    assert counter.counts["shard_short"] >= 12 and counter.sample_failures == 0
+
+
+def test_a_shard_set_of_non_tars_is_a_clear_error(tmp_path):
+    write_shards(tmp_path, "train", [[make_sample(f"k{i}", 8, seed=i)] for i in range(3)])
+    for tar in tmp_path.glob("train-*.tar"):
+        tar.write_bytes(b"this is not a tar file" * 100)
+    cfg = _cfg(tmp_path, batches_per_epoch=2)
+    with pytest.raises(UnusableDataError, match="none of the 3 shards delivered a sample"):
+        next(iter(build_train_loader(cfg, 0, 1)))      # resampled: would loop forever without the check
+
+
 # ---------------------------------------------------------------- real multi-process runs
 
 @pytest.mark.slow

@@ -72,6 +72,13 @@ def test_plan_is_seeded_and_split_by_sentence():
         plan_corpus(10, seed=0, sentences=["only one", "two"])      # too few for three splits
 
 
+def test_espeak_speaks_text_that_starts_with_a_dash(tmp_path):
+    from data_tools.synth import VOICES, espeak
+
+    phonemes = espeak("-5 degrees today", VOICES[0], 160, 50, tmp_path / "a.wav")   # not an option
+    assert "f_'aI_v" in phonemes and (tmp_path / "a.wav").stat().st_size > 1000
+
+
 def test_phonemes_to_visemes():
     # espeak-ng -x --sep=_ for "place blue now"
     assert parse_phonemes("p_l_'eI_s b_l_'u: n_'aU") == [
@@ -302,11 +309,24 @@ def test_write_split_skips_compacts_and_is_atomic(tmp_path):
 
     with pytest.raises(FileExistsError):
         write_split(items, tiny_sample, tmp_path, "train", workers=1, progress=False)
-    # a producer error leaves neither a partial shard nor a temporary file, and no index
+    # a producer error during --overwrite leaves neither a partial shard nor a temporary file, and the
+    # old split exactly as it was: nothing old is removed before the new split is complete
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(RuntimeError, match="producer bug"):
         write_split([Item("x"), Item("boom")], tiny_sample, tmp_path, "train", overwrite=True, workers=1,
                     progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # a successful overwrite replaces it
+    res = write_split([Item("x")], tiny_sample, tmp_path, "train", overwrite=True, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar", "train.index.json"]
+    assert res.index.num_samples == 1
+    for p in list(tmp_path.iterdir()):
+        p.unlink()
+    # keys longer than a USTAR name (100 bytes) are fine
+    long_key = "spk_" + "x" * 120
+    res = write_split([Item(long_key)], tiny_sample, tmp_path, "long", workers=1, progress=False)
+    with tarfile.open(tmp_path / "long-000000.tar") as tar:
+        assert {n.rsplit(".", 1)[0] for n in tar.getnames()} == {long_key}
     with pytest.raises(ValueError, match="invalid sample key"):
         write_split([Item("a.b")], tiny_sample, tmp_path, "train", workers=1, progress=False)
     with pytest.raises(ValueError, match="duplicate"):

@@ -146,7 +146,8 @@ def test_sink_scores_match_output_attentions(planted):
     if planted:
         plant_sink(model)
     x, mask, roles = make_inputs([20, 13], [3, 5], seed=4)
-    rep = monitor().run(model, x, mask, roles)
+    rep_cfg = MonitorConfig(every=1)
+    rep = SinkMonitor(rep_cfg).run(model, x, mask, roles)
     attns, hidden = direct_attention(model, x, mask)
     eps = rep.sink_epsilon
     for s in rep.layers:
@@ -155,7 +156,9 @@ def test_sink_scores_match_output_attentions(planted):
             alpha = direct_alpha(attns[s.layer][b], n)
             torch.testing.assert_close(s.sink_scores[b, :, :n], alpha, atol=1e-5, rtol=1e-5)
             assert float(s.sink_scores[b, :, n:].abs().sum()) == 0.0
-            direct_sinks |= {(b, k) for k in range(n) if bool((alpha[:, k] > eps).any())}
+            needed = max(1, min(rep_cfg.sink_min_queries, n // 4))
+            classified = [k for k in range(n) if k == 0 or n - k >= needed]
+            direct_sinks |= {(b, k) for k in classified if bool((alpha[:, k] > eps).any())}
         assert {(t.batch, t.token) for t in s.sink_tokens} == direct_sinks
         if s.layer < LAYERS - 1:  # hidden_states[-1] is the final-normed state, not H^{L-1}
             h = hidden[s.layer + 1]
@@ -168,6 +171,37 @@ def test_sink_scores_match_output_attentions(planted):
     if not planted:  # a clean random model: nothing massive, and no sink besides what the maps say
         assert rep.first_massive_layer == -1
         assert all(s.massive_count == 0 and s.max_abs < 100 for s in rep.layers)
+
+
+def test_end_of_sequence_self_attention_is_not_a_sink():
+    """A local head gives every token 0.35 of attention to itself: by the literal score the last
+    token (one query) is a sink. It is not classified as one unless sink_min_queries allows it."""
+    from trainer.monitor.capture import LayerCapture
+
+    B, H, T, Dm = 1, 8, 40, 16
+    p = torch.zeros(B, H, T, T)
+    for i in range(T):
+        p[0, :, i, 0] += 0.6                                   # every head: BOS sink
+        p[0, :7, i, : i + 1] += 0.4 / (i + 1)
+        p[0, 7, i, i] += 0.35                                  # head 7 is local
+        p[0, 7, i, : i + 1] += 0.05 / (i + 1)
+    h = torch.randn(B, T, Dm) * 0.1
+    h[0, 0, 3] = 500.0
+    cap = LayerCapture(0, p, torch.zeros(B, T, Dm), torch.zeros(B, T, Dm), h)
+    results = {}
+    for min_queries in (1, 8):
+        analyzer = SinkAnalyzer(MonitorConfig(sink_min_queries=min_queries), torch.ones(B, T, dtype=torch.long))
+        analyzer(cap)
+        results[min_queries] = analyzer.layers[0]
+    literal, default = results[1], results[8]
+    assert float(literal.sink_scores[0, 7, T - 1]) > 0.3                 # the score itself is unchanged
+    assert torch.equal(literal.sink_scores, default.sink_scores)
+    assert {t.token for t in literal.sink_tokens} == {0, T - 1} and literal.sink_features_shared is False
+    assert [(t.token, t.massive_features) for t in default.sink_tokens] == [(0, [3])]
+    assert default.intermediate_sink_count == 0.0 and default.sink_features_shared is True
+    assert MonitorConfig().sink_min_queries == 8
+    with pytest.raises(ValueError, match="sink_min_queries"):
+        MonitorConfig(sink_min_queries=0)
 
 
 def test_residual_capture_matches_hidden_states():

@@ -168,7 +168,7 @@ def test_monitor_ran_under_zero3_and_logged_figures(runs):
     client, run = _mlflow(full)
     assert "sinks/bos_sink_head_frac_mean" in run.data.metrics
     hist = client.get_metric_history(run.info.run_id, "sinks/bos_sink_head_frac_mean")
-    assert sorted(m.step for m in hist) == [3, 6]
+    assert sorted(m.step for m in hist) == [0, 3, 6]           # step 0: before training, then every 3
     files = [a.path for a in client.list_artifacts(run.info.run_id, "sinks/step_0000003")]
     assert any(f.endswith(".png") for f in files) and any(f.endswith(".json") for f in files)
 

@@ -65,15 +65,19 @@ def counting_handler(counter: SkipCounter):
     return handler
 
 
-def shard_samples(shards: Iterator[tuple[str, int]], counter: SkipCounter) -> Iterator[dict]:
+def shard_samples(shards: Iterator[tuple[str, int]], counter: SkipCounter,
+                  num_shards: int | None = None) -> Iterator[dict]:
     """Raw samples, one shard at a time, checked against the index's per-shard count.
 
     Each shard gets its own wds.tarfile_samples, so a sample cut by a corrupt shard never merges
     with the next shard's first sample. Read errors are counted by the handler (TAR_ERROR);
     samples the index promises but the tar does not deliver (a short read, or a corrupt header,
-    on which tarfile stops silently) are counted as SHARD_SHORT.
+    on which tarfile stops silently) are counted as SHARD_SHORT. `num_shards` (the endless training
+    stream): raise UnusableDataError once that many shards in a row delivered nothing, i.e. a
+    whole pass over the shard set, instead of looping forever.
     """
     handler = counting_handler(counter)
+    empty_run = 0
     for url, expected in shards:
         n = 0
         for sample in wds.tarfile_samples(iter([{"url": url}]), handler=handler):
@@ -81,6 +85,10 @@ def shard_samples(shards: Iterator[tuple[str, int]], counter: SkipCounter) -> It
             yield sample
         if n < expected:
             counter.skip(R.SHARD_SHORT, f"{url}: {n} of {expected} samples", n=expected - n)
+        empty_run = 0 if n else empty_run + 1
+        if num_shards and empty_run >= num_shards:
+            raise UnusableDataError(f"none of the {num_shards} shards delivered a sample (e.g. {url}; "
+                                    f"by reason: {dict(counter.skipped_only())}): not WebDataset tars?")
 
 
 def endless_shards(shards: list[tuple[str, int]], rng: random.Random, shuffle: bool,
@@ -125,7 +133,7 @@ class AVSRStream(IterableDataset):
             shards = iter(self.shards[worker::num_workers])
         else:
             shards = iter(self.shards[self.rank::self.world_size][worker::num_workers])
-        samples = shard_samples(shards, counter)
+        samples = shard_samples(shards, counter, num_shards=len(self.shards) if self.train else None)
         if not self.train and self.split_by_sample:
             samples = (s for s in samples if key_rank(s.get("__key__", ""), self.world_size) == self.rank)
         if self.train and cfg.shuffle_buffer > 1:

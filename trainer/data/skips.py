@@ -29,6 +29,11 @@ SKIP_REASONS = (TAR_ERROR, SHARD_SHORT, MISSING_AUDIO, MISSING_VIDEO, EMPTY_TEXT
                 AUDIO_SAMPLE_RATE, VIDEO_DECODE, VIDEO_EMPTY, VIDEO_FPS, VIDEO_SIZE, TOO_LONG,
                 TOO_SHORT, OTHER)
 
+# Whole-shard failures: counted, but not evidence that the shard set is unusable (one corrupt shard
+# of thousands of samples must not stop a run); the pipeline raises when a whole pass over the
+# shards delivers nothing instead. TAR_ERROR counts errors, not samples, so `total` leaves it out.
+SHARD_REASONS = (TAR_ERROR, SHARD_SHORT)
+
 # Events that keep the sample but are worth knowing about.
 RESAMPLED = "resampled_audio"
 NOTE_REASONS = (RESAMPLED,)
@@ -42,8 +47,9 @@ class UnusableDataError(RuntimeError):
 class SkipCounter:
     """Counts per reason; `total` counts only real skips (not notes such as resampling).
 
-    `max_initial_failures`: raise UnusableDataError once this many skips happened before the
-    first good sample (0 disables the check; the main-process aggregate uses 0).
+    `max_initial_failures`: raise UnusableDataError once this many samples failed to decode before
+    the first good one (shard-level failures do not count; 0 disables the check; the main-process
+    aggregate uses 0).
     """
     max_initial_failures: int = 0
     counts: Counter = field(default_factory=Counter)
@@ -53,10 +59,11 @@ class SkipCounter:
     def skip(self, reason: str, detail: str = "", n: int = 1) -> None:
         self.counts[reason] += n
         self._pending[reason] += n
-        if (self.max_initial_failures and self.good == 0 and reason not in NOTE_REASONS
-                and self.total >= self.max_initial_failures):
+        if (self.max_initial_failures and self.good == 0 and reason not in NOTE_REASONS + SHARD_REASONS
+                and self.sample_failures >= self.max_initial_failures):
             raise UnusableDataError(
-                f"{self.total} samples failed before any decoded (by reason: {dict(self.skipped_only())}); "
+                f"{self.sample_failures} samples failed before any decoded (by reason: "
+                f"{dict(self.skipped_only())}); "
                 f"last: {reason} {detail[:300]}. Check the shard folder, the shard format and the "
                 f"modality settings")
 
@@ -83,7 +90,13 @@ class SkipCounter:
 
     @property
     def total(self) -> int:
-        return sum(self.skipped_only().values())
+        """Samples skipped (shard read errors are counted apart: they are errors, not samples)."""
+        return sum(n for r, n in self.skipped_only().items() if r != TAR_ERROR)
+
+    @property
+    def sample_failures(self) -> int:
+        """Samples that were read but failed to decode or were filtered."""
+        return sum(n for r, n in self.skipped_only().items() if r not in SHARD_REASONS)
 
     def report(self) -> str:
         if not self.counts:

@@ -116,6 +116,8 @@ class Trainer:
             self._log_run_setup()
             if self.step == 0 and self.cfg.train.eval_untrained:
                 self.untrained = self._evaluate(self.cfg.data.test_split, None, tag="untrained")
+            if self.step == 0 and self.monitor is not None:
+                self._probe_sinks()          # step 0: the pretrained LLM's sinks, the baseline to compare with
             meter = ThroughputMeter(self.world_size)
             start = self.step
             while self.step < self.cfg.train.max_steps:

@@ -165,7 +165,13 @@ class SinkAnalyzer:
         # --- sinks
         alpha = sink_scores(cap.attn_probs, lengths)
         num_heads = alpha.shape[1]
-        head_frac = (alpha > cfg.sink_epsilon).float().mean(1)  # [B, T]; pads have alpha 0
+        # keys seen by too few queries are not classified (config.sink_min_queries, at most a quarter
+        # of the sample's length, so short texts keep their sinks); BOS always is
+        seen_by = lengths[:, None] - torch.arange(t, device=device)[None, :]  # [B, T] real queries per key
+        needed = (lengths // 4).clamp(min=1, max=cfg.sink_min_queries)
+        scored = seen_by >= needed[:, None]
+        scored[:, 0] = True
+        head_frac = ((alpha > cfg.sink_epsilon) & scored[:, None, :]).float().mean(1)  # [B, T]; pads: 0
         is_sink = head_frac > 0
         inter = is_sink.clone()
         inter[:, 0] = False

@@ -7,10 +7,17 @@ from dataclasses import dataclass
 @dataclass
 class MonitorConfig:
     every: int = 200
-    """Run the probe every N optimiser steps (step % every == 0, so step 0 included); 0 = off."""
+    """Run the probe every N optimiser steps, and once before the first (step 0) of a fresh run; 0 = off."""
 
     sink_epsilon: float = 0.3
     """Token k is a sink in (layer, head) when its sink score alpha^{l,h}_k > epsilon (Gu et al. 2024)."""
+
+    sink_min_queries: int = 8
+    """Only keys that at least min(sink_min_queries, T_b // 4) real queries can see are classified as
+    sinks (T_b: the sample's length; BOS always is). The literal score of the last token is its
+    attention to itself, of the one before a mean over two queries: heads that attend locally push
+    the last tokens over epsilon in almost every layer. The scores themselves (report, figures) are
+    unchanged; 1 = classify every key."""
 
     massive_abs: float = 100.0
     """Absolute threshold: a massive activation has |H^l[i, j]| > massive_abs (Sun et al. 2024)."""
@@ -44,6 +51,8 @@ class MonitorConfig:
             raise ValueError(f"every must be >= 0 (0 = off), got {self.every}")
         if not 0.0 < self.sink_epsilon < 1.0:
             raise ValueError(f"sink_epsilon must be in (0, 1), got {self.sink_epsilon}")
+        if self.sink_min_queries < 1:
+            raise ValueError(f"sink_min_queries must be >= 1, got {self.sink_min_queries}")
         if self.massive_abs < 0:
             raise ValueError(f"massive_abs must be >= 0, got {self.massive_abs}")
         if self.massive_ratio < 1.0:
