@@ -24,17 +24,23 @@ fi
 # --- Python environment, rebuilt only when the declared dependencies change ---
 stamp_value=$( (cat "$AVSR_REPO/pyproject.toml"; "$PYTHON" --version) | sha256sum | cut -c1-16)
 stamp_file=$AVSR_VENV/.avsr-deps-stamp
+# One install at a time: clones on one machine share the venv (flock waits for the other).
+mkdir -p "$AVSR_CACHE"
+exec 9>"$AVSR_CACHE/.setup.lock"
+flock 9
 if [ ! -x "$AVSR_VENV/bin/python" ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_value" ]; then
   echo "[setup] installing the Python environment into $AVSR_VENV (first time: a few minutes)"
-  mkdir -p "$AVSR_CACHE"
   [ -x "$AVSR_VENV/bin/python" ] || "$PYTHON" -m venv "$AVSR_VENV"
   "$AVSR_VENV/bin/python" -m pip install -q --upgrade pip
   "$AVSR_VENV/bin/python" -m pip install -q -e "$AVSR_REPO[dev]"
   echo "$stamp_value" > "$stamp_file"
-else
-  # Point the editable install at this checkout (another clone may have installed before).
-  "$AVSR_VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$AVSR_REPO" >/dev/null
 fi
+flock -u 9
+exec 9>&-
+
+# This checkout's code comes first on the path: the venv is shared by every clone on the
+# machine, and its editable install points at whichever clone built it.
+export PYTHONPATH="$AVSR_REPO${PYTHONPATH:+:$PYTHONPATH}"
 
 export PATH="$AVSR_VENV/bin:$PATH"
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$AVSR_CACHE/torch_extensions}
