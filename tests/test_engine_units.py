@@ -20,8 +20,7 @@ def test_shipped_configs_resolve_fully(name):
     assert cfg["train_micro_batch_size_per_gpu"] == 8
     assert cfg["gradient_accumulation_steps"] == 2
     assert cfg["optimizer"]["params"]["lr"] == 1e-3
-    assert cfg["scheduler"]["params"]["total_num_steps"] == 100
-    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 10
+    assert "scheduler" not in cfg           # the trainer builds its own (trainer/engine/schedule.py)
     assert cfg["bf16"]["enabled"] is False
     zero = cfg["zero_optimization"]
     assert zero["reduce_bucket_size"] == 64 * 64
@@ -40,6 +39,14 @@ def test_explicit_value_conflicting_with_experiment_is_an_error():
         resolve_ds_config(raw, **COMMON)
     raw["gradient_accumulation_steps"] = 2          # agreeing explicit value is kept
     assert resolve_ds_config(raw, **COMMON)["gradient_accumulation_steps"] == 2
+
+
+def test_a_users_deepspeed_scheduler_gets_its_auto_values_filled():
+    raw = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    raw["scheduler"] = {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": "auto",
+                                                              "cos_min_ratio": "auto"}}
+    params = resolve_ds_config(raw, **COMMON)["scheduler"]["params"]
+    assert params == {"total_num_steps": 100, "warmup_num_steps": 10, "cos_min_ratio": 0.1}
 
 
 def test_unknown_auto_is_reported_with_its_path():

@@ -23,6 +23,8 @@ from trainer.engine.data_stream import TrainStream
 from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from trainer.engine.evaluate import EvalInterrupted, evaluate_wer
 from trainer.engine.export import export_consolidated, export_trainable
+from trainer.engine.loss import LOGGED, GlobalCounts, backward, micro_batch_share
+from trainer.engine.schedule import warmup_cosine
 from trainer.engine.signals import StopSignal
 from trainer.engine.flops import StepFlops
 from trainer.engine.throughput import ThroughputMeter, peak_memory_gb
@@ -37,11 +39,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _all_mean(values: list[float], device) -> list[float]:
+def _all_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
-        t /= dist.get_world_size()
     return t.tolist()
 
 
@@ -91,7 +92,7 @@ class Trainer:
         model = build_model(cfg.model, ds_config=self.ds_config)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=trainable, config=self.ds_config)
+            model=model, model_parameters=trainable, config=self.ds_config, lr_scheduler=self._lr_schedule())
         self.model = self.engine.module
         self.param_counts = self._count_params()
         self.step_flops = StepFlops.from_model(self.model, cfg.data.crop_size)
@@ -215,6 +216,20 @@ class Trainer:
         dist.barrier()
         return dataclasses.replace(mcfg, tokenizer_path=str(folder))
 
+    def _lr_schedule(self):
+        """The trainer's warmup + cosine schedule (trainer/engine/schedule.py), built by DeepSpeed on its
+        optimizer; None when the DeepSpeed JSON names its own scheduler, which DeepSpeed then builds."""
+        sched = self.ds_config.get("scheduler")
+        if sched is not None:
+            if self.rank == 0:
+                log.warning("DeepSpeed JSON scheduler %s is used (--train.warmup-steps/--train.min-lr-ratio only fill "
+                            "its \"auto\" values); drop the \"scheduler\" section for the trainer's own schedule",
+                            sched.get("type"))
+            return None
+        t = self.cfg.train
+        return lambda optimizer: warmup_cosine(optimizer, warmup_steps=t.warmup_steps, total_steps=t.max_steps,
+                                               min_lr_ratio=t.min_lr_ratio)
+
     def _count_params(self) -> dict[str, int]:
         def numel(p):
             return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -309,29 +324,34 @@ class Trainer:
                 for k, v in batch.items()}
 
     def _train_step(self, meter: ThroughputMeter) -> dict:
+        """One optimizer step over the global batch: token means over all its micro-batches and ranks
+        (trainer/engine/loss.py). Returns this rank's shares of the logged values and the lr used."""
         self.engine.train()
-        sums = {"loss": 0.0, "ce_loss": 0.0, "dec_loss": 0.0, "dec_loss_raw": 0.0}
-        for _ in range(self.cfg.train.grad_accum):
-            batch = self.to_device(next(self.stream))
+        batches = [next(self.stream) for _ in range(self.cfg.train.grad_accum)]
+        local = [self.model.token_counts(b) for b in batches]
+        counts = GlobalCounts.all_reduced(local, self.device)
+        sums = dict.fromkeys(LOGGED, 0.0)
+        lr = float(self.engine.get_lr()[0])       # before engine.step(): the lr this step trains with
+        for batch, expected in zip(batches, local):
+            batch = self.to_device(batch)
             out = self.engine(batch)
-            self.engine.backward(out.loss)
+            loss, shares = micro_batch_share(out, counts, expected)
+            backward(self.engine, loss)
             self.engine.step()
             for k in sums:
-                sums[k] += float(getattr(out, k).detach()) / self.cfg.train.grad_accum
+                sums[k] += shares[k]
             meter.update(len(batch["keys"]), int(out.num_input_tokens), self.step_flops(
                 out.input_lengths.tolist(), int(out.num_target_tokens),
                 audio_lengths=batch["audio_lengths"].tolist() if "audio_lengths" in batch else (),
                 video_lengths=batch["video_lengths"].tolist() if "video_lengths" in batch else ()))
         meter.step()
         gn = self.engine.get_global_grad_norm()
-        sums["grad_norm"] = float(gn) if gn is not None else float("nan")
-        return sums
+        return {**sums, "grad_norm": float(gn) if gn is not None else float("nan"), "lr": lr}
 
     def _log_step(self, stats: dict, meter: ThroughputMeter) -> None:
-        keys = list(stats)
-        reduced = dict(zip(keys, _all_mean([stats[k] for k in keys], self.device)))
+        reduced = dict(zip(LOGGED, _all_sum([stats[k] for k in LOGGED], self.device)))   # shares -> step values
+        reduced.update(grad_norm=stats["grad_norm"], lr=stats["lr"])                   # the same on every rank
         metrics = {f"train/{k}": v for k, v in reduced.items()}
-        metrics["train/lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.train.lr
         metrics.update(meter.rates())
         metrics.update(peak_memory_gb())
         for reason, n in self.stream.pop_skipped().items():

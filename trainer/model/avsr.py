@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .audio_encoder import WhisperAudioEncoder
+from .audio_encoder import WhisperAudioEncoder, whisper_output_lengths
 from .avhubert import AVHubertConfig, AVHubertVideoEncoder
 from .config import ModelConfig
 from .decoding import DecodingConfig, generate_transcripts
 from .prompt import IGNORE_INDEX, INSTRUCTIONS, AssembledInputs, assemble
-from .projector import Projector
+from .projector import Projector, downsampled_lengths
 from .roles import prefix_mask
 from .tokenizer import SpecialTokenIds, encode_text, special_token_ids
 
@@ -45,6 +45,8 @@ class AVSROutput(ModelOutput):
     """Unscaled decorrelation loss (mean cos^2 to BOS over prefix tokens and layers); NaN when not measured."""
     num_target_tokens: torch.Tensor | None = None
     """Number of target tokens (long scalar), to weight ce_loss across micro-batches and ranks."""
+    num_prefix_tokens: torch.Tensor | None = None
+    """Number of decorrelation-prefix tokens (long scalar), to weight dec_loss_raw likewise."""
     num_input_tokens: torch.Tensor | None = None
     """Real (non-pad) LLM input tokens in the batch, for tokens/s and MFU."""
     input_lengths: torch.Tensor | None = None
@@ -147,8 +149,24 @@ class LlamaAVSR(nn.Module):
                 dec = self.cfg.decorrelation_weight * dec_raw
             dec_raw = dec_raw.detach()
         return AVSROutput(loss=ce_loss + dec, ce_loss=ce_loss, dec_loss=dec, dec_loss_raw=dec_raw,
-                          num_target_tokens=num_targets, num_input_tokens=inputs.attention_mask.sum(),
+                          num_target_tokens=num_targets, num_prefix_tokens=prefix_mask(inputs.token_roles).sum(),
+                          num_input_tokens=inputs.attention_mask.sum(),
                           input_lengths=inputs.attention_mask.sum(1))
+
+    def token_counts(self, batch: dict) -> tuple[int, int]:
+        """(target tokens, decorrelation-prefix tokens) of a batch, from its transcripts and lengths
+        alone: what `forward` will report as num_target_tokens / num_prefix_tokens, known before any
+        forward, so that the trainer can weight every micro-batch by the global batch's counts."""
+        targets = sum(len(encode_text(self.tokenizer, t)) + 1 for t in batch["text"])    # transcript + EOS
+        prefix = torch.full((len(batch["text"]),), len(self.instruction_ids), dtype=torch.long)
+        for modality in self.cfg.enabled_modalities:
+            lengths = batch[f"{modality}_lengths"].long().cpu()
+            if modality == "audio":
+                lengths, rate = whisper_output_lengths(lengths), self.audio_projector.rate
+            else:
+                rate = self.video_projector.rate
+            prefix += 2 + downsampled_lengths(lengths, rate)          # <modality> tokens </modality>
+        return targets, int(prefix.sum())
 
     def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token CE on target positions only: the LM head runs on those rows alone, not on

@@ -1,0 +1,64 @@
+"""The objective of one optimizer step: token means over the whole global batch.
+
+A global batch is `grad_accum` micro-batches on each of the data-parallel ranks, and batches are
+built to a frame budget, so one micro-batch may hold 2 clips and another 40. The objective is
+
+    ce  = (sum of token cross-entropies over every micro-batch and rank) / (all target tokens)
+    dec = (sum over every prefix token of its mean-over-layers cos^2 to BOS) / (all prefix tokens)
+    loss = ce + decorrelation_weight * dec
+
+so every target token counts the same whatever micro-batch or rank it lands in. As in torchtitan,
+the token counts of all micro-batches of the step are all-reduced before the first backward; each
+micro-batch then back-propagates its sums divided by those global counts. DeepSpeed divides the
+loss by gradient_accumulation_steps in engine.backward (unless scale_wrt_gas=False) and averages
+gradients over the data-parallel ranks; `backward` undoes both, so the gradient every rank applies
+is the gradient of `loss` above.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+LOGGED = ("loss", "ce_loss", "dec_loss", "dec_loss_raw")
+
+
+@dataclass
+class GlobalCounts:
+    targets: int
+    """Target tokens (transcript + EOS) of the global batch."""
+    prefix: int
+    """Decorrelation-prefix tokens of the global batch."""
+
+    @classmethod
+    def all_reduced(cls, local: list[tuple[int, int]], device: torch.device) -> "GlobalCounts":
+        """Sum of (targets, prefix) over this rank's micro-batches, then over ranks."""
+        t = torch.tensor([sum(a for a, _ in local), sum(b for _, b in local)], dtype=torch.float64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return cls(targets=int(t[0].item()), prefix=int(t[1].item()))
+
+
+def micro_batch_share(out, counts: GlobalCounts, expected: tuple[int, int]) -> tuple[torch.Tensor, dict[str, float]]:
+    """This micro-batch's share of the step's objective (to back-propagate) and of each logged value
+    (summed over micro-batches and ranks they give the step's values). `expected` are the counts
+    the batch was weighted with (LlamaAVSR.token_counts); the forward must agree with them."""
+    n_targets, n_prefix = int(out.num_target_tokens), int(out.num_prefix_tokens)
+    if (n_targets, n_prefix) != tuple(expected):
+        raise RuntimeError(f"token counts of the forward ({n_targets} targets, {n_prefix} prefix) differ from "
+                           f"those computed before it {tuple(expected)}: LlamaAVSR.token_counts is out of step "
+                           f"with the prompt assembly")
+    ce = out.ce_loss * (n_targets / max(counts.targets, 1))             # ce_loss is this batch's token mean
+    dec_weight = n_prefix / max(counts.prefix, 1)
+    dec = out.dec_loss * dec_weight                                     # 0 when the weight is 0
+    loss = ce + dec
+    shares = {"loss": float(loss.detach()), "ce_loss": float(ce.detach()), "dec_loss": float(dec.detach()),
+              "dec_loss_raw": float(out.dec_loss_raw) * dec_weight}     # NaN when not measured
+    return loss, shares
+
+
+def backward(engine, loss: torch.Tensor) -> None:
+    """engine.backward of a global-batch share: no division by gradient_accumulation_steps, and the
+    data-parallel average (a division by the world size) compensated."""
+    engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
