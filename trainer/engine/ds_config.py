@@ -71,7 +71,8 @@ def resolve_ds_config(raw: dict, *, hidden_size: int, micro_batch_size: int, gra
         _fill(params, "weight_decay", weight_decay, what="optimizer.params.weight_decay")
         # DeepSpeed's fused/CPU Adam ops are compiled on first use; on a CPU-only machine
         # plain torch AdamW avoids the compile and is as fast for LoRA-sized parameters.
-        if on_cpu and "torch_adam" not in params and not _offloads_optimizer(cfg):
+        if on_cpu and str(opt.get("type", "")).lower() in ("adam", "adamw") and "torch_adam" not in params \
+                and not _offloads_optimizer(cfg):
             params["torch_adam"] = True
 
     sched = cfg.get("scheduler")

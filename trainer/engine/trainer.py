@@ -348,9 +348,13 @@ class Trainer:
         gn = self.engine.get_global_grad_norm()
         return {**sums, "grad_norm": float(gn) if gn is not None else float("nan"), "lr": lr}
 
+    def step_values(self, stats: dict) -> dict:
+        """The step's logged values from every rank's shares (a collective: all ranks call it)."""
+        reduced = dict(zip(LOGGED, _all_sum([stats[k] for k in LOGGED], self.device)))
+        return {**reduced, "grad_norm": stats["grad_norm"], "lr": stats["lr"]}     # the same on every rank
+
     def _log_step(self, stats: dict, meter: ThroughputMeter) -> None:
-        reduced = dict(zip(LOGGED, _all_sum([stats[k] for k in LOGGED], self.device)))   # shares -> step values
-        reduced.update(grad_norm=stats["grad_norm"], lr=stats["lr"])                   # the same on every rank
+        reduced = self.step_values(stats)
         metrics = {f"train/{k}": v for k, v in reduced.items()}
         metrics.update(meter.rates())
         metrics.update(peak_memory_gb())

@@ -1,0 +1,91 @@
+"""The gradient of a step is that of the token mean over the whole global batch, however the batch is
+split into micro-batches and ranks (2 processes, real ZeRO-3, the trainer's own step).
+
+Eight clips are laid out three ways on 2 ranks: 4 + 4 in one micro-batch each; grad_accum 2 with
+micro-batches of 1 and 5 clips on rank 0 and 1 and 1 on rank 1; the reverse order split 3 + 1 and
+2 + 2. With SGD at lr 1 and no clipping, weights after - before = -gradient: the gradients, the
+logged loss, CE and decorrelation values must agree across layouts. (Averaging per-micro-batch means,
+as DeepSpeed's engine.backward does by itself, weights the lone clips 5x and fails this.)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+LAYOUTS = [
+    [[[0, 1, 2, 3]], [[4, 5, 6, 7]]],
+    [[[0], [1, 2, 3, 4, 5]], [[6], [7]]],
+    [[[7, 6, 5], [4]], [[3, 2], [1, 0]]],
+]
+DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    "optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}},
+    "zero_allow_untested_optimizer": True,
+    "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto"},
+}
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory, synth_corpus):
+    from trainer.data.text import iter_transcripts
+    from trainer.model.tokenizer import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("layouts")
+    (root / "sgd_zero3.json").write_text(json.dumps(DS_CONFIG))
+    train_bpe_tokenizer(list(iter_transcripts(str(synth_corpus), "train")), vocab_size=200) \
+        .save_pretrained(str(root / "tokenizer"))
+    trainer_args = ["--config", str(root / "sgd_zero3.json"), "--data.shard-dir", str(synth_corpus),
+                    "--model.tokenizer-path", str(root / "tokenizer"), "--model.lora-dropout", "0",
+                    "--model.decorrelation-weight", "1.0", "--train.lr", "1.0", "--train.warmup-steps", "0",
+                    "--train.max-steps", "1", "--train.grad-clip", "0", "--tracking.enabled", "False",
+                    "--monitor.every", "0"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "dist_grad_layout.py"), "--layouts", json.dumps(LAYOUTS), "--out", str(root),
+           "--", *trainer_args]
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"layout run failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return root
+
+
+def _grads(folder):
+    from safetensors.torch import load_file
+
+    before = load_file(str(folder / "before" / "trainable.safetensors"))
+    after = load_file(str(folder / "after" / "trainable.safetensors"))
+    # SGD at lr 1: the gradient, up to the fp32 rounding of the weights (an ulp of the largest one)
+    return {k: ((before[k] - after[k]).double(), float(before[k].abs().max()) * 2.0 ** -23) for k in before}
+
+
+def test_gradient_does_not_depend_on_the_layout(steps):
+    ref = _grads(steps / "0")
+    assert any("projector" in k and float(g.abs().max()) > 1e3 * ulp for k, (g, ulp) in ref.items())
+    assert any("lora_B" in k and float(g.abs().max()) > 1e3 * ulp for k, (g, ulp) in ref.items())
+    for i in range(1, len(LAYOUTS)):
+        grads = _grads(steps / str(i))
+        assert grads.keys() == ref.keys()
+        for k, (g_ref, ulp) in ref.items():
+            g = grads[k][0]
+            # fp32 sums in another order: elements to 1e-4 relative, plus the weights' rounding
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=4 * ulp + 1e-6 * float(g_ref.abs().max()),
+                                       msg=lambda m: f"layout {i}, {k}: {m}")
+            assert float((g - g_ref).norm()) <= 1e-5 * float(g_ref.norm()) + 4 * ulp * g.numel() ** 0.5, (i, k)
+
+
+def test_logged_values_are_the_global_token_means(steps):
+    ref = json.loads((steps / "0" / "values.json").read_text())
+    assert ref["lr"] == 1.0                          # warmup 0: the first step trains at the peak lr
+    assert ref["loss"] == pytest.approx(ref["ce_loss"] + ref["dec_loss"], rel=1e-6)
+    assert ref["dec_loss"] == pytest.approx(ref["dec_loss_raw"], rel=1e-6)     # weight 1.0
+    for i in range(1, len(LAYOUTS)):
+        values = json.loads((steps / str(i) / "values.json").read_text())
+        for k in ("loss", "ce_loss", "dec_loss_raw", "grad_norm", "lr"):
+            assert values[k] == pytest.approx(ref[k], rel=1e-5), (i, k, values[k], ref[k])
