@@ -163,6 +163,18 @@ def test_babble_and_white_noise_change_audio_deterministically(corpus):
     assert (outs["white"][0]["video"] == clean["video"]).all()
 
 
+def test_eval_babble_reaches_every_clip_from_the_first(corpus):
+    """Evaluation under babble (launch/evaluate.py --snr): the reservoir is filled before mixing, so
+    the first clip of each stream is noisy too; the clips and their order stay those of the clean pass."""
+    clean = list(build_eval_loader(_cfg(corpus.folder), "val", 0, 1))
+    cfg = _cfg(corpus.folder, noise="babble", noise_prob=1.0, snr_db=0.0, noise_in_eval=True)
+    noisy = list(build_eval_loader(cfg, "val", 0, 1))
+    assert [b["keys"] for b in noisy] == [b["keys"] for b in clean]
+    for c, n in zip(clean, noisy):
+        for i in range(len(c["keys"])):
+            assert not np.array_equal(c["audio"][i].numpy(), n["audio"][i].numpy()), c["keys"][i]
+
+
 # ---------------------------------------------------------------- bad input
 
 def _wav(audio, sr):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from itertools import chain, islice
 
 import decord
 import numpy as np
@@ -216,6 +217,8 @@ def decode_stream(samples, cfg: DataConfig, counter: SkipCounter, *, train: bool
     Noise draws from its own generator, so switching noise on leaves crops and order unchanged."""
     use_noise = cfg.use_audio and cfg.noise != "none" and (train or cfg.noise_in_eval)
     noise = NoiseMixer(cfg, noise_rng) if use_noise else None
+    if noise is not None and not train and cfg.noise == "babble":
+        samples = _prime_babble(samples, cfg, noise)
     for sample in samples:
         try:
             clip = decode_clip(sample, cfg, counter, train=train, rng=rng, noise=noise)
@@ -226,7 +229,21 @@ def decode_stream(samples, cfg: DataConfig, counter: SkipCounter, *, train: bool
             counter.skip(R.OTHER, f"{sample.get('__key__')}: {err!r}")
             continue
         counter.ok()
-        if noise is not None and clip.wave is not None:
+        if noise is not None and train and clip.wave is not None:
             noise.remember(clip.wave)
         clip.wave = None
         yield clip
+
+
+def _prime_babble(samples, cfg: DataConfig, noise: NoiseMixer):
+    """Evaluation under babble: the reservoir is the clean audio of the stream's first
+    `babble_reservoir` clips, read before any clip is mixed, so that every clip gets babble (in
+    training the reservoir fills as the stream goes and the first clip stays clean)."""
+    samples = iter(samples)
+    head = list(islice(samples, cfg.babble_reservoir))
+    for sample in head:
+        try:
+            noise.remember(read_audio(sample, cfg, SkipCounter()))   # bad samples are counted when decoded
+        except Exception:
+            pass
+    return chain(head, samples)

@@ -42,6 +42,15 @@ class TrainConfig:
     (the baseline in results.json)."""
     test_at_end: bool = True
     """Report WER on the held-out test split after training."""
+    final_eval: bool = True
+    """Evaluate WER when training finishes (False: no end-of-run evaluation at all)."""
+    final_eval_splits: Optional[tuple[str, ...]] = None
+    """Splits evaluated when training finishes, e.g. `val test` (None = data.eval_split, plus
+    data.test_split when test_at_end; an empty list = none). results.json has one entry per split."""
+    final_eval_max_samples: Optional[int] = None
+    """Cap on samples per split in the end-of-run evaluation, over all ranks (None = whole splits)."""
+    final_eval_beams: Optional[int] = None
+    """Beam width of the end-of-run evaluation (None = eval_beams)."""
     save_every: int = 200
     """Steps between checkpoints (0 = only at the end)."""
     keep_last: int = 2
@@ -69,11 +78,19 @@ class TrainConfig:
             (self.eval_every >= 0 and self.save_every >= 0, "train.eval_every/save_every must be >= 0"),
             (self.keep_last >= 1, "train.keep_last must be >= 1"),
             (self.eval_beams >= 1, "train.eval_beams must be >= 1"),
+            (self.final_eval_beams is None or self.final_eval_beams >= 1, "train.final_eval_beams must be >= 1"),
+            (self.eval_max_samples is None or self.eval_max_samples >= 1, "train.eval_max_samples must be >= 1"),
+            (self.final_eval_max_samples is None or self.final_eval_max_samples >= 1,
+             "train.final_eval_max_samples must be >= 1"),
+            (self.final_eval_splits is None or all(self.final_eval_splits),
+             "train.final_eval_splits: empty split name"),
             (self.stop_after is None or self.stop_after >= 1, "train.stop_after must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        if self.final_eval_splits is not None:
+            self.final_eval_splits = tuple(dict.fromkeys(self.final_eval_splits))    # a recipe's list; no repeats
 
 
 @dataclass

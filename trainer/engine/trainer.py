@@ -113,6 +113,7 @@ class Trainer:
     def train(self) -> dict:
         status = "FAILED"
         try:
+            self._check_eval_splits()
             self._resume_or_start()
             self._log_run_setup()
             if self.step == 0 and self.cfg.train.eval_untrained:
@@ -174,9 +175,9 @@ class Trainer:
             if self.rank == 0:
                 for path in written.values():
                     self.tracker.log_artifact(path, "export")
-        results["val"] = self._evaluate(cfg.data.eval_split, None)
-        if cfg.train.test_at_end:
-            results["test"] = self._evaluate(cfg.data.test_split, None)
+        beams = cfg.train.final_eval_beams or cfg.train.eval_beams
+        for split in self.final_eval_splits():
+            results[split] = self._evaluate(split, cfg.train.final_eval_max_samples, num_beams=beams)
         if self.untrained is not None:
             results["test_untrained"] = self.untrained
         if self.rank == 0:
@@ -384,13 +385,30 @@ class Trainer:
             for path in files:
                 self.tracker.log_artifact(path, f"sinks/step_{step:07d}")
 
-    def _evaluate(self, split: str, max_samples: int | None, tag: str = "") -> dict:
+    def final_eval_splits(self) -> list[str]:
+        """The splits evaluated when training finishes (--train.final-eval*), in order."""
+        t, data = self.cfg.train, self.cfg.data
+        if not t.final_eval:
+            return []
+        if t.final_eval_splits is not None:
+            return list(t.final_eval_splits)
+        return [data.eval_split] + ([data.test_split] if t.test_at_end else [])
+
+    def _check_eval_splits(self) -> None:
+        """Fail at the start, not after training, when a split evaluated at the end has no index."""
+        from trainer.data.index import index_path
+        missing = [s for s in self.final_eval_splits() if not index_path(self.cfg.data.shard_dir, s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"--train.final-eval-splits: no split {missing} in {self.cfg.data.shard_dir} "
+                                    f"(no {index_path(self.cfg.data.shard_dir, missing[0]).name})")
+
+    def _evaluate(self, split: str, max_samples: int | None, tag: str = "", num_beams: int | None = None) -> dict:
         from trainer.data.pipeline import build_eval_loader
         loader = build_eval_loader(self.cfg.data, split, rank=self.rank, world_size=self.world_size)
         name = f"{split}_{tag}" if tag else f"{split}_step{self.step:08d}"
         result = evaluate_wer(
             self.model, loader, device=self.device, to_device=self.to_device,
-            num_beams=self.cfg.train.eval_beams, max_new_tokens=self.cfg.train.eval_max_new_tokens,
+            num_beams=num_beams or self.cfg.train.eval_beams, max_new_tokens=self.cfg.train.eval_max_new_tokens,
             synced_gpus=self.zero3 and self.world_size > 1, max_samples=max_samples, rank=self.rank,
             desc=f"{split} {tag or f'step {self.step}'}", report_path=self.run_dir / "eval" / f"{name}.json",
             stop_requested=lambda: self.stop.received is not None)
