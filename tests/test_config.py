@@ -61,3 +61,22 @@ def test_to_dict_round_trips_through_a_recipe(tmp_path):
     again = load_recipe(tmp_path / "r.yaml")
     assert isinstance(again, ExperimentConfig)
     assert again.model == cfg.model and again.train == cfg.train and again.data == cfg.data
+
+
+def test_final_evaluation_splits_cap_beams_and_off():
+    from trainer.engine.trainer import final_eval_splits
+
+    assert final_eval_splits(parse_args([])) == ["val", "test"]
+    assert final_eval_splits(parse_args(["--train.test-at-end", "False"])) == ["val"]
+    assert final_eval_splits(parse_args(["--data.eval-split", "dev"])) == ["dev", "test"]
+    assert final_eval_splits(parse_args(["--train.final-eval-splits", "test", "val", "test"])) == ["test", "val"]
+    assert final_eval_splits(parse_args(["--train.final-eval-splits"])) == []
+    assert final_eval_splits(parse_args(["--train.final-eval", "False"])) == []
+    cfg = parse_args(["--train.final-eval-max-samples", "5", "--train.final-eval-beams", "3"]).train
+    assert (cfg.final_eval_max_samples, cfg.final_eval_beams) == (5, 3)
+    from trainer.engine.config import TrainConfig
+    for bad in ({"final_eval_max_samples": 0}, {"final_eval_beams": 0}):
+        with pytest.raises(ValueError, match="final_eval"):
+            TrainConfig(**bad)
+        with pytest.raises(SystemExit):
+            parse_args([f"--train.{next(iter(bad)).replace('_', '-')}", "0"])

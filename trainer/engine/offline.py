@@ -44,6 +44,10 @@ class RunConfig:
     data: DataConfig
     monitor: MonitorConfig
     seed: int
+    eval_beams: int = 1
+    """The run's evaluation beam width (train.eval_beams)."""
+    eval_max_new_tokens: int = 32
+    """The run's longest generated transcript (train.eval_max_new_tokens)."""
 
 
 @dataclass
@@ -81,7 +85,9 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         model.tokenizer_path = str(run_dir / "tokenizer")
     return RunConfig(run_dir=run_dir, model=model, data=_build(DataConfig, raw["data"], f"{path} data"),
                      monitor=_build(MonitorConfig, raw.get("monitor", {}), f"{path} monitor"),
-                     seed=int(raw.get("train", {}).get("seed", 0)))
+                     seed=int(raw.get("train", {}).get("seed", 0)),
+                     eval_beams=int(raw.get("train", {}).get("eval_beams", 1)),
+                     eval_max_new_tokens=int(raw.get("train", {}).get("eval_max_new_tokens", 32)))
 
 
 def _checkpoint_folder(path: Path) -> Path | None:

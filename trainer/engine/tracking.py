@@ -91,6 +91,28 @@ class MLflowTracker(NullTracker):
         os.replace(tmp, id_file)
         return run.info.run_id
 
+    @classmethod
+    def attach(cls, run_dir: str | Path) -> "MLflowTracker":
+        """The MLflow run a finished (or stopped) training run logged to, to log more to it later
+        (launch/evaluate.py): from MLFLOW_RUN_ID or run_dir/mlflow_run.json; its status is left as it is."""
+        from mlflow.tracking import MlflowClient
+
+        run_dir = Path(run_dir)
+        id_file = run_dir / RUN_ID_FILE
+        saved = json.loads(id_file.read_text()) if id_file.is_file() else {}
+        run_id = os.environ.get("MLFLOW_RUN_ID") or saved.get("run_id")
+        if not run_id:
+            raise FileNotFoundError(f"no MLflow run recorded for {run_dir} (no {RUN_ID_FILE}: was tracking off?)")
+        local = run_dir / "mlflow.db"
+        tracker = cls.__new__(cls)
+        tracker.run_dir, tracker.run_id, tracker.resumed = run_dir, run_id, True
+        # The run folder's own store wherever the folder now is; else the URI it was logged to.
+        tracker.uri = os.environ.get("MLFLOW_TRACKING_URI") or (
+            f"sqlite:///{local.resolve()}" if local.is_file() else saved.get("tracking_uri"))
+        tracker.client = MlflowClient(tracking_uri=tracker.uri)
+        tracker.client.get_run(run_id)              # a clear MLflow error now if the run is not there
+        return tracker
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
         flat = {k: ("None" if v is None else str(v))[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()}

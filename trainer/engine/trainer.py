@@ -60,6 +60,16 @@ def frozen_weight_sums(model: torch.nn.Module) -> torch.Tensor:
     return s
 
 
+def final_eval_splits(cfg: ExperimentConfig) -> list[str]:
+    """The splits evaluated when training finishes (--train.final-eval*), in order."""
+    t, data = cfg.train, cfg.data
+    if not t.final_eval:
+        return []
+    if t.final_eval_splits is not None:
+        return list(t.final_eval_splits)
+    return [data.eval_split] + ([data.test_split] if t.test_at_end else [])
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         import deepspeed
@@ -176,7 +186,7 @@ class Trainer:
                 for path in written.values():
                     self.tracker.log_artifact(path, "export")
         beams = cfg.train.final_eval_beams or cfg.train.eval_beams
-        for split in self.final_eval_splits():
+        for split in final_eval_splits(cfg):
             results[split] = self._evaluate(split, cfg.train.final_eval_max_samples, num_beams=beams)
         if self.untrained is not None:
             results["test_untrained"] = self.untrained
@@ -385,19 +395,10 @@ class Trainer:
             for path in files:
                 self.tracker.log_artifact(path, f"sinks/step_{step:07d}")
 
-    def final_eval_splits(self) -> list[str]:
-        """The splits evaluated when training finishes (--train.final-eval*), in order."""
-        t, data = self.cfg.train, self.cfg.data
-        if not t.final_eval:
-            return []
-        if t.final_eval_splits is not None:
-            return list(t.final_eval_splits)
-        return [data.eval_split] + ([data.test_split] if t.test_at_end else [])
-
     def _check_eval_splits(self) -> None:
         """Fail at the start, not after training, when a split evaluated at the end has no index."""
         from trainer.data.index import index_path
-        missing = [s for s in self.final_eval_splits() if not index_path(self.cfg.data.shard_dir, s).is_file()]
+        missing = [s for s in final_eval_splits(self.cfg) if not index_path(self.cfg.data.shard_dir, s).is_file()]
         if missing:
             raise FileNotFoundError(f"--train.final-eval-splits: no split {missing} in {self.cfg.data.shard_dir} "
                                     f"(no {index_path(self.cfg.data.shard_dir, missing[0]).name})")
