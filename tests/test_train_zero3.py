@@ -211,9 +211,11 @@ def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_co
 
     run = tmp_path / "pretrained"
     _train(run, synth_corpus, "--model.llm-path", str(llm_dir), "--model.whisper-path", str(whisper_dir),
-           "--model.avhubert-path", str(av_path), "--monitor.every", "0")
+           "--model.avhubert-path", str(av_path), "--monitor.every", "0", "--train.final-eval", "False")
     _, mrun = _mlflow(run)
     assert mrun.info.status == "FINISHED"
+    assert json.loads((run / "results.json").read_text()) == {"step": STEPS}     # no end-of-run evaluation
+    assert not (run / "eval").exists()
     assert 0.3 < mrun.data.metrics["zero/local_param_fraction"] < 0.7
     # the frozen base in the consolidated export is the pretrained one, not a fresh init
     consolidated = torch.load(run / "export" / "model.pt", map_location="cpu", weights_only=True)
