@@ -148,8 +148,8 @@ class Trainer:
             return results
         except EvalInterrupted as stopped:
             # The checkpoint of this step is complete unless we were still before the first save.
-            if self.ckpt.latest_tag() != f"step_{self.step:08d}" and self.step > 0:
-                self._save()
+            if self.step > 0:
+                self._save()             # returns at once if this step's checkpoint is already written
             status = "KILLED"
             log.warning("%s; checkpoint at step %d; resume with the same command", stopped, self.step)
             return {"step": self.step, "status": status}
@@ -164,8 +164,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         cfg = self.cfg
-        if self.ckpt.latest_tag() != f"step_{self.step:08d}":
-            self._save()
+        self._save()                     # returns at once if this step's checkpoint is already written
         results: dict = {"step": self.step}
         if cfg.train.export_on_finish:
             written = export_trainable(self.model, self.run_dir / "export", self.rank)
