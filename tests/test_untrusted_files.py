@@ -60,3 +60,20 @@ def test_analyze_sinks_refuses_a_planted_state_dict(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         read_state_dict(WeightsSource("consolidated", path, None, None))
     assert not marker.exists()
+
+
+def test_deepspeed_checkpoint_engine_is_made_weights_only(tmp_path):
+    """DeepSpeed's TorchCheckpointEngine.load unpickles with weights_only=False; the trainer switches it."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from trainer.engine.checkpoint import weights_only_loads
+    marker = tmp_path / "pwned"
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": RunsCode(marker)}, path)
+    engine = TorchCheckpointEngine()
+    weights_only_loads(engine)
+    with pytest.raises(pickle.UnpicklingError):
+        engine.load(str(path), map_location="cpu")
+    assert not marker.exists()
+    torch.save({"optimizer_state_dict": {"state": {0: torch.ones(2)}}}, path)
+    assert torch.equal(engine.load(str(path), map_location="cpu")["optimizer_state_dict"]["state"][0], torch.ones(2))

@@ -12,8 +12,9 @@ Layout under `{run_dir}/checkpoints/`:
 
 A checkpoint is used only after it verifies (`verify`): the manifest is there, every file it
 lists has its size and checksum, and every pickle in it loads with `weights_only=True` under
-the small allowlist below (DeepSpeed itself unpickles its files with `weights_only=False`, so
-they are checked before DeepSpeed opens them). Resume takes the newest checkpoint that verifies
+the small allowlist below (DeepSpeed's loaders hard-code `weights_only=False`: its checkpoint
+engine is switched to `weights_only=True` for resume, and zero_to_fp32, used offline, reads only
+files that passed this check). Resume takes the newest checkpoint that verifies
 and sets the others aside, saying why. DeepSpeed's own `latest` file is not used: it is written
 before we know every rank finished.
 """
@@ -173,6 +174,18 @@ def safe_load(path: Path, **kwargs) -> Any:
     """torch.load with weights_only=True: tensors, containers, numbers, strings and the allowlist only."""
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
+def weights_only_loads(checkpoint_engine) -> None:
+    """Make a DeepSpeed checkpoint engine unpickle with weights_only=True.
+
+    DeepSpeed's TorchCheckpointEngine.load hard-codes weights_only=False; load_checkpoint reads the
+    model and optimizer states of a (non-universal) checkpoint through this one method, so replacing
+    it on the instance makes DeepSpeed's own loads as strict as ours."""
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint_engine.load = load
 
 
 def unsafe_pickle(path: Path) -> str | None:
@@ -360,7 +373,9 @@ class CheckpointManager:
         return None, rejected
 
     def load(self, engine, folder: Path) -> ResumeState:
-        """`folder` must have verified (resolve): its pickles were checked before DeepSpeed unpickles them."""
+        """`folder` must have verified (resolve): its pickles were checked before DeepSpeed unpickles them,
+        which it then does with weights_only=True too."""
+        weights_only_loads(engine.checkpoint_engine)
         load_path, client_state = engine.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:

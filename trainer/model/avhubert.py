@@ -17,11 +17,10 @@ Module names here are descriptive; `OFFICIAL_TO_LOCAL` is the single documented 
 """
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import pickle
 
 import torch
 import torch.nn.functional as F
