@@ -4,12 +4,11 @@ One real 2-process ZeRO-3 run (torchrun, gloo, the tiny model) on a copy of the 
 broken samples is trained once per module; each fault test copies its folder, damages the copy with
 real file operations and resumes it with real processes:
 
-- the newest checkpoint truncated and an optimizer-state file of the one before deleted: resume says
-  which files failed and why, falls back to the newest that verifies, sets the others aside (kept)
-  and reproduces the uninterrupted run's losses;
-- a pickle that would run code planted in rng_rank0.pt (the trainer's own file) of the newest
-  checkpoint and in a DeepSpeed optimizer-state file of the one before, their manifest entries forged
-  to match: both refused before anything unpickles them, the marker file never appears;
+- the newest checkpoint truncated, an optimizer-state file of the one before deleted, and pickles that
+  would run code planted in the one before that (rng_rank0.pt, the trainer's own file, and a DeepSpeed
+  optimizer-state file, their manifest entries forged to match): resume names each file and why, runs no
+  planted code, falls back to the newest checkpoint that verifies, sets the others aside (kept) and
+  reproduces the uninterrupted run's losses; a flipped byte is caught by the checksum;
 - `--train.resume` to an older checkpoint: the newer ones are moved aside, the retrained steps saved;
 - the skipped samples of all ranks and workers in the console, at log steps and after evaluation,
   and the tokenizer's count of transcripts.
@@ -31,10 +30,10 @@ from tests.conftest import REPO
 from tests.untrusted import RunsCode
 
 pytestmark = pytest.mark.slow
-STEPS = 6
+STEPS = 8
 ARGS = ["--data.num-workers", "2", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
         "--data.batches-per-epoch", "4", "--train.max-steps", str(STEPS), "--train.log-every", "1",
-        "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "2", "--train.keep-last", "3",
+        "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "2", "--train.keep-last", "4",
         "--train.eval-max-new-tokens", "4", "--train.test-at-end", "False", "--train.eval-untrained", "False",
         "--train.export-on-finish", "False", "--monitor.every", "0", "--tracking.enabled", "False"]
 OPTIM = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
@@ -105,10 +104,10 @@ def _manifest(folder: Path) -> dict:
     return json.loads((folder / "MANIFEST.json").read_text())
 
 
-def test_every_checkpoint_has_a_manifest_that_verifies(base):
+def test_every_checkpoint_has_a_manifest_that_verifies(base, tmp_path):
     from trainer.engine.checkpoint import verify
     run, _, _ = base
-    assert _steps(run) == ["step_00000002", "step_00000004", "step_00000006"]
+    assert _steps(run) == ["step_00000002", "step_00000004", "step_00000006", "step_00000008"]
     for folder in (run / "checkpoints").glob("step_*"):
         listed = _manifest(folder)["files"]
         on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
@@ -116,34 +115,15 @@ def test_every_checkpoint_has_a_manifest_that_verifies(base):
         assert {OPTIM.format(0), OPTIM.format(1), "rng_rank0.pt", "rng_rank1.pt", "trainer_state.json"} <= set(listed)
         assert all(len(e["sha256"]) == 64 and e["size"] > 0 for e in listed.values())
         assert verify(folder) == []
-
-
-def test_damaged_checkpoints_are_rejected_and_resume_falls_back(base, tmp_path):
-    run, corpus, out = base
-    run = _copy(base, tmp_path)
-    ck = run / "checkpoints"
-    model_file = next((ck / "step_00000006").glob("*model_states.pt"))
-    size = model_file.stat().st_size
-    with open(model_file, "r+b") as f:                  # a truncated model-state file
-        f.truncate(size // 2)
-    (ck / "step_00000004" / OPTIM.format(1)).unlink()  # a deleted optimizer-state file
-    resumed = _train(run, corpus)
-    assert re.search(rf"step_00000006 rejected: {model_file.name}: {size // 2} bytes, the manifest says {size}",
-                     resumed), resumed[-4000:]
-    assert re.search(rf"step_00000004 rejected: {OPTIM.format(1)}: missing", resumed)
-    assert "resumed from" in resumed and "step_00000002 at step 2" in resumed
-    # the rejected checkpoints are kept, with the reason, and the retrained steps are saved
-    aside = list((ck / "set_aside").glob("*/step_*"))
-    assert sorted(p.name for p in aside) == ["step_00000004", "step_00000006"]
-    why = (aside[0].parent / "WHY.txt").read_text()
-    assert "missing" in why and "the manifest says" in why
-    assert _steps(run) == ["step_00000002", "step_00000004", "step_00000006"]
-    assert (ck / "latest").read_text().strip() == "step_00000006"
-    from trainer.engine.checkpoint import verify
-    assert verify(ck / "step_00000006") == [] and verify(ck / "step_00000004") == []
-    # exact resume from the fallback: steps 3..6 as in the uninterrupted run
-    base_losses, new = _losses(out), _losses(resumed)
-    assert sorted(new) == [3, 4, 5, 6] and all(new[s] == base_losses[s] for s in new), (base_losses, new)
+    # one flipped byte, same size: the checksum catches it and names the file
+    copy = tmp_path / "step_00000002"
+    shutil.copytree(run / "checkpoints" / "step_00000002", copy)
+    with open(copy / OPTIM.format(0), "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert verify(copy) == [f"{OPTIM.format(0)}: sha256 differs from the manifest (file corrupted)"]
 
 
 def _forge(folder: Path, name: str, marker: Path) -> None:
@@ -155,35 +135,60 @@ def _forge(folder: Path, name: str, marker: Path) -> None:
     (folder / "MANIFEST.json").write_text(json.dumps(manifest))
 
 
-def test_planted_pickles_are_refused_before_anything_unpickles_them(base, tmp_path):
-    run, corpus, _ = base
+def test_damaged_and_planted_checkpoints_are_rejected_and_resume_falls_back(base, tmp_path):
+    """step 8: a model-state file truncated; step 6: an optimizer-state file deleted; step 4: code-running
+    pickles planted as rng_rank0.pt (the trainer's own file) and as an optimizer-state file (one DeepSpeed
+    unpickles itself), their manifest entries forged. Resume names each file and why, falls back to
+    step 2, runs no planted code, keeps the rejected folders and reproduces the uninterrupted losses."""
+    from trainer.engine.checkpoint import verify
+    run, corpus, out = base
     run = _copy(base, tmp_path)
     ck = run / "checkpoints"
+    model_file = sorted((ck / "step_00000008").glob("*model_states.pt"))[0]
+    size = model_file.stat().st_size
+    with open(model_file, "r+b") as f:
+        f.truncate(size // 2)
+    (ck / "step_00000006" / OPTIM.format(1)).unlink()
     marker = tmp_path / "pwned"
-    _forge(ck / "step_00000006", "rng_rank0.pt", marker)       # the trainer's own per-rank file
-    _forge(ck / "step_00000004", OPTIM.format(1), marker)      # a file DeepSpeed unpickles itself
+    _forge(ck / "step_00000004", "rng_rank0.pt", marker)
+    _forge(ck / "step_00000004", OPTIM.format(1), marker)
     resumed = _train(run, corpus)
     assert not marker.exists()
-    assert "step_00000006 rejected: rng_rank0.pt: refused: not loadable with weights_only=True" in resumed
-    assert f"step_00000004 rejected: {OPTIM.format(1)}: refused: not loadable with weights_only=True" in resumed
+    assert f"step_00000008 rejected: {model_file.name}: {size // 2} bytes, the manifest says {size}" in resumed, \
+        resumed[-4000:]
+    assert f"step_00000006 rejected: {OPTIM.format(1)}: missing" in resumed
+    refused = "refused: not loadable with weights_only=True"
+    assert re.search(rf"step_00000004 rejected: .*rng_rank0.pt: {refused}", resumed)
+    assert re.search(rf"step_00000004 rejected: .*{OPTIM.format(1)}: {refused}", resumed)
     assert "step_00000002 at step 2" in resumed
+    # the rejected checkpoints are kept, with the reasons, and the retrained steps are saved
+    aside = list((ck / "set_aside").glob("*-rejected-resumed-from-step_00000002/step_*"))
+    assert sorted(p.name for p in aside) == ["step_00000004", "step_00000006", "step_00000008"]
+    why = (aside[0].parent / "WHY.txt").read_text()
+    assert "missing" in why and "the manifest says" in why and refused in why
+    assert _steps(run) == ["step_00000002", "step_00000004", "step_00000006", "step_00000008"]
+    assert (ck / "latest").read_text().strip() == "step_00000008"
+    assert all(verify(ck / s) == [] for s in _steps(run))
+    base_losses, new = _losses(out), _losses(resumed)
+    assert sorted(new) == list(range(3, STEPS + 1)) and all(new[s] == base_losses[s] for s in new), \
+        (base_losses, new)
 
 
 def test_resume_from_an_older_checkpoint_sets_the_newer_aside(base, tmp_path):
     run, corpus, out = base
     run = _copy(base, tmp_path)
     ck = run / "checkpoints"
-    old6 = _manifest(ck / "step_00000006")
-    resumed = _train(run, corpus, "--train.resume", str(ck / "step_00000002"))
-    assert "moved step_00000004" in resumed and "moved step_00000006" in resumed
-    assert "newer than step_00000002, which --train.resume asked for" in resumed
-    aside = list((ck / "set_aside").glob("*-newer-than-step_00000002/step_*"))
-    assert sorted(p.name for p in aside) == ["step_00000004", "step_00000006"]
-    assert _manifest(next(p for p in aside if p.name == "step_00000006")) == old6      # kept as it was
-    assert _steps(run) == ["step_00000002", "step_00000004", "step_00000006"]
-    assert "already complete" not in resumed
+    old8 = _manifest(ck / "step_00000008")
+    resumed = _train(run, corpus, "--train.resume", str(ck / "step_00000004"))
+    assert "moved step_00000006" in resumed and "moved step_00000008" in resumed
+    assert "newer than step_00000004, which --train.resume asked for" in resumed
+    aside = list((ck / "set_aside").glob("*-newer-than-step_00000004/step_*"))
+    assert sorted(p.name for p in aside) == ["step_00000006", "step_00000008"]
+    assert _manifest(next(p for p in aside if p.name == "step_00000008")) == old8      # kept as it was
+    assert _steps(run) == ["step_00000002", "step_00000004", "step_00000006", "step_00000008"]
+    assert "already complete" not in resumed                  # the retrained steps were saved
     base_losses, new = _losses(out), _losses(resumed)
-    assert sorted(new) == [3, 4, 5, 6] and all(new[s] == base_losses[s] for s in new), (base_losses, new)
+    assert sorted(new) == [5, 6, 7, 8] and all(new[s] == base_losses[s] for s in new), (base_losses, new)
 
 
 def test_skipped_data_is_reported_in_the_console(base):
