@@ -333,6 +333,8 @@ class CheckpointManager:
         again are saved and never mixed with them."""
         if resume == "never":
             return None
+        if resume != "auto" and Path(resume).resolve() == self.root.resolve():
+            resume = "auto"                          # this run's own checkpoints/ folder
         if resume == "auto":
             chosen, rejected = self._newest_verified(self.folders())
             if chosen is None and rejected:
