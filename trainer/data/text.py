@@ -18,7 +18,8 @@ class TranscriptCount:
     def describe(self) -> str:
         text = f"{self.used} of {self.expected} transcripts"
         if self.unreadable_shards:
-            text += f" ({len(self.unreadable_shards)} unreadable shard(s): {', '.join(self.unreadable_shards[:3])})"
+            shown = ", ".join(self.unreadable_shards[:3])
+            text += f" ({len(self.unreadable_shards)} unreadable shard(s): {shown})"
         return text
 
 

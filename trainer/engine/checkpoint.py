@@ -345,7 +345,8 @@ class CheckpointManager:
         else:
             path = Path(resume)
             if (path / LATEST).is_file() or path.name == "checkpoints":      # a checkpoints/ folder
-                chosen, rejected = self._newest_verified(sorted(path.glob("step_*"), key=step_of, reverse=True))
+                theirs = sorted(path.glob("step_*"), key=step_of, reverse=True)
+                chosen, rejected = self._newest_verified(theirs)
                 if chosen is None:
                     raise RuntimeError(f"--train.resume {resume}: no checkpoint there verifies: " + "; ".join(
                         f"{f.name}: {'; '.join(p)}" for f, p in rejected))

@@ -39,7 +39,8 @@ def export_trainable(model, out_dir: str | Path, rank: int) -> dict[str, Path]:
                 raise RuntimeError(f"export gathered empty tensors for {empty[:5]}: ZeRO-3 gathering failed")
             save_file(tensors, str(out_dir / "trainable.safetensors"), metadata={KIND_KEY: "trainable"})
             written["trainable"] = out_dir / "trainable.safetensors"
-            model.llm.save_pretrained(str(out_dir / "adapters"), safe_serialization=True)   # reads the gathered LoRA weights
+            # reads the gathered LoRA weights
+            model.llm.save_pretrained(str(out_dir / "adapters"), safe_serialization=True)
             written["adapters"] = out_dir / "adapters"
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -68,7 +69,8 @@ def export_consolidated(engine, out_dir: str | Path) -> Path | None:
     out_dir = Path(out_dir)
     if engine.zero_optimization_partition_weights():
         if not engine.zero_gather_16bit_weights_on_model_save():
-            log.warning("consolidated export skipped: set zero_optimization.stage3_gather_16bit_weights_on_model_save")
+            log.warning("consolidated export skipped: set "
+                        "zero_optimization.stage3_gather_16bit_weights_on_model_save")
             return None
         state = engine._zero3_consolidated_16bit_state_dict()     # every rank takes part; rank 0 gets it
     else:

@@ -401,9 +401,10 @@ class Trainer:
         self.tracker.log_metrics({f"{split}{'_' + tag if tag else ''}/{mod}/{k}": v for k, v in result.items()},
                                  self.step)
         if self.rank == 0:
-            skipped = skip_summary({k.split("/", 1)[1]: int(v) for k, v in result.items() if k.startswith("skipped/")})
-            log.info("%s%s %s WER %.2f%% CER %.2f%% on %d utterances; %s", split, f" ({tag})" if tag else "", mod,
-                     100 * result["wer"], 100 * result["cer"], int(result["num_utterances"]),
+            skipped = skip_summary({k.split("/", 1)[1]: int(v) for k, v in result.items()
+                                    if k.startswith("skipped/")})
+            log.info("%s%s %s WER %.2f%% CER %.2f%% on %d utterances; %s", split, f" ({tag})" if tag else "",
+                     mod, 100 * result["wer"], 100 * result["cer"], int(result["num_utterances"]),
                      f"skipped: {skipped}" if skipped else "nothing skipped")
             report = self.run_dir / "eval" / f"{name}.json"
             if report.is_file():
