@@ -167,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
                      max_mismatch_frames=args.max_mismatch_frames, overwrite=args.overwrite,
                      progress=not args.quiet)
     idx = result.index
+    if not result.written:
+        print(f"{args.split}: no usable utterance of {len(result.skipped)} inputs; nothing written to {args.out} "
+              f"(fix the inputs and run the same command again)")
+        print(format_skips(result))
+        return 1
     print(f"{args.split}: {idx.num_samples} utterances, {idx.duration / 3600:.3f} h, {len(idx.shards)} shards "
           f"in {args.out} ({time.perf_counter() - t0:.1f} s)")
     if result.skipped:

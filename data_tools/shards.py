@@ -121,6 +121,7 @@ class SplitResult:
     index: ShardIndex
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    written: bool = True        # False: no sample was usable, so no index was written
 
     @property
     def skip_counts(self) -> Counter:
@@ -273,6 +274,14 @@ def write_split(items: Sequence[Item], producer: Producer, out_dir: str | os.Pat
 
 
 def _finish_split(out: Path, spec: SplitSpec, results: list[ShardResult]) -> SplitResult:
+    skipped_all = [s for res in results for s in res.skipped]
+    if not any(res.samples for res in results):
+        # Nothing usable: no index is written (an empty one would block the rerun) and an old split
+        # (--overwrite) is kept; the caller reports the skips.
+        for res in results:
+            Path(res.tmp_path).unlink(missing_ok=True)
+        return SplitResult(index=ShardIndex(split=spec.split, shards=[], meta={**spec.meta, "skipped":
+                                            len(skipped_all)}, root=out), skipped=skipped_all, written=False)
     # Every new shard of every split is written: only now does the old split go (--overwrite), the
     # index first, so a reader finds no index rather than one naming removed shards.
     index_path(out, spec.split).unlink(missing_ok=True)
@@ -299,6 +308,8 @@ def _check_split(out: Path, split: str, overwrite: bool) -> None:
     """Refuse an existing split unless overwrite; nothing old is removed until the new one is written."""
     old = existing_shards(out, split)
     idx = index_path(out, split)
+    if not old and idx.is_file() and _names_no_shards(idx):
+        idx.unlink()      # an empty index (left by an older version after a 0-sample run) blocks nothing
     if (old or idx.exists()) and not overwrite:
         raise FileExistsError(f"{out} already holds split {split!r} ({len(old)} shards"
                               f"{', an index' if idx.exists() else ''}); pass overwrite=True / --overwrite")
@@ -306,6 +317,13 @@ def _check_split(out: Path, split: str, overwrite: bool) -> None:
     for p in out.iterdir():                       # leftovers of a crashed run of this split
         if stale.fullmatch(p.name):
             p.unlink()
+
+
+def _names_no_shards(idx: Path) -> bool:
+    try:
+        return not json.loads(idx.read_text()).get("shards")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _run_pool(jobs: list[tuple[str, list]], producer: Producer, workers: int, bar: tqdm) -> list[ShardResult]:

@@ -41,9 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--llm", help="text-only mode: local folder of a transformers causal LM + tokenizer")
     p.add_argument("--out", required=True, help="folder for report.json, the figures and the summary")
     p.add_argument("--checkpoint", default="latest",
-                   help="run mode: 'latest' (newest complete checkpoint), 'export' (export/model.pt), or a "
-                        "path: a checkpoint folder, a checkpoints/ folder, a .pt state dict, a .safetensors "
-                        "file of trainable weights (default: latest)")
+                   help="run mode: 'latest' (newest checkpoint that verifies), 'export' (export/model.safetensors), or "
+                        "a path: a checkpoint folder, a checkpoints/ folder, a .safetensors file (consolidated or "
+                        "trainable weights), a .pt state dict (loaded with weights_only=True) (default: latest)")
     p.add_argument("--shards", help="run mode: shard folder (default: the run's data.shard_dir)")
     p.add_argument("--split", help="run mode: split to probe (default: the run's data.eval_split)")
     p.add_argument("--num-samples", type=int,

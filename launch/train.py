@@ -11,14 +11,19 @@ import sys
 
 
 def main() -> None:
-    from trainer.config import parse_args
+    from trainer.config import ConfigError, parse_args
     from trainer.engine.demo_data import ensure_demo_corpus
     from trainer.engine.trainer import Trainer
 
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cfg = parse_args()            # validated before any process group starts
+    try:
+        cfg = parse_args()        # options and inputs validated before any process group starts
+    except ConfigError as err:
+        if rank == 0:             # every rank finds the same problem: say it once
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     ensure_demo_corpus(cfg.data, rank)
     results = Trainer(cfg).train()
     if rank == 0:

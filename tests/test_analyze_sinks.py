@@ -176,7 +176,7 @@ def test_run_mode_export_other_split_and_trainable_only(trained_run, synth_corpu
     assert len(js["lengths"]) == 1 and len(js["layers"]) == 4 and js["step"] == 3
     assert not list(out.glob("*.png"))
     probe = json.loads((out / "probe.json").read_text())
-    assert probe["split"] == "test" and "export/model.pt" in probe["weights"]
+    assert probe["split"] == "test" and "export/model.safetensors" in probe["weights"]
 
     # export/trainable.safetensors alone: the rebuilt random frozen base is not the run's -> refused
     main = _script_main()

@@ -80,3 +80,42 @@ def test_final_evaluation_splits_cap_beams_and_off():
             TrainConfig(**bad)
         with pytest.raises(SystemExit):
             parse_args([f"--train.{next(iter(bad)).replace('_', '-')}", "0"])
+
+
+def _bad_inputs(tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"train_micro_batch_size_per_gpu": "auto",, }')
+    empty_llm = tmp_path / "empty_llm"
+    empty_llm.mkdir()
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("train: {max_step: 10}\n")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train.index.json").write_text('{"split": "train", "shards": []}')
+    return [
+        (["--config", str(bad_json)], f"DeepSpeed config {bad_json} is not valid JSON"),
+        (["--data.shard-dir", str(tmp_path / "no_such_shards")], "no_such_shards: no such folder"),
+        (["--data.shard-dir", str(shards)], "no shard index for split(s) ['val', 'test']"),
+        (["--model.llm-path", str(empty_llm)], "no config.json in it"),
+        (["--model.llm-path", ""], "--model.llm-path is empty"),
+        (["--model.llm-path", str(tmp_path / "nowhere")], "nowhere: no such folder"),
+        (["--recipe", str(recipe)], "unknown option(s) ['max_step']"),
+    ]
+
+
+def test_bad_inputs_fail_in_the_parse_step_with_one_line_and_write_nothing(tmp_path):
+    """launch/train.py as a real process (no launcher, no process group): each bad input is one line on
+    stderr, exit code 2, and the run folder is never created (no checkpoints/, no tokenizer/)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0"}
+    for args, message in _bad_inputs(tmp_path):
+        run_dir = tmp_path / "run"
+        p = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--train.run-dir", str(run_dir),
+                            *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2, (args, p.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, p.stderr)
+        assert not run_dir.exists(), args

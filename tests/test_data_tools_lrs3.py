@@ -109,3 +109,26 @@ def test_lrs3_cli_reports_skips(lrs3_tree, tmp_path):
 def test_sample_key_has_no_dots_or_slashes():
     assert sample_key("pretrain/0Fi83BHQsMA/00002") == "pretrain_0Fi83BHQsMA_00002"
     assert sample_key("spk.1/00001") == "spk_1_00001"
+
+
+def test_zero_clip_conversion_writes_nothing_and_the_rerun_works(lrs3_tree, tmp_path):
+    """A conversion in which every clip is skipped leaves no index behind (an empty one blocked the
+    rerun with "already holds split 'train' (0 shards, an index)"); fixed inputs then convert."""
+    src = tmp_path / "src"
+    (src / "spk").mkdir(parents=True)
+    shutil.copy(lrs3_tree / "spkA" / "00001.mp4", src / "spk" / "00001.mp4")
+    out = tmp_path / "shards"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "data_tools", "lrs3", str(src), str(out), "--split", "train",
+           "--workers", "1", "--quiet"]
+    first = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, cwd=REPO)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "no usable utterance of 1 inputs; nothing written" in first.stdout and "no transcript" in first.stdout
+    assert not list(out.glob("train*")) and not list(out.glob(".tmp-*"))
+    # an empty index written by an older version blocks nothing either
+    (out / "train.index.json").write_text(json.dumps({"split": "train", "shards": [], "version": 1}))
+    shutil.copy(lrs3_tree / "spkA" / "00001.wav", src / "spk" / "00001.wav")
+    write_txt(src / "spk" / "00001.txt", "FIXED NOW")
+    second = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, cwd=REPO)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert load_index(out, "train").num_samples == 1

@@ -181,13 +181,13 @@ def test_evaluate_wer_stops_at_once_on_a_stop_signal(tmp_path):
 
 
 def test_a_run_folder_with_checkpoints_is_continued_never_restarted(tmp_path):
-    from trainer.engine.checkpoint import LATEST, MARKER, CheckpointManager
+    from trainer.engine.checkpoint import LATEST, MANIFEST as MARKER, CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "run", keep_last=2, rank=0, world_size=1)
     for resume in ("auto", "never"):
         mgr.check_start(resume)                         # an empty run folder: anything goes
     done = mgr.root / "step_00000200"
-    done.mkdir()
+    done.mkdir(parents=True)
     (done / MARKER).write_text("ok\n")
     (mgr.root / LATEST).write_text("step_00000200\n")
     mgr.check_start("auto")

@@ -159,7 +159,7 @@ def test_exports_are_non_empty_and_load_with_peft(runs):
         match = [k for k in sd if k.endswith(suffix)]
         assert match, name
         torch.testing.assert_close(sd[match[0]].float(), tensor.float())
-    consolidated = torch.load(full / "export" / "model.pt", map_location="cpu", weights_only=True)
+    consolidated = load_file(str(full / "export" / "model.safetensors"))
     assert consolidated and all(t.numel() > 0 for t in consolidated.values())
 
 
@@ -218,7 +218,8 @@ def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_co
     assert not (run / "eval").exists()
     assert 0.3 < mrun.data.metrics["zero/local_param_fraction"] < 0.7
     # the frozen base in the consolidated export is the pretrained one, not a fresh init
-    consolidated = torch.load(run / "export" / "model.pt", map_location="cpu", weights_only=True)
+    from safetensors.torch import load_file
+    consolidated = load_file(str(run / "export" / "model.safetensors"))
     key = [k for k in consolidated if k.endswith("layers.1.mlp.down_proj.weight") and k.startswith("llm.")]
     assert key, sorted(consolidated)[:10]
     torch.testing.assert_close(consolidated[key[0]].float(), llm.model.layers[1].mlp.down_proj.weight)

@@ -78,8 +78,14 @@ def load_recipe(path: str | Path, **overrides: Any) -> ExperimentConfig:
     return _build(ExperimentConfig, raw, f"recipe {path}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
-    """Parse the command line (the deepspeed launcher's --local_rank is dropped: LOCAL_RANK is in the env)."""
+class ConfigError(ValueError):
+    """A bad option, recipe or input path, found before any process group starts (one line for the user)."""
+
+
+def parse_args(argv: Sequence[str] | None = None, check: bool = True) -> ExperimentConfig:
+    """Parse the command line (the deepspeed launcher's --local_rank is dropped: LOCAL_RANK is in the env).
+
+    check: also check the inputs the run will read (`check_inputs`); ConfigError on any problem."""
     import tyro
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -89,8 +95,71 @@ def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
         i = args.index("--recipe")
         if i + 1 >= len(args):
             raise SystemExit("--recipe needs a path")
-        default = load_recipe(args[i + 1])
+        try:
+            default = load_recipe(args[i + 1])
+        except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
+            raise ConfigError(f"recipe {args[i + 1]}: {_one_line(err)}") from err
         del args[i:i + 2]
-    return tyro.cli(ExperimentConfig, default=default, args=args,
-                    description="Train Llama-AVSR with DeepSpeed (see README.md).",
-                    config=(tyro.conf.FlagConversionOff,))
+    cfg = tyro.cli(ExperimentConfig, default=default, args=args,
+                   description="Train Llama-AVSR with DeepSpeed (see README.md).",
+                   config=(tyro.conf.FlagConversionOff,))
+    if check:
+        problems = check_inputs(cfg)
+        if problems:
+            raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def check_inputs(cfg: ExperimentConfig) -> list[str]:
+    """What the run will read, checked on the file system before any process starts training: the
+    DeepSpeed JSON parses, pretrained paths hold what they should, the shard set has its indexes.
+    Returns the problems (empty: all well)."""
+    from trainer.data.index import index_path
+    from trainer.engine.demo_data import DEMO_SHARD_DIR
+    from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config
+
+    problems: list[str] = []
+    try:
+        if not isinstance(load_ds_config(cfg.config), dict):
+            problems.append(f"DeepSpeed config {cfg.config} must be a JSON object")
+    except DeepSpeedConfigError as err:
+        problems.append(_one_line(err))
+    m = cfg.model
+    folders = {"llm_path": (m.llm_path, "config.json"), "whisper_path": (m.whisper_path, "config.json"),
+               "tokenizer_path": (m.tokenizer_path, None)}
+    for name, (value, must_hold) in folders.items():
+        flag = f"--model.{name.replace('_', '-')}"
+        if value is None:
+            continue
+        if not str(value).strip():
+            problems.append(f"{flag} is empty (leave it out for the tiny built-in part)")
+        elif not Path(value).is_dir():
+            problems.append(f"{flag} {value}: no such folder")
+        elif must_hold and not (Path(value) / must_hold).is_file():
+            problems.append(f"{flag} {value}: no {must_hold} in it (a transformers model folder is needed)")
+        elif not any(Path(value).iterdir()):
+            problems.append(f"{flag} {value}: the folder is empty")
+    if m.avhubert_path is not None and not Path(m.avhubert_path).is_file():
+        problems.append(f"--model.avhubert-path {m.avhubert_path!r}: no such file (the fairseq AV-HuBERT .pt)")
+    d = cfg.data
+    demo = Path(d.shard_dir).resolve() == Path(DEMO_SHARD_DIR).resolve()     # built on first use
+    if not demo:
+        splits = [d.train_split, d.eval_split]
+        if cfg.train.test_at_end or cfg.train.eval_untrained:
+            splits.append(d.test_split)
+        if not Path(d.shard_dir).is_dir():
+            problems.append(f"--data.shard-dir {d.shard_dir}: no such folder")
+        else:
+            missing = [s for s in splits if not index_path(d.shard_dir, s).is_file()]
+            if missing:
+                have = sorted(p.name for p in Path(d.shard_dir).glob("*.index.json"))
+                problems.append(f"--data.shard-dir {d.shard_dir}: no shard index for split(s) {missing} "
+                                f"(found: {have or 'none'}; build shards with `python -m data_tools`)")
+    resume = cfg.train.resume
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        problems.append(f"--train.resume {resume}: no such checkpoint folder")
+    return problems

@@ -103,3 +103,15 @@ class SkipCounter:
             return "no samples skipped"
         parts = ", ".join(f"{r}={n}" for r, n in sorted(self.counts.items()))
         return f"{self.total} samples skipped ({parts})"
+
+
+def skip_summary(counts: dict[str, int]) -> str:
+    """One line: "3 samples skipped (audio_decode 2, too_long 1)", shard read errors and notes apart;
+    "" when nothing was skipped."""
+    skipped = {r: n for r, n in counts.items() if n and r not in NOTE_REASONS and r != TAR_ERROR}
+    parts = [f"{sum(skipped.values())} samples skipped ("
+             + ", ".join(f"{r} {n}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1])) + ")"] \
+        if skipped else []
+    if counts.get(TAR_ERROR):
+        parts.append(f"{counts[TAR_ERROR]} shard read errors")
+    return "; ".join(parts)

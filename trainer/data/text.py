@@ -2,14 +2,34 @@
 from __future__ import annotations
 
 import tarfile
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from trainer.data.index import load_index
 
 
-def iter_transcripts(shard_dir: str, split: str) -> Iterator[str]:
-    """Every sample's `txt` in index order; unreadable members are skipped (the loader counts them)."""
-    for url in load_index(shard_dir, split).urls:
+@dataclass
+class TranscriptCount:
+    """What a pass over a split's transcripts found, against what its index promises."""
+    expected: int = 0            # samples the index lists
+    used: int = 0                # non-empty transcripts read
+    unreadable_shards: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = f"{self.used} of {self.expected} transcripts"
+        if self.unreadable_shards:
+            shown = ", ".join(self.unreadable_shards[:3])
+            text += f" ({len(self.unreadable_shards)} unreadable shard(s): {shown})"
+        return text
+
+
+def iter_transcripts(shard_dir: str, split: str, count: TranscriptCount | None = None) -> Iterator[str]:
+    """Every sample's non-empty `txt` in index order; unreadable shards and members are skipped and,
+    with `count`, counted."""
+    index = load_index(shard_dir, split)
+    count = count if count is not None else TranscriptCount()
+    count.expected = index.num_samples
+    for url in index.urls:
         try:
             with tarfile.open(url) as tar:
                 for member in tar:
@@ -17,6 +37,8 @@ def iter_transcripts(shard_dir: str, split: str) -> Iterator[str]:
                         f = tar.extractfile(member)
                         text = f.read().decode("utf-8", errors="replace").strip() if f else ""
                         if text:
+                            count.used += 1
                             yield text
         except (tarfile.TarError, OSError):
+            count.unreadable_shards.append(url.rsplit("/", 1)[-1])
             continue

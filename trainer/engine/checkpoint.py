@@ -1,22 +1,32 @@
-"""Atomic, resumable DeepSpeed checkpoints.
+"""Verified, atomic, resumable DeepSpeed checkpoints.
 
 Layout under `{run_dir}/checkpoints/`:
     step_00000200/            DeepSpeed's files (model, ZeRO partitions, optimizer, scheduler)
-        rng_rank{r}.pt        each rank's RNG and data-stream position
+        rng_rank{r}.pt        each rank's RNG and data-stream position (tensors and numbers only)
         trainer_state.json    step, config digest, frozen-weight fingerprint
-        COMPLETE              written last: a folder without it is ignored
-    latest                    the tag of the newest complete checkpoint, replaced atomically
+        MANIFEST.json         written last, atomically: every other file with its size and SHA-256.
+                              A folder without it is an interrupted save.
+    latest                    the tag of the newest checkpoint that verified, replaced atomically
+    set_aside/<time>-<why>/   checkpoints moved out of the way (rejected, or newer than the one a
+                              user resumed from), never deleted by the trainer; WHY.txt says why
 
-DeepSpeed's own `latest` file is not used: it is written before we know every rank
-finished, so a crash could leave it pointing at a half-written folder.
+A checkpoint is used only after it verifies (`verify`): the manifest is there, every file it
+lists has its size and checksum, and every pickle in it loads with `weights_only=True` under
+the small allowlist below (DeepSpeed's loaders hard-code `weights_only=False`: its checkpoint
+engine is switched to `weights_only=True` for resume, and zero_to_fp32, used offline, reads only
+files that passed this check). Resume takes the newest checkpoint that verifies
+and sets the others aside, saying why. DeepSpeed's own `latest` file is not used: it is written
+before we know every rank finished.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +37,19 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+SET_ASIDE = "set_aside"
+HASH = "sha256"
+_CHUNK = 8 << 20
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
@@ -40,6 +57,148 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(folder: Path) -> int:
+    try:
+        return int(folder.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+# ---- checksums and the manifest ------------------------------------------------------------------
+def file_digest(path: Path, durable: bool = False) -> str:
+    """SHA-256 of a file, read in 8 MiB chunks (hashlib releases the GIL). durable: fsync it first,
+    so the manifest never vouches for bytes still only in the page cache."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if durable:
+            os.fsync(f.fileno())
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder but the manifest, as sorted relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+                  and not p.name.endswith(".tmp"))
+
+
+def write_manifest(folder: Path, step: int, entries: dict[str, dict], world_size: int) -> None:
+    body = {"version": 1, "tag": folder.name, "step": step, "world_size": world_size, "hash": HASH,
+            "files": dict(sorted(entries.items()))}
+    _atomic_write(folder / MANIFEST, json.dumps(body, indent=1) + "\n")
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"no {MANIFEST}: the save did not complete")
+    try:
+        body = json.loads(path.read_text())
+        files = body["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("lists no file")
+        return body
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{MANIFEST} unreadable ({err})") from err
+
+
+def check_files(folder: Path, names: list[str], manifest: dict) -> list[str]:
+    """Problems with the named files (size, checksum, unsafe pickle); empty when all are good."""
+    problems = []
+    for name in names:
+        want = manifest["files"][name]
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        size = path.stat().st_size
+        if size != want["size"]:
+            problems.append(f"{name}: {size} bytes, the manifest says {want['size']}")
+            continue
+        if file_digest(path) != want[HASH]:
+            problems.append(f"{name}: {HASH} differs from the manifest (file corrupted)")
+            continue
+        if name.endswith(".pt"):
+            problem = unsafe_pickle(path)
+            if problem:
+                problems.append(f"{name}: {problem}")
+    return problems
+
+
+def verify(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Why `folder` is not a usable checkpoint ([] = it is). Every rank checks a 1/world share of the
+    files and the verdicts are gathered, so all ranks return the same list."""
+    problems: list[str] = []
+    manifest = None
+    try:
+        manifest = read_manifest(folder)
+    except ValueError as err:
+        problems.append(str(err))
+    if manifest is not None:
+        names = sorted(manifest["files"])
+        # DeepSpeed finds its files by name pattern: a file the manifest does not vouch for is refused too
+        problems += [f"{n}: not in the manifest" for n in list_files(folder) if n not in manifest["files"]]
+        problems += check_files(folder, names[rank::world_size], manifest)
+    if world_size > 1 and _distributed():
+        parts: list[Any] = [None] * world_size
+        dist.all_gather_object(parts, problems)
+        problems = sorted(set(p for part in parts for p in part))
+    return problems
+
+
+# ---- pickles: refused unless they hold only tensors, plain data and a few DeepSpeed records --------
+def _deepspeed_safe_globals() -> list:
+    """Classes DeepSpeed's ZeRO checkpoints pickle besides tensors: enums and plain records whose
+    construction runs no code of the file's choosing."""
+    out: list = []
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        out.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out.append(fragment_address)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        out += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    return out
+
+
+def safe_load(path: Path, **kwargs) -> Any:
+    """torch.load with weights_only=True: tensors, containers, numbers, strings and the allowlist only."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
+def weights_only_loads(checkpoint_engine) -> None:
+    """Make a DeepSpeed checkpoint engine unpickle with weights_only=True.
+
+    DeepSpeed's TorchCheckpointEngine.load hard-codes weights_only=False; load_checkpoint reads the
+    model and optimizer states of a (non-universal) checkpoint through this one method, so replacing
+    it on the instance makes DeepSpeed's own loads as strict as ours."""
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint_engine.load = load
+
+
+def unsafe_pickle(path: Path) -> str | None:
+    """None if `path` loads with weights_only=True (memory-mapped: tensor data is not read), else why not."""
+    try:
+        safe_load(path, mmap=True)
+    except Exception as err:      # noqa: BLE001 - any failure to load safely is a refusal
+        first = " ".join(str(err).split())[:300]
+        return f"refused: not loadable with weights_only=True ({type(err).__name__}: {first})"
+    return None
+
+
+# ---- the manager ----------------------------------------------------------------------------------
 @dataclass
 class ResumeState:
     step: int
@@ -55,8 +214,17 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
-        if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
+        self.known_good: str | None = None     # a tag this process wrote or verified
+
+    def folders(self) -> list[Path]:
+        """Every step_* folder, newest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.glob("step_*") if p.is_dir()), key=step_of, reverse=True)
+
+    def complete(self) -> list[Path]:
+        """Folders whose save completed (they have a manifest), newest first; not yet verified."""
+        return [p for p in self.folders() if (p / MANIFEST).is_file()]
 
     def check_start(self, resume: str) -> None:
         """Refuse to start afresh in a run folder that already holds checkpoints.
@@ -64,29 +232,41 @@ class CheckpointManager:
         A fresh start there would skip saving every step the old run had saved ("already complete"),
         prune its own checkpoints in favour of the old ones and reattach to the old MLflow run: the
         old run would be corrupted and the new one unresumable. Called before anything is written."""
-        latest = self.latest_tag()
-        if latest is None or resume == "auto":
+        complete = self.complete()
+        if not complete or resume == "auto":
             return
-        if resume != "never":
-            own = self.root.resolve()
-            target = Path(resume).resolve()
-            if target == own or own in target.parents:
-                return                                   # one of this run's own checkpoints
+        if resume != "never" and self._own(Path(resume)):
+            return
         raise FileExistsError(
-            f"{self.root.parent} already holds a run (checkpoints up to {latest}); --train.resume {resume} "
-            f"would start a new run over it. Continue it with --train.resume auto, or give this run its "
+            f"{self.root.parent} already holds a run (checkpoints up to {complete[0].name}); --train.resume "
+            f"{resume} would start a new run over it. Continue it with --train.resume auto, or give this run its "
             f"own --train.run-dir")
+
+    def _own(self, path: Path) -> bool:
+        own, target = self.root.resolve(), path.resolve()
+        return target == own or own in target.parents
+
+    def verify(self, folder: Path) -> list[str]:
+        """Collective: every rank must call it."""
+        return verify(folder, self.rank, self.world_size)
 
     # ---- saving ------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, rank_state: dict, trainer_state: dict) -> Path:
         """Every rank must call this (ZeRO partitions are written by their owners)."""
         tag = tag_for(step)
         folder = self.root / tag
-        if self.latest_tag() == tag:
-            log.info("checkpoint %s already complete; not rewriting it", tag)
-            return folder
-        if self.rank == 0 and folder.exists():      # debris of an interrupted save of this step
-            shutil.rmtree(folder)
+        if self.known_good == tag:
+            return folder                            # written or verified by this process
+        if folder.exists():
+            problems = self.verify(folder)
+            if not problems:
+                log.info("checkpoint %s already complete and verified; not rewriting it", tag)
+                self.known_good = tag
+                self._point_latest(tag)
+                return folder
+            self._set_aside([(folder, problems)], "rejected-before-rewrite")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
         _barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         torch.save({"rng": capture_rng(), "rank_state": rank_state, "world_size": self.world_size},
@@ -94,43 +274,111 @@ class CheckpointManager:
         _barrier()                                   # every rank's files are on disk
         if self.rank == 0:
             (folder / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-            (folder / MARKER).write_text("ok\n")
-            _atomic_write(self.root / LATEST, tag + "\n")
-            self._prune(keep=tag)
-            log.info("checkpoint %s written", folder)
         _barrier()
+        self._write_manifest(folder, step)
+        if self.rank == 0:
+            self._point_latest(tag)
+            self._prune(keep=tag)
+            log.info("checkpoint %s written and its manifest (%s) sealed", folder, MANIFEST)
+        _barrier()
+        self.known_good = tag
         return folder
 
+    def _write_manifest(self, folder: Path, step: int) -> None:
+        """Each rank fsyncs and hashes a share of the files; rank 0 writes the manifest last."""
+        names = [list_files(folder) if self.rank == 0 else None]
+        if _distributed():
+            dist.broadcast_object_list(names, src=0)
+        mine = {n: {"size": (folder / n).stat().st_size, HASH: file_digest(folder / n, durable=True)}
+                for n in names[0][self.rank::self.world_size]}
+        parts: list[Any] = [mine]
+        if _distributed():
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, mine)
+        if self.rank == 0:
+            entries = {k: v for part in parts for k, v in part.items()}
+            write_manifest(folder, step, entries, self.world_size)
+
+    def _point_latest(self, tag: str) -> None:
+        if self.rank == 0:
+            _atomic_write(self.root / LATEST, tag + "\n")
+
     def _prune(self, keep: str) -> None:
-        complete = sorted(p for p in self.root.glob("step_*") if (p / MARKER).is_file())
-        for old in complete[:-self.keep_last]:
+        for old in self.complete()[self.keep_last:]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    # ---- loading -----------------------------------------------------------------------------------
-    def latest_tag(self) -> str | None:
-        path = self.root / LATEST
-        if not path.is_file():
-            return None
-        tag = path.read_text().strip()
-        return tag if (self.root / tag / MARKER).is_file() else None
+    def _set_aside(self, folders: list[tuple[Path, list[str]]], why: str) -> Path | None:
+        """Rank 0 moves the folders to set_aside/<time>-<why>/ with a WHY.txt; collective (barrier)."""
+        dest = None            # the barrier below is unconditional: ranks may see different lists
+        if folders:
+            dest = self.root / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{why}"
+            if self.rank == 0:
+                dest.mkdir(parents=True, exist_ok=True)
+                lines = []
+                for folder, reasons in folders:
+                    os.replace(folder, dest / folder.name)
+                    lines.append(f"{folder.name}: " + ("; ".join(reasons) or why))
+                    log.warning("moved %s to %s (%s); it is kept, not deleted", folder.name, dest,
+                                "; ".join(reasons) or why)
+                (dest / "WHY.txt").write_text("\n".join(lines) + "\n")
+        _barrier()
+        return dest
 
+    # ---- choosing what to resume from --------------------------------------------------------------
     def resolve(self, resume: str) -> Path | None:
-        """'auto' -> newest complete checkpoint in the run folder (or None); 'never' -> None; else a path."""
+        """Collective. 'never' -> None; 'auto' -> the newest checkpoint of this run that verifies (None if
+        there is none at all); a path -> that checkpoint, which must verify. Checkpoints that are rejected,
+        or newer than the chosen one, are moved to set_aside/ (with the reason) so that the steps trained
+        again are saved and never mixed with them."""
         if resume == "never":
             return None
+        if resume != "auto" and Path(resume).resolve() == self.root.resolve():
+            resume = "auto"                          # this run's own checkpoints/ folder
         if resume == "auto":
-            tag = self.latest_tag()
-            return self.root / tag if tag else None
-        path = Path(resume)
-        if (path / LATEST).is_file():                # a checkpoints/ folder was given
-            path = path / (path / LATEST).read_text().strip()
-        if not (path / MARKER).is_file():
-            raise FileNotFoundError(f"--train.resume {resume}: {path} is not a complete checkpoint "
-                                    f"(no {MARKER} marker)")
-        return path
+            chosen, rejected = self._newest_verified(self.folders())
+            if chosen is None and rejected:
+                raise RuntimeError(
+                    f"no checkpoint in {self.root} verifies; nothing was moved or deleted:\n  " + "\n  ".join(
+                        f"{f.name}: {'; '.join(p)}" for f, p in rejected))
+            self._set_aside(rejected, f"rejected-resumed-from-{chosen.name}" if chosen else "rejected")
+        else:
+            path = Path(resume)
+            if (path / LATEST).is_file() or path.name == "checkpoints":      # a checkpoints/ folder
+                theirs = sorted(path.glob("step_*"), key=step_of, reverse=True)
+                chosen, rejected = self._newest_verified(theirs)
+                if chosen is None:
+                    raise RuntimeError(f"--train.resume {resume}: no checkpoint there verifies: " + "; ".join(
+                        f"{f.name}: {'; '.join(p)}" for f, p in rejected))
+            else:
+                chosen, problems = path, self.verify(path)
+                if problems:
+                    raise RuntimeError(f"--train.resume {resume} does not verify: {'; '.join(problems)}")
+            if self._own(chosen):
+                newer = [(f, [f"newer than {chosen.name}, which --train.resume asked for"])
+                         for f in self.folders() if step_of(f) > step_of(chosen)]
+                self._set_aside(newer, f"newer-than-{chosen.name}")
+        if chosen is not None:
+            self.known_good = chosen.name if self._own(chosen) else None
+            if self._own(chosen):
+                self._point_latest(chosen.name)
+        return chosen
+
+    def _newest_verified(self, folders: list[Path]) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+        rejected = []
+        for folder in folders:
+            problems = self.verify(folder)
+            if not problems:
+                return folder, rejected
+            if self.rank == 0:
+                log.warning("checkpoint %s rejected: %s", folder, "; ".join(problems))
+            rejected.append((folder, problems))
+        return None, rejected
 
     def load(self, engine, folder: Path) -> ResumeState:
+        """`folder` must have verified (resolve): its pickles were checked before DeepSpeed unpickles them,
+        which it then does with weights_only=True too."""
+        weights_only_loads(engine.checkpoint_engine)
         load_path, client_state = engine.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
@@ -139,7 +387,7 @@ class CheckpointManager:
         rank_file = folder / f"rng_rank{self.rank}.pt"
         rank_state: dict = {}
         if rank_file.is_file():
-            saved = torch.load(rank_file, weights_only=False)
+            saved = safe_load(rank_file)
             if saved.get("world_size") == self.world_size:
                 restore_rng(saved["rng"])
                 rank_state = saved["rank_state"]
@@ -150,16 +398,36 @@ class CheckpointManager:
                            rank_state=rank_state, trainer_state=trainer_state)
 
 
+def newest_verified(root: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """One process: the newest checkpoint under a checkpoints/ folder that verifies, and the rejected ones."""
+    rejected = []
+    for folder in sorted((p for p in root.glob("step_*") if p.is_dir()), key=step_of, reverse=True):
+        problems = verify(folder)
+        if not problems:
+            return folder, rejected
+        rejected.append((folder, problems))
+    return None, rejected
+
+
+# ---- RNG state as tensors and numbers (loadable with weights_only=True) ---------------------------
 def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["mt"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -172,3 +440,8 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)      # the rename itself survives a crash
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

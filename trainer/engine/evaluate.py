@@ -11,12 +11,15 @@ import itertools
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from trainer.data.skips import SkipCounter
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     cap = None if max_samples is None else -(-max_samples // world)
     rows: list[dict] = []
+    skipped: Counter = Counter()          # bad samples this rank's loader dropped (its workers' drains)
     bar = tqdm(desc=desc, unit="utt", disable=rank != 0, dynamic_ncols=True)
     t0 = time.perf_counter()
     while True:
@@ -96,16 +100,23 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
         hyps = model.generate(to_device(batch), num_beams=num_beams, max_new_tokens=max_new_tokens,
                               synced_gpus=synced_gpus)
         if real:
+            skipped.update(batch.get("skipped", {}))
             rows.extend({"key": k, "ref": r, "hyp": h} for k, r, h in zip(batch["keys"], batch["text"], hyps))
             bar.update(len(hyps))
     bar.close()
     model.train(was_training)
 
-    all_rows = [r for part in _gather(rows[:cap]) for r in part][:max_samples]
+    parts = _gather((rows[:cap], dict(skipped)))
+    all_rows = [r for rows_, _ in parts for r in rows_][:max_samples]
+    all_skipped: Counter = Counter()
+    for _, counts in parts:
+        all_skipped.update(counts)
     counts = error_counts([r["ref"] for r in all_rows], [r["hyp"] for r in all_rows])
     result = {
         "wer": counts.wer, "cer": counts.cer, "num_utterances": float(len(all_rows)),
         "ref_words": float(counts.ref_words), "eval_time_s": time.perf_counter() - t0,
+        "skipped": float(SkipCounter(counts=all_skipped).total),
+        **{f"skipped/{r}": float(n) for r, n in sorted(all_skipped.items())},
     }
     if rank == 0 and report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+CONSOLIDATED = "model.safetensors"
+KIND_KEY = "avsr_export"          # safetensors metadata: "consolidated" or "trainable"
+
 
 def _gathered(params):
     import deepspeed
@@ -34,19 +37,50 @@ def export_trainable(model, out_dir: str | Path, rank: int) -> dict[str, Path]:
             empty = [n for n, t in tensors.items() if t.numel() == 0]
             if empty:
                 raise RuntimeError(f"export gathered empty tensors for {empty[:5]}: ZeRO-3 gathering failed")
-            save_file(tensors, str(out_dir / "trainable.safetensors"))
+            save_file(tensors, str(out_dir / "trainable.safetensors"), metadata={KIND_KEY: "trainable"})
             written["trainable"] = out_dir / "trainable.safetensors"
-            model.llm.save_pretrained(str(out_dir / "adapters"))   # reads the gathered LoRA weights
+            # reads the gathered LoRA weights
+            model.llm.save_pretrained(str(out_dir / "adapters"), safe_serialization=True)
             written["adapters"] = out_dir / "adapters"
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return written
 
 
-def export_consolidated(engine, out_dir: str | Path) -> Path:
-    """The whole model (frozen parts included) as one 16-bit/fp32 state dict, for evaluation."""
+def _unshared(tensors: dict) -> dict:
+    """safetensors refuses tensors that share storage (tied embeddings): copy the second and later ones."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+def export_consolidated(engine, out_dir: str | Path) -> Path | None:
+    """The whole model (frozen parts included) as one 16-bit/fp32 safetensors file, for evaluation.
+
+    Safetensors, not a pickle: the file can be given to anyone and loading it runs no code. All ranks
+    must call this (ZeRO-3 gathers the partitions)."""
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
-    ok = engine.save_16bit_model(str(out_dir), "model.pt")
-    if not ok:
-        log.warning("consolidated export skipped: set zero_optimization.stage3_gather_16bit_weights_on_model_save")
-    return out_dir / "model.pt"
+    if engine.zero_optimization_partition_weights():
+        if not engine.zero_gather_16bit_weights_on_model_save():
+            log.warning("consolidated export skipped: set "
+                        "zero_optimization.stage3_gather_16bit_weights_on_model_save")
+            return None
+        state = engine._zero3_consolidated_16bit_state_dict()     # every rank takes part; rank 0 gets it
+    else:
+        state = engine.module_state_dict()
+    path = out_dir / CONSOLIDATED
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(_unshared(state), str(tmp), metadata={KIND_KEY: "consolidated"})
+        tmp.replace(path)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return path

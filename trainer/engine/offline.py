@@ -5,9 +5,13 @@ the weights from one of (`checkpoint`):
 
     "latest"   the newest complete checkpoint in run_dir/checkpoints, any ZeRO stage and world
                size: DeepSpeed's zero_to_fp32 rebuilds every weight (frozen ones included) on CPU
-    "export"   run_dir/export/model.pt, the consolidated model written at the end of training
-    a path     a checkpoint folder (step_XXXXXXXX), a checkpoints/ folder (its latest), a full
-               state dict (.pt), or trainable weights only (.safetensors, as export/trainable.safetensors)
+    "export"   run_dir/export/model.safetensors, the consolidated model written at the end of training
+    a path     a checkpoint folder (step_XXXXXXXX), a checkpoints/ folder (its newest that verifies), a
+               full state dict (.safetensors as export/model.safetensors, or a .pt loaded with
+               weights_only=True), or trainable weights only (export/trainable.safetensors)
+
+Checkpoints are verified first (trainer/engine/checkpoint.py: sizes, SHA-256, pickles loadable with
+weights_only=True) because DeepSpeed's zero_to_fp32 unpickles them without that restriction.
 
 The frozen weights are taken from the checkpoint, not rebuilt from the seed: the tiny stand-ins
 (random Llama, Whisper, AV-HuBERT) are initialised under zero.Init in training, which does not
@@ -28,7 +32,8 @@ import numpy as np
 import torch
 
 from trainer.data.config import DataConfig
-from trainer.engine.checkpoint import LATEST, MARKER
+from trainer.engine.checkpoint import LATEST, MANIFEST, newest_verified, verify
+from trainer.engine.export import CONSOLIDATED, KIND_KEY
 from trainer.model.config import ModelConfig
 from trainer.monitor.config import MonitorConfig
 
@@ -91,10 +96,20 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def _checkpoint_folder(path: Path) -> Path | None:
-    """A complete checkpoint folder at `path`, or the latest one of a checkpoints/ folder."""
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    if (path / MARKER).is_file() or any(path.glob("*_model_states.pt")):
+    """A checkpoint folder at `path` that verifies, or the newest such one of a checkpoints/ folder;
+    None when there is none; ValueError naming the problems when there are only broken ones."""
+    if (path / LATEST).is_file() or any(path.glob("step_*")):
+        chosen, rejected = newest_verified(path)
+        for folder, problems in rejected:
+            log.warning("checkpoint %s rejected: %s", folder, "; ".join(problems))
+        if chosen is None and rejected:
+            raise ValueError(f"no checkpoint in {path} verifies: " + "; ".join(
+                f"{f.name}: {', '.join(p)}" for f, p in rejected))
+        return chosen
+    if (path / MANIFEST).is_file():
+        problems = verify(path)
+        if problems:
+            raise ValueError(f"checkpoint {path} does not verify: {'; '.join(problems)}")
         return path
     return None
 
@@ -107,16 +122,18 @@ def _trainer_state(folder: Path | None) -> dict:
 def resolve_weights(run_dir: str | Path, checkpoint: str = "latest") -> WeightsSource:
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
-    latest = _checkpoint_folder(ckpt_root) if ckpt_root.is_dir() else None
-    fingerprint = _trainer_state(latest).get("frozen_fingerprint")
+    # the run's fingerprint: any completed checkpoint records the same one (a JSON file, safe to read)
+    sealed = sorted(ckpt_root.glob(f"step_*/{MANIFEST}")) if ckpt_root.is_dir() else []
+    fingerprint = _trainer_state(sealed[-1].parent if sealed else None).get("frozen_fingerprint")
     if checkpoint == "latest":
+        latest = _checkpoint_folder(ckpt_root) if ckpt_root.is_dir() else None
         if latest is None:
-            has_export = (run_dir / "export" / "model.pt").is_file()
+            has_export = (run_dir / "export" / CONSOLIDATED).is_file()
             hint = " (there is an export: use --checkpoint export)" if has_export else ""
             raise FileNotFoundError(f"no complete checkpoint in {ckpt_root}{hint}")
         return WeightsSource("checkpoint", latest, _trainer_state(latest).get("step"), fingerprint)
     if checkpoint == "export":
-        path = run_dir / "export" / "model.pt"
+        path = run_dir / "export" / CONSOLIDATED
         if not path.is_file():
             raise FileNotFoundError(f"no consolidated export at {path} (written when training finishes)")
         results = run_dir / "results.json"
@@ -133,12 +150,19 @@ def resolve_weights(run_dir: str | Path, checkpoint: str = "latest") -> WeightsS
         state = _trainer_state(folder)
         return WeightsSource("checkpoint", folder, state.get("step"),
                              state.get("frozen_fingerprint") or fingerprint)
-    kind = "trainable" if path.suffix == ".safetensors" else "consolidated"
+    kind = "consolidated"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            written_as = (f.metadata() or {}).get(KIND_KEY)
+        kind = written_as or ("consolidated" if path.name == CONSOLIDATED else "trainable")
     return WeightsSource(kind, path, None, fingerprint)
 
 
 def read_state_dict(src: WeightsSource) -> dict[str, torch.Tensor]:
-    """All weights of a DeepSpeed checkpoint (fp32 master weights + frozen ones + buffers), or a file's."""
+    """All weights of a DeepSpeed checkpoint (fp32 master weights + frozen ones + buffers), or a file's.
+    A checkpoint folder has verified (resolve_weights) before zero_to_fp32 unpickles it."""
     if src.kind == "checkpoint":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

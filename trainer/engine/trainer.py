@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ExperimentConfig
+from trainer.data.skips import NOTE_REASONS, SKIP_REASONS, skip_summary
 from trainer.engine.checkpoint import CheckpointManager
 from trainer.engine.data_stream import TrainStream
 from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
@@ -44,6 +46,20 @@ def _all_sum(values: list[float], device) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def _all_sum_counts(counts: dict[str, int], device) -> dict[str, int]:
+    """Per-reason counts summed over ranks (each rank's already sums its DataLoader workers)."""
+    reasons = list(SKIP_REASONS + NOTE_REASONS)
+    unknown = sorted(set(counts) - set(reasons))
+    t = torch.tensor([counts.get(r, 0) for r in reasons] + [sum(counts[r] for r in unknown)],
+                     dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    out = {r: int(n) for r, n in zip(reasons, t.tolist()) if n}
+    if t[-1]:
+        out["other"] = out.get("other", 0) + int(t[-1])
+    return out
 
 
 def frozen_weight_sums(model: torch.nn.Module) -> torch.Tensor:
@@ -118,6 +134,7 @@ class Trainer:
         self.figure_queue = None     # rank 0: sink figures drawn in a background process
         self.probe_batch = None
         self.untrained: dict | None = None
+        self.skipped_total: Counter = Counter()     # training samples skipped, all ranks
 
     # ---- the story of a run ----------------------------------------------------------------------
     def train(self) -> dict:
@@ -160,8 +177,8 @@ class Trainer:
             return results
         except EvalInterrupted as stopped:
             # The checkpoint of this step is complete unless we were still before the first save.
-            if self.ckpt.latest_tag() != f"step_{self.step:08d}" and self.step > 0:
-                self._save()
+            if self.step > 0:
+                self._save()             # returns at once if this step's checkpoint is already written
             status = "KILLED"
             log.warning("%s; checkpoint at step %d; resume with the same command", stopped, self.step)
             return {"step": self.step, "status": status}
@@ -176,8 +193,7 @@ class Trainer:
 
     def _finish(self) -> dict:
         cfg = self.cfg
-        if self.ckpt.latest_tag() != f"step_{self.step:08d}":
-            self._save()
+        self._save()                     # returns at once if this step's checkpoint is already written
         results: dict = {"step": self.step}
         if cfg.train.export_on_finish:
             written = export_trainable(self.model, self.run_dir / "export", self.rank)
@@ -212,18 +228,23 @@ class Trainer:
             return mcfg
         folder = self.run_dir / "tokenizer"
         if self.rank == 0 and not (folder / "tokenizer.json").is_file():
-            from trainer.data.text import iter_transcripts
+            from trainer.data.text import TranscriptCount, iter_transcripts
             from trainer.model.tokenizer import train_bpe_tokenizer
-            texts = list(iter_transcripts(cfg.data.shard_dir, cfg.data.train_split))
+            count = TranscriptCount()
+            texts = list(iter_transcripts(cfg.data.shard_dir, cfg.data.train_split, count))
             if not texts:
-                raise RuntimeError(f"no transcripts in {cfg.data.shard_dir} split {cfg.data.train_split}")
+                raise RuntimeError(f"no transcripts in {cfg.data.shard_dir} split {cfg.data.train_split} "
+                                   f"({count.describe()})")
             tmp = folder.with_name("tokenizer.tmp")
             train_bpe_tokenizer(texts, vocab_size=mcfg.tiny_tokenizer_vocab).save_pretrained(str(tmp))
             if folder.exists():                 # debris of an interrupted earlier attempt
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
-            log.info("trained a %d-token BPE tokenizer on %d transcripts -> %s",
-                     mcfg.tiny_tokenizer_vocab, len(texts), folder)
+            log.info("trained a %d-token BPE tokenizer on %s of split %s -> %s",
+                     mcfg.tiny_tokenizer_vocab, count.describe(), cfg.data.train_split, folder)
+            if count.used < count.expected:
+                log.warning("tokenizer: %d of the %d training samples gave no transcript (missing, empty or in "
+                            "an unreadable shard)", count.expected - count.used, count.expected)
         dist.barrier()
         return dataclasses.replace(mcfg, tokenizer_path=str(folder))
 
@@ -369,7 +390,9 @@ class Trainer:
         metrics = {f"train/{k}": v for k, v in reduced.items()}
         metrics.update(meter.rates())
         metrics.update(peak_memory_gb())
-        for reason, n in self.stream.pop_skipped().items():
+        skipped = _all_sum_counts(self.stream.pop_skipped(), self.device)
+        self.skipped_total.update(skipped)
+        for reason, n in skipped.items():
             metrics[f"data/skipped/{reason}"] = n
         self.tracker.log_metrics(metrics, self.step)
         if self.figure_queue is not None:
@@ -379,6 +402,10 @@ class Trainer:
                      self.step, self.cfg.train.max_steps, reduced["loss"], reduced["ce_loss"],
                      reduced["dec_loss_raw"], metrics["train/lr"], reduced["grad_norm"],
                      metrics["perf/samples_per_s"])
+            line = skip_summary(skipped)
+            if line:
+                log.warning("data, all ranks, since the last log: %s; since this process started: %s",
+                            line, skip_summary(self.skipped_total))
 
     # ---- periodic work -----------------------------------------------------------------------------
     def _probe_sinks(self) -> None:
@@ -417,8 +444,11 @@ class Trainer:
         self.tracker.log_metrics({f"{split}{'_' + tag if tag else ''}/{mod}/{k}": v for k, v in result.items()},
                                  self.step)
         if self.rank == 0:
-            log.info("%s%s %s WER %.2f%% CER %.2f%% on %d utterances", split, f" ({tag})" if tag else "", mod,
-                     100 * result["wer"], 100 * result["cer"], int(result["num_utterances"]))
+            skipped = skip_summary({k.split("/", 1)[1]: int(v) for k, v in result.items()
+                                    if k.startswith("skipped/")})
+            log.info("%s%s %s WER %.2f%% CER %.2f%% on %d utterances; %s", split, f" ({tag})" if tag else "",
+                     mod, 100 * result["wer"], 100 * result["cer"], int(result["num_utterances"]),
+                     f"skipped: {skipped}" if skipped else "nothing skipped")
             report = self.run_dir / "eval" / f"{name}.json"
             if report.is_file():
                 self.tracker.log_artifact(report, "eval")

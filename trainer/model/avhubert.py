@@ -17,6 +17,7 @@ Module names here are descriptive; `OFFICIAL_TO_LOCAL` is the single documented 
 """
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,19 +378,43 @@ def config_from_official_state_dict(state: dict[str, torch.Tensor], layer_norm_f
     )
 
 
+class _Inert:
+    """Stands in for every non-tensor object of a fairseq pickle (its argparse/omegaconf config, and
+    anything else): built and filled without running any code of the file's."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
 def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The `model` state dict of a fairseq checkpoint. fairseq pickles its config objects, hence
-    weights_only=False: load only checkpoints you trust. mmap keeps the tensors on disk until copied."""
+    """The `model` state dict of a fairseq checkpoint, loaded with weights_only=True.
+
+    fairseq also pickles its config objects; those names are mapped to an inert stand-in, so
+    nothing in the file can run code (a planted `os.system` becomes an inert object too).
+    mmap keeps the tensors on disk until copied."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"AV-HuBERT checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:                    # legacy (non-zip) serialisation cannot be memory-mapped
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise KeyError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
-    return ckpt["model"]
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as err:   # noqa: BLE001 - not a torch zip archive
+        raise ValueError(f"{path} is not a torch checkpoint in the zip format ({err})") from err
+    try:
+        with torch.serialization.safe_globals([(_Inert, name) for name in names]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:      # torch blocks os, subprocess, builtins.eval... outright
+        raise ValueError(f"{path}: refused, it would run code when loaded "
+                         f"({' '.join(str(err).split())[-200:]})") from None
+    state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KeyError(f"{path} is not a fairseq checkpoint (no 'model' state dict of tensors)")
+    return state
 
 
 def export_official_state_dict(encoder: AVHubertVideoEncoder) -> dict[str, torch.Tensor]:
