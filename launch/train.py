@@ -5,6 +5,7 @@ is built on first use). `--help` lists every option.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -13,12 +14,15 @@ import sys
 def main() -> None:
     from trainer.config import parse_args
     from trainer.engine.demo_data import ensure_demo_corpus
+    from trainer.engine.tracking import preflight
     from trainer.engine.trainer import Trainer
 
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = parse_args()            # validated before any process group starts
+    if rank == 0 and not preflight(cfg.tracking, cfg.train.run_dir):   # the store answers, in seconds
+        cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)
     ensure_demo_corpus(cfg.data, rank)
     results = Trainer(cfg).train()
     if rank == 0:
