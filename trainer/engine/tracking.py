@@ -89,6 +89,7 @@ class MLflowTracker(NullTracker):
                         done, left)
         self.run_id = self._reattach_or_create(exp_id, run_name, tags or {}, description)
         self._last_step = self._logged_steps() if self.resumed else {}
+        _forget_artifact_location(self.run_id)
         write_owner(self.run_dir, self.run_id)
         self.courier = Courier(self.client, self.run_dir, max_queue=max_queue,
                                on_idle=lambda: write_owner(self.run_dir, self.run_id))
@@ -184,6 +185,16 @@ class MLflowTracker(NullTracker):
                       "in %s and are delivered by the next start of this run folder or by "
                       "`python launch/replay_tracking.py --run-dir %s`", self.courier.spill.count, status,
                       self.courier.spill.path, self.run_dir)
+
+
+def _forget_artifact_location(run_id: str) -> None:
+    """MLflow caches each run's artifact location per process; a run folder copied and resumed in the
+    same process (tools, tests) must not reuse the original's."""
+    try:
+        from mlflow.tracking._tracking_service import utils
+        utils._artifact_repos_cache.pop(run_id, None)
+    except (ImportError, AttributeError):     # another MLflow version: no such cache
+        pass
 
 
 class SystemMetrics:

@@ -161,6 +161,7 @@ class Courier:
         self.max_backoff_s = max_backoff_s
         self.on_idle, self.idle_every_s = on_idle, idle_every_s
         self.delivered = 0
+        self.retries = 0                 # transient failures seen (each one retried)
         self.failing_since: float | None = None
         self._closing = threading.Event()
         self._wake = threading.Event()
@@ -256,6 +257,7 @@ class Courier:
                               err, self.rejected.path)
                     self.rejected.write([op], f"{type(err).__name__}: {err}"[:500])
                     return True
+                self.retries += 1
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
                     log.warning("MLflow store not answering (%s: %s); training continues, ops are buffered "

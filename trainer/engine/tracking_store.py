@@ -56,9 +56,9 @@ def _check_http(uri: str, timeout_s: float) -> None:
     url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
     deadline = time.monotonic() + timeout_s
     while True:
-        left = deadline - time.monotonic()
+        left = min(10.0, deadline - time.monotonic())
         try:
-            urllib.request.urlopen(url, timeout=max(1.0, min(5.0, left))).close()
+            urllib.request.urlopen(url, timeout=max(5.0, left)).close()   # a loaded server is slow
             return
         except urllib.error.HTTPError as err:
             if err.code < 500:        # it answered (404: no such experiment, 401: needs credentials)
