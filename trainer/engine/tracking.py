@@ -95,6 +95,13 @@ class MLflowTracker(NullTracker):
                                on_idle=lambda: write_owner(self.run_dir, self.run_id))
         self.system = SystemMetrics(self, system_metrics_every_s) if system_metrics_every_s > 0 else None
         log.info("MLflow run %s at %s", self.run_id, self.uri)
+        # The 3.x UI opens in its GenAI view unless told (or the browser remembers the toggle).
+        page = f"#/experiments/{exp_id}/runs/{self.run_id}?workflowType=machine_learning"
+        if self.uri.startswith(("http://", "https://")):
+            log.info("MLflow run page: %s/%s", self.uri.rstrip("/"), page)
+        else:
+            log.info("MLflow UI: `mlflow ui --backend-store-uri %s --port 5000`, then http://127.0.0.1:5000/%s",
+                     self.uri, page)
 
     # ---- setup (synchronous: the store answered the pre-flight check moments ago) -------------------
     def _experiment(self, name: str, own_store: bool) -> str:
@@ -252,7 +259,8 @@ def describe_run(cfg: dict, world_size: int, argv: list[str] | None = None) -> s
     m, d, t = cfg["model"], cfg["data"], cfg["train"]
     llm = m.get("llm_path") or "tiny LLM built in code"
     lines = [
-        f"**Command** ({world_size} processes):", "", "```", shlex.join(["launch/train.py", *args[1:]]), "```", "",
+        f"**Command** ({world_size} processes):", "", "```", *_wrapped_command(["launch/train.py", *args[1:]]),
+        "```", "",
         f"- modality **{m.get('modality')}**; LLM: {llm}; DeepSpeed config: {Path(cfg['config']).name}",
         f"- decorrelation weight {m.get('decorrelation_weight')}; "
         f"audio/video rates {m.get('audio_rate', '?')}/{m.get('video_rate', '?')}",
@@ -262,6 +270,24 @@ def describe_run(cfg: dict, world_size: int, argv: list[str] | None = None) -> s
         f"- run folder: {Path(t['run_dir']).name}; recipe: {cfg.get('recipe') or 'none'}",
     ]
     return "\n".join(lines)
+
+
+def _wrapped_command(args: list[str], width: int = 88) -> list[str]:
+    """Shell lines with backslash continuations, an option and its value never split (the UI shows
+    the description's code block unwrapped: one long line would push the run details off screen)."""
+    words, i = [], 0
+    while i < len(args):
+        take = 2 if args[i].startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--") else 1
+        words.append(shlex.join(args[i:i + take]))
+        i += take
+    lines, line = [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line + " \\")
+            line = "    " + w
+        else:
+            line = f"{line} {w}" if line else w
+    return lines + [line]
 
 
 def shard_datasets(data_cfg) -> list[dict]:
