@@ -260,3 +260,36 @@ def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_co
     key = [k for k in consolidated if k.endswith("layers.1.mlp.down_proj.weight") and k.startswith("llm.")]
     assert key, sorted(consolidated)[:10]
     torch.testing.assert_close(consolidated[key[0]].float(), llm.model.layers[1].mlp.down_proj.weight)
+
+
+def test_training_goes_on_while_another_process_locks_mlflow_db(tmp_path, synth_corpus):
+    """The issue's fault: another process holds an exclusive lock on mlflow.db mid-run, longer than
+    MLflow's 20 s busy timeout. Training must finish, and every step must reach the store after."""
+    import time
+
+    run = tmp_path / "locked"
+    out = open(tmp_path / "train.log", "w")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *_train_args(run, synth_corpus, ["--monitor.every", "0", "--train.save-every", "0"])]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "mlflow_run.json").exists():          # the tracker is up; params come next
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[-4000:]
+            time.sleep(0.2)
+        holder = subprocess.run([sys.executable, "-c", (
+            "import sqlite3, time\n"
+            f"c = sqlite3.connect({str(run / 'mlflow.db')!r}, timeout=60, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); time.sleep(30); c.execute('ROLLBACK')\n")], timeout=120)
+        assert holder.returncode == 0
+        assert proc.wait(600) == 0, (tmp_path / "train.log").read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "train.log").read_text()
+    assert "MLflow store not answering" in log and "database is locked" in log, log[-4000:]
+    client, mrun = _mlflow(run)
+    assert mrun.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")) == \
+        list(range(1, STEPS + 1))
+    assert not (run / "tracking" / "undelivered.jsonl").exists()
