@@ -89,9 +89,10 @@ class TrackingConfig:
     starts) or 'continue' (train without tracking)."""
     connect_timeout_s: float = 10.0
     """How long the start-up check waits for the tracking store (server or locked mlflow.db)."""
-    exit_timeout_s: float = 30.0
+    exit_timeout_s: float = 15.0
     """At the end of a run, how long to wait for buffered ops to reach a store that is down; the rest
-    is written to <run_dir>/tracking/undelivered.jsonl (see launch/replay_tracking.py)."""
+    is written to <run_dir>/tracking/undelivered.jsonl (see launch/replay_tracking.py). Kept short so
+    that a stop signal's checkpoint plus this wait fit in SLURM's grace time (KillWait, often 30 s)."""
     max_queue: int = 10000
     """Tracking ops buffered in memory while the store is down; beyond that they go straight to the
     undelivered file (nothing is dropped, training never waits)."""
