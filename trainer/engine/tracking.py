@@ -146,7 +146,8 @@ class MLflowTracker(NullTracker):
     def _logged_steps(self) -> dict[str, int]:
         """Each metric's last logged step: a resumed attempt does not log again the steps that an
         attempt killed after its last checkpoint already logged (resume is exact: same values)."""
-        return {m.key: m.step for m in self.client.get_run(self.run_id).data._metric_objs}
+        objs = getattr(self.client.get_run(self.run_id).data, "_metric_objs", [])   # latest value per key
+        return {m.key: m.step for m in objs}
 
     # ---- the calls the trainer makes: queued, never blocking, never raising -------------------------
     def log_params(self, params: dict[str, Any]) -> None:

@@ -168,6 +168,7 @@ class Courier:
         self._deadline = float("inf")
         self._in_flight: dict | None = None
         self._warned_full = False
+        self._last_beat = 0.0
         self._thread = threading.Thread(target=self._run, name="mlflow-courier", daemon=True)
         self._thread.start()
 
@@ -217,15 +218,18 @@ class Courier:
             except queue.Empty:
                 return ops
 
+    def _beat(self) -> None:
+        """The owner's heartbeat (every `idle_every_s`), also while an outage is being retried."""
+        if self.on_idle is not None and time.monotonic() - self._last_beat >= self.idle_every_s:
+            self._last_beat = time.monotonic()
+            try:
+                self.on_idle()
+            except Exception as err:              # the heartbeat must not kill delivery
+                log.debug("tracking heartbeat failed: %s", err)
+
     def _run(self) -> None:
-        last_idle = 0.0
         while True:
-            if self.on_idle is not None and time.monotonic() - last_idle >= self.idle_every_s:
-                last_idle = time.monotonic()
-                try:
-                    self.on_idle()
-                except Exception as err:              # the heartbeat must not kill delivery
-                    log.debug("tracking idle hook failed: %s", err)
+            self._beat()
             try:
                 op = self.queue.get(timeout=0.2)
             except queue.Empty:
@@ -267,6 +271,7 @@ class Courier:
                 return False
             if self._wake.wait(wait):     # close() wakes a long backoff for one last try
                 self._wake.clear()
+            self._beat()
             backoff = min(backoff * 2, self.max_backoff_s)
 
 
