@@ -342,10 +342,17 @@ def tracker_for_run(rank: int, run_dir: str | Path, tracking_cfg, description: s
     if rank == 0 and tracking_cfg.enabled and every and not system_metrics_available():
         log.info("MLflow system metrics off: psutil is not installed")
         every = 0.0
-    return make_tracker(rank, run_dir, enabled=tracking_cfg.enabled, experiment_name=tracking_cfg.experiment,
-                        run_name=tracking_cfg.run_name or Path(run_dir).name, description=description,
-                        exit_timeout_s=tracking_cfg.exit_timeout_s, max_queue=tracking_cfg.max_queue,
-                        system_metrics_every_s=every)
+    try:
+        return make_tracker(rank, run_dir, enabled=tracking_cfg.enabled, experiment_name=tracking_cfg.experiment,
+                            run_name=tracking_cfg.run_name or Path(run_dir).name, description=description,
+                            exit_timeout_s=tracking_cfg.exit_timeout_s, max_queue=tracking_cfg.max_queue,
+                            system_metrics_every_s=every)
+    except Exception as err:     # the store went away between the pre-flight check and here
+        if tracking_cfg.on_unreachable == "continue":
+            log.error("MLflow unusable at start (%s: %s); training continues WITHOUT tracking", type(err).__name__, err)
+            return NullTracker()
+        raise RuntimeError(f"MLflow unusable at start ({type(err).__name__}: {err}); train without it with "
+                           f"--tracking.enabled False or --tracking.on-unreachable continue") from err
 
 
 __all__ = ["MLflowTracker", "NullTracker", "make_tracker", "tracker_for_run", "preflight", "flatten", "describe_run",
