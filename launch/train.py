@@ -5,14 +5,16 @@ is built on first use). `--help` lists every option.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
 
 
-def main() -> None:
+def main() -> int | None:
     from trainer.config import ConfigError, parse_args
     from trainer.engine.demo_data import ensure_demo_corpus
+    from trainer.engine.tracking import preflight
     from trainer.engine.trainer import Trainer
 
     rank = int(os.environ.get("RANK", 0))
@@ -24,6 +26,8 @@ def main() -> None:
         if rank == 0:             # every rank finds the same problem: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2
+    if rank == 0 and not preflight(cfg.tracking, cfg.train.run_dir):   # the store answers, in seconds
+        cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)
     ensure_demo_corpus(cfg.data, rank)
     results = Trainer(cfg).train()
     if rank == 0:

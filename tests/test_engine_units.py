@@ -81,7 +81,7 @@ def test_mlflow_tracker_logs_reattaches_and_marks_status(tmp_path, monkeypatch):
     tr.log_metrics({f"m{i}": float(i) for i in range(1500)}, step=3)
     (tmp_path / "a.json").write_text("{}")
     tr.log_artifact(tmp_path / "a.json", "config")
-    tr.finish("KILLED")
+    tr.finish("KILLED")                                   # delivers the queue, then sets the state
     run = tr.client.get_run(tr.run_id)
     assert run.info.status == "KILLED"
     assert len(run.data.params) == 251 and len(run.data.params["long"]) == 6000
@@ -92,6 +92,7 @@ def test_mlflow_tracker_logs_reattaches_and_marks_status(tmp_path, monkeypatch):
     assert again.run_id == tr.run_id and again.resumed
     assert again.client.get_run(again.run_id).info.status == "RUNNING"
     again.log_params({"train": {"p0": 99}})               # changed param -> tag, not a crash
+    assert again.flush(30)
     assert again.client.get_run(again.run_id).data.tags["resume.train.p0"] == "99"
     again.finish("FAILED")
     assert again.client.get_run(again.run_id).info.status == "FAILED"
@@ -100,6 +101,7 @@ def test_mlflow_tracker_logs_reattaches_and_marks_status(tmp_path, monkeypatch):
     # a second run in the same process keeps its artefacts in its own folder too
     other = MLflowTracker(tmp_path / "other", experiment_name="t2")
     other.log_artifact(tmp_path / "a.json", "config")
+    other.finish()
     assert list((tmp_path / "other" / "mlartifacts").rglob("a.json"))
 
 

@@ -364,3 +364,20 @@ def test_config_and_schedule():
     mask[0, 0] = 0  # left padding: BOS would not be at 0
     with pytest.raises(ValueError, match="right-padded"):
         SinkAnalyzer(MonitorConfig(), mask)
+
+
+def test_layer_and_head_axes_have_whole_number_ticks(tmp_path, monkeypatch):
+    from trainer.monitor import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+    model = tiny_llama()
+    x, mask, roles = make_inputs([18, 12], [3, 4])
+    rep = monitor(layers=(1, 2, 3), figures=False).run(model, x, mask, roles, step=1, out_dir=tmp_path)
+    figures.cosine_figure(rep, tmp_path / "c.png")
+    figures.bos_heads_figure(rep, tmp_path / "b.png")
+    for fig in drawn:              # 3 layers / few heads: matplotlib alone would put ticks at 1.5, 2.5, ...
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

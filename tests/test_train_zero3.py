@@ -187,6 +187,46 @@ def test_mlflow_run_has_params_metrics_artifacts(runs):
     assert 0 <= results["val"]["wer"] and results["val"]["num_utterances"] > 0
     _, rrun = _mlflow(resumed)              # the resumed job reattached to one MLflow run
     assert rrun.info.status == "FINISHED"
+    rsteps = [m.step for m in client.get_metric_history(rrun.info.run_id, "train/loss")]
+    assert sorted(rsteps) == list(range(1, STEPS + 1))      # each step once across the two attempts
+
+
+def test_mlflow_run_page_has_kind_description_source_and_datasets(runs, synth_corpus):
+    from trainer.data.index import load_index
+
+    full, _, _ = runs
+    client, run = _mlflow(full)
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"     # not the GenAI view
+    tags = run.data.tags
+    assert "launch/train.py" in tags["mlflow.note.content"] and "--train.max-steps" in tags["mlflow.note.content"]
+    assert tags["mlflow.source.name"].endswith("train.py")
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {f"{synth_corpus.name}/train", f"{synth_corpus.name}/val", f"{synth_corpus.name}/test"}
+    train = inputs[f"{synth_corpus.name}/train"]
+    assert json.loads(train.dataset.profile)["num_rows"] == load_index(synth_corpus, "train").num_samples
+    assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "training"
+
+
+def test_a_copied_run_folder_resumes_without_touching_the_original(runs, tmp_path, synth_corpus):
+    import hashlib
+    import shutil
+
+    full, _, _ = runs
+    copy = tmp_path / "moved" / "copy"
+    shutil.copytree(full, copy)
+
+    def snapshot(folder):
+        return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = snapshot(full)
+    _train(copy, synth_corpus)          # resumes at the last step: final evaluation, export, MLflow artefacts
+    assert snapshot(full) == before, "resuming a copy changed the original run folder"
+    client, run = _mlflow(copy)
+    assert run.info.artifact_uri.startswith((copy / "mlartifacts").resolve().as_uri())
+    assert run.info.status == "FINISHED"
 
 
 def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_corpus):
@@ -223,3 +263,36 @@ def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_co
     key = [k for k in consolidated if k.endswith("layers.1.mlp.down_proj.weight") and k.startswith("llm.")]
     assert key, sorted(consolidated)[:10]
     torch.testing.assert_close(consolidated[key[0]].float(), llm.model.layers[1].mlp.down_proj.weight)
+
+
+def test_training_goes_on_while_another_process_locks_mlflow_db(tmp_path, synth_corpus):
+    """The issue's fault: another process holds an exclusive lock on mlflow.db mid-run, longer than
+    MLflow's 20 s busy timeout. Training must finish, and every step must reach the store after."""
+    import time
+
+    run = tmp_path / "locked"
+    out = open(tmp_path / "train.log", "w")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *_train_args(run, synth_corpus, ["--monitor.every", "0", "--train.save-every", "0"])]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "mlflow_run.json").exists():          # the tracker is up; params come next
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[-4000:]
+            time.sleep(0.2)
+        holder = subprocess.run([sys.executable, "-c", (
+            "import sqlite3, time\n"
+            f"c = sqlite3.connect({str(run / 'mlflow.db')!r}, timeout=60, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); time.sleep(30); c.execute('ROLLBACK')\n")], timeout=120)
+        assert holder.returncode == 0
+        assert proc.wait(600) == 0, (tmp_path / "train.log").read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "train.log").read_text()
+    assert "MLflow store not answering" in log and "database is locked" in log, log[-4000:]
+    client, mrun = _mlflow(run)
+    assert mrun.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")) == \
+        list(range(1, STEPS + 1))
+    assert not (run / "tracking" / "undelivered.jsonl").exists()

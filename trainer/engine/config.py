@@ -101,3 +101,24 @@ class TrackingConfig:
     """MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or 'avsr')."""
     run_name: Optional[str] = None
     """MLflow run name (default: the run folder's name)."""
+    on_unreachable: Literal["fail", "continue"] = "fail"
+    """When the tracking store does not answer at start: 'fail' (one error, before any process group
+    starts) or 'continue' (train without tracking)."""
+    connect_timeout_s: float = 10.0
+    """How long the start-up check waits for the tracking store (server or locked mlflow.db)."""
+    exit_timeout_s: float = 15.0
+    """At the end of a run, how long to wait for buffered ops to reach a store that is down; the rest
+    is written to <run_dir>/tracking/undelivered.jsonl (see launch/replay_tracking.py). Kept short so
+    that a stop signal's checkpoint plus this wait fit in SLURM's grace time (KillWait, often 30 s)."""
+    max_queue: int = 10000
+    """Tracking ops buffered in memory while the store is down; beyond that they go straight to the
+    undelivered file (nothing is dropped, training never waits)."""
+    system_metrics_every_s: float = 10.0
+    """Seconds between MLflow system metrics samples (CPU, memory, disk, network, GPU) of rank 0's
+    machine; 0 = off. Needs psutil (off with a note without it)."""
+
+    def __post_init__(self):
+        if self.connect_timeout_s <= 0 or self.exit_timeout_s < 0:
+            raise ValueError("tracking.connect_timeout_s must be > 0 and tracking.exit_timeout_s >= 0")
+        if self.max_queue < 1 or self.system_metrics_every_s < 0:
+            raise ValueError("tracking.max_queue must be >= 1 and tracking.system_metrics_every_s >= 0")

@@ -165,4 +165,7 @@ def log_to_mlflow(run_dir: Path, results: dict, out_dir: Path) -> str:
                for cond, r in results["conditions"].items() for k, v in r.items()}
     tracker.log_metrics(metrics, results["step"] or 0)
     tracker.log_artifact(out_dir, f"evaluate/{out_dir.name}")
+    if not tracker.detach():
+        log.warning("MLflow: not all evaluation results were delivered; `python launch/replay_tracking.py "
+                    "--run-dir %s` delivers them", run_dir)
     return tracker.run_id

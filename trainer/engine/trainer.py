@@ -30,7 +30,7 @@ from trainer.engine.schedule import warmup_cosine
 from trainer.engine.signals import StopSignal
 from trainer.engine.flops import StepFlops
 from trainer.engine.throughput import ThroughputMeter, peak_memory_gb
-from trainer.engine.tracking import make_tracker
+from trainer.engine.tracking import describe_run, shard_datasets, tracker_for_run
 
 log = logging.getLogger("trainer")
 
@@ -124,9 +124,8 @@ class Trainer:
         self.step_flops = StepFlops.from_model(self.model, cfg.data.crop_size)
         self.frozen_fingerprint = self._frozen_fingerprint()
 
-        self.tracker = make_tracker(self.rank, self.run_dir, enabled=cfg.tracking.enabled,
-                                    experiment_name=cfg.tracking.experiment,
-                                    run_name=cfg.tracking.run_name or self.run_dir.name)
+        self.tracker = tracker_for_run(self.rank, self.run_dir, cfg.tracking,
+                                       describe_run(cfg.to_dict(), self.world_size) if self.rank == 0 else None)
         self.stop = StopSignal().install()
         self.step = 0
         self.stream: TrainStream | None = None
@@ -348,6 +347,7 @@ class Trainer:
         self.tracker.log_metrics({"zero/local_param_fraction": self._local_param_fraction()}, self.step)
         self.tracker.log_artifact(self.run_dir / "experiment.json", "config")
         self.tracker.log_artifact(self.run_dir / "ds_config.resolved.json", "config")
+        self.tracker.log_datasets(shard_datasets(self.cfg.data))
         log.info("params: %s; world size %d on %s", self.param_counts, self.world_size, self.device)
 
     # ---- one optimizer step ------------------------------------------------------------------------
