@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhe
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from trainer.engine.evaluate_run import NOISES, EvalRequest, evaluate_run, format_table, log_to_mlflow, parse_conditions  # noqa: E402,E501
+from trainer.engine.evaluate_run import (NOISES, EvalRequest, evaluate_run, format_table,  # noqa: E402
+                                         log_to_mlflow, parse_conditions)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -48,6 +48,15 @@ def test_single_modality_builds_and_runs(modality):
     out = model(batch)
     assert torch.isfinite(out.loss)
     assert len(model.generate(batch, max_new_tokens=3)) == 2
+    # the counts the trainer weights micro-batches with, known before the forward, are the forward's
+    assert model.token_counts(batch) == (int(out.num_target_tokens), int(prefix_mask(roles).sum()))
+
+
+def test_token_counts_before_the_forward_are_the_forwards(avsr_model):
+    batch = make_batch(texts=("place blue at f two now", "set red by g nine again", "bin white"))
+    out = avsr_model(batch)
+    assert avsr_model.token_counts(batch) == (int(out.num_target_tokens), int(out.num_prefix_tokens))
+    assert int(out.num_prefix_tokens) == int(prefix_mask(avsr_model.assemble(batch).token_roles).sum())
 
 
 def test_avsr_layout_counts_and_instruction(avsr_model):
