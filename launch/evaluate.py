@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="run folder of launch/train.py (experiment.json, checkpoints/)")
     p.add_argument("--checkpoint", default="latest",
-                   help="'latest' (newest complete checkpoint), 'export' (the export written at the end), or a "
+                   help="'latest' (newest checkpoint that verifies), 'export' (the export written at the end), or a "
                         "path: a checkpoint folder, a checkpoints/ folder, a state-dict file (default: latest)")
     p.add_argument("--shards", help="shard folder (default: the run's data.shard_dir)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")

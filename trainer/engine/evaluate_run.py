@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from trainer.data.config import DataConfig
+from trainer.data.skips import skip_summary
 from trainer.engine.evaluate import evaluate_wer
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,10 @@ def format_table(results: dict) -> str:
              f"{'condition':>10}  {'WER %':>7}  {'CER %':>7}  {'utterances':>10}"]
     for name, r in results["conditions"].items():
         lines.append(f"{name:>10}  {100 * r['wer']:7.2f}  {100 * r['cer']:7.2f}  {int(r['num_utterances']):10d}")
+    for name, r in results["conditions"].items():      # bad clips the loader dropped, all ranks
+        skipped = skip_summary({k.split("/", 1)[1]: int(v) for k, v in r.items() if k.startswith("skipped/")})
+        if skipped:
+            lines.append(f"{name}: {skipped}")
     return "\n".join(lines) + "\n"
 
 

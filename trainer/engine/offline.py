@@ -3,7 +3,7 @@
 The architecture comes from the run's `experiment.json` (its tokenizer from `run_dir/tokenizer`),
 the weights from one of (`checkpoint`):
 
-    "latest"   the newest complete checkpoint in run_dir/checkpoints, any ZeRO stage and world
+    "latest"   the newest checkpoint in run_dir/checkpoints that verifies, any ZeRO stage and world
                size: DeepSpeed's zero_to_fp32 rebuilds every weight (frozen ones included) on CPU
     "export"   run_dir/export/model.safetensors, the consolidated model written at the end of training
     a path     a checkpoint folder (step_XXXXXXXX), a checkpoints/ folder (its newest that verifies), a
