@@ -18,7 +18,8 @@ import plan  # noqa: E402
 
 MULTI = REPO / "launch" / "slurm" / "train_multi_node.sbatch"
 SINGLE = REPO / "launch" / "slurm" / "train_single_node.sbatch"
-RECIPES = sorted((REPO / "launch" / "recipes").glob("*.yaml"))
+RECIPES = sorted(r for r in (REPO / "launch" / "recipes").glob("*.yaml") if r.stem != "demo")
+DEMO_RECIPE = REPO / "launch" / "recipes" / "demo.yaml"
 
 
 @pytest.mark.parametrize("text, hosts", [

@@ -5,15 +5,20 @@
 #   job.sh [--dry-run] RECIPE DS_CONFIG [trainer args...]
 #
 # 1. sets the NCCL / torch.distributed environment (defaults only: what you export wins);
-# 2. AVSR_DRY_RUN=1 (or --dry-run): prints every node's torchrun command and exits;
+# 2. AVSR_DRY_RUN=1 (or --dry-run): prints every node's torchrun command and, where `sbatch` is
+#    installed, checks the batch script's resource lines with `sbatch --test-only`, then exits;
 # 3. otherwise starts one task per node with srun; each task is `plan.py node`, which runs torchrun
 #    (c10d rendezvous on the first host) and relays stop signals to the trainer processes;
-# 4. relays SIGUSR1 (the time-limit warning) and SIGTERM (scancel, preemption) to the job step: the
-#    trainer finishes its step, checkpoints, marks the MLflow run KILLED and exits 0;
+# 4. signals: SLURM itself sends SIGTERM (scancel, `scontrol requeue`, preemption, time limit) to
+#    every process of the job step, so the trainer gets it without help; this shell never relays a
+#    SIGTERM to srun (srun answers one with SIGKILL of its tasks: "forcing job termination"). It
+#    relays SIGUSR1 (the time-limit warning, `scancel --signal=USR1 --batch`) and, for a SIGTERM that
+#    reached only this shell (`scancel --batch`), a SIGUSR1 too. The trainer finishes its step,
+#    checkpoints, marks the MLflow run KILLED and exits 0;
 # 5. after a SIGUSR1 it requeues the job (`scontrol requeue`): same job id and name -> same run folder
 #    -> the next run resumes (--train.resume auto) and reattaches to its MLflow run (mlflow_run.json).
-#    After a SIGTERM it does not requeue: SLURM requeues preempted `--requeue` jobs itself, and a
-#    scancel is meant to stop. AVSR_REQUEUE=0 turns the self-requeue off.
+#    After a SIGTERM it does not requeue: SLURM requeues preempted `--requeue` jobs and `scontrol
+#    requeue` itself, and a scancel is meant to stop. AVSR_REQUEUE=0 turns the self-requeue off.
 set -euo pipefail
 
 DRY_RUN=${AVSR_DRY_RUN:-0}
@@ -23,11 +28,14 @@ if [ $# -lt 2 ]; then
   echo "       e.g. ... launch/recipes/lrs3_avsr.yaml ds_configs/zero3.json --train.max-steps 1000" >&2
   exit 2
 fi
-RECIPE=$1 DS_CONFIG=$2
-shift 2
-
 AVSR_REPO=${AVSR_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# Paths given relative to the job's working directory (where you submitted from, or --chdir) are
+# made absolute here; others are taken relative to the checkout (e.g. launch/recipes/...).
+from_here() { case $1 in /*) echo "$1" ;; *) if [ -e "$1" ] && [ "$PWD" != "$AVSR_REPO" ]; then echo "$PWD/$1"; else echo "$1"; fi ;; esac; }
+RECIPE=$(from_here "$1") DS_CONFIG=$(from_here "$2")
+shift 2
 cd "$AVSR_REPO"
+mkdir -p logs                            # the scripts' --output folder (kept in the checkout too)
 
 # ---- software environment -------------------------------------------------------------------------
 # sbatch passes on the environment it was submitted from (--export=ALL), so activating the venv (or
@@ -64,7 +72,25 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS
 
 plan=("$PYTHON" "$AVSR_REPO/launch/slurm/plan.py")
 if [ "$DRY_RUN" != 0 ]; then
-  exec "${plan[@]}" dry-run "$RECIPE" "$DS_CONFIG" "$@"
+  "${plan[@]}" dry-run "$RECIPE" "$DS_CONFIG" "$@"
+  # The resource lines (#SBATCH and SBATCH_* variables, plus AVSR_SBATCH_ARGS, e.g. "--partition=gpu
+  # --gpus-per-node=4"), checked by the controller without submitting. AVSR_SBATCH_CHECK=0: skip.
+  if [ "${AVSR_SBATCH_CHECK:-1}" != 0 ] && [ -n "${AVSR_SBATCH_SCRIPT:-}" ] && command -v sbatch >/dev/null; then
+    check_rc=0
+    # shellcheck disable=SC2086  # AVSR_SBATCH_ARGS is a list of options
+    check=$(sbatch --test-only ${AVSR_SBATCH_ARGS:-} "$AVSR_SBATCH_SCRIPT" "$RECIPE" "$DS_CONFIG" "$@" 2>&1) || check_rc=$?
+    echo "# sbatch --test-only ${AVSR_SBATCH_ARGS:-}: ${check//$'\n'/ | }"
+    if [ "$check_rc" != 0 ]; then
+      case $check in
+        *"Unable to contact"*|*"configuration source"*|*"Could not establish"*)
+          echo "[job] could not check the resource lines: no SLURM controller reachable" >&2 ;;
+        *) echo "[job] SLURM would refuse (or never start) this job as configured: adapt the #SBATCH" \
+                "resource lines or pass overrides (see launch/slurm/README.md)" >&2
+           exit 1 ;;
+      esac
+    fi
+  fi
+  exit 0
 fi
 
 : "${SLURM_JOB_ID:?not inside a SLURM job (use AVSR_DRY_RUN=1 to only print the commands)}"
@@ -84,15 +110,23 @@ trap 'rm -f "$started"' EXIT
 step_pid=""
 requeue_wanted=""
 
-relay() {
-  echo "[job] got SIG$1 at $(date -Is): relaying it to the job step (the trainer checkpoints and exits)"
-  if [ "$1" = USR1 ]; then requeue_wanted=1; fi
-  if [ -n "$step_pid" ]; then kill -s "$1" "$step_pid" 2>/dev/null || true; fi
+signal_step() { if [ -n "$step_pid" ]; then kill -s "$1" "$step_pid" 2>/dev/null || true; fi; }
+on_usr1() {
+  echo "[job] got SIGUSR1 at $(date -Is): relaying it to the job step (the trainer checkpoints and exits)," \
+       "then requeuing"
+  requeue_wanted=1
+  signal_step USR1
 }
-trap 'relay USR1' USR1
-trap 'relay TERM' TERM
+on_term() {
+  # SLURM sent SIGTERM to the tasks as well (unless it was `scancel --batch`): srun must not get
+  # one (it would SIGKILL them), so the stop is passed on as SIGUSR1, which srun forwards.
+  echo "[job] got SIGTERM at $(date -Is): the trainer checkpoints and exits; not requeuing"
+  signal_step USR1
+}
+trap on_usr1 USR1
+trap on_term TERM
 
-# One task per node; srun passes the signals it receives on to the tasks.
+# One task per node; srun forwards the SIGUSR1 it receives to the tasks.
 ${AVSR_SRUN:-srun} --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
   "${plan[@]}" node "$RECIPE" "$DS_CONFIG" "$@" &
 step_pid=$!

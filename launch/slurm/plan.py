@@ -11,14 +11,18 @@ SLURM_JOB_NAME, SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE), so faking those varia
 to test it without SLURM. Overrides: AVSR_HOSTS (explicit host list), AVSR_NPROC_PER_NODE,
 AVSR_RDZV_PORT (or MASTER_PORT), AVSR_RUN_DIR, AVSR_TRAIN_SCRIPT, AVSR_TORCHRUN, AVSR_MAX_RESTARTS.
 
-Signals (`node` mode). The batch shell relays SIGUSR1/SIGTERM to srun, which delivers them to
-this process (and, with most proctrack plugins, to every process of the step). This process
-starts torchrun with SIGUSR1 *ignored* (torchrun's default action for SIGUSR1 would be to die,
-and torch < 2.9 cannot be told to handle it) and delivers each SIGUSR1/SIGTERM it receives to
-torchrun's worker processes itself, once per worker and only after the worker has installed a
-handler for it (read from /proc/PID/status SigCgt), so a signal that arrives while the model is
-still loading is held until the trainer can act on it. The trainer finishes its step, agrees
-across ranks, checkpoints and exits 0, so torchrun and this process exit 0 as well.
+Signals (`node` mode). SLURM sends SIGTERM (scancel, `scontrol requeue`, preemption, the time
+limit) to every process of the job step: this process, torchrun, the trainer ranks and their
+DataLoader workers; `job.sh` relays the batch shell's SIGUSR1 (`--signal=B:USR1@...`) through srun
+to this process only. This process is the one relay: it starts torchrun with SIGUSR1 and SIGTERM
+*ignored* (PET_SIGNALS_TO_HANDLE keeps torch versions that have --signals-to-handle from
+installing their own SIGTERM handler, which would end torchrun with an error after the workers are
+done; torchrun's default action for SIGUSR1 is to die) and delivers each SIGUSR1/SIGTERM it receives to torchrun's worker processes itself, once
+per worker and only after the worker has installed a handler for it (read from /proc/PID/status
+SigCgt), so a signal that arrives while the model is still loading is held until the trainer can
+act on it. The trainer finishes its step, agrees across ranks, checkpoints and exits 0, so
+torchrun and this process exit 0 as well. DataLoader workers and the figure pool ignore the
+signals (trainer/helper_signals.py).
 """
 from __future__ import annotations
 
@@ -256,8 +260,10 @@ def _catches(pid: int, sig: int) -> bool:
     return False
 
 
-def _ignore_usr1() -> None:
+def _ignore_stop_signals() -> None:
+    """torchrun's preexec: the stop signals are this process's to relay (see the module docstring)."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def run_node(plan: Plan, env: dict[str, str]) -> int:
@@ -275,7 +281,8 @@ def run_node(plan: Plan, env: dict[str, str]) -> int:
 
     signal.signal(signal.SIGUSR1, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    proc = subprocess.Popen(cmd, preexec_fn=_ignore_usr1)
+    torch_env = {**env, "PET_SIGNALS_TO_HANDLE": env.get("PET_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")}
+    proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals, env=torch_env)
     delivered: set[tuple[int, int]] = set()
     while True:
         try:

@@ -30,6 +30,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from trainer.helper_signals import ignore_stop_signals, stop_signals_blocked
+
 from . import skips as R
 from .batching import budget_batches, collate_stream
 from .config import DataConfig
@@ -54,6 +56,7 @@ def _worker() -> tuple[int, int]:
 
 
 def _worker_init(_: int) -> None:
+    ignore_stop_signals()        # SIGTERM/SIGUSR1 are the trainer's to handle (trainer/helper_signals.py)
     torch.set_num_threads(1)     # parallelism comes from the workers; avoid oversubscription
 
 
@@ -184,11 +187,22 @@ def train_batches_per_epoch(cfg: DataConfig, index: ShardIndex, world_size: int)
     return max(1, math.ceil(samples / per_batch))
 
 
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers survive the stop signals SLURM sends to every process of a job:
+    they are forked with SIGTERM/SIGUSR1 blocked and ignore them from `_worker_init` on (torch's own
+    worker handler would die of a SIGTERM that does not come from the parent). The trainer ends
+    them by dropping the iterator (torch then shuts the workers down)."""
+
+    def __iter__(self):
+        with stop_signals_blocked():
+            return super().__iter__()
+
+
 def _loader(dataset: AVSRStream, num_workers: int, cfg: DataConfig) -> DataLoader:
     # A private generator: creating an iterator draws a worker base seed, and from the global
     # RNG that draw would shift LoRA-dropout masks, so a resumed run (loader made after the RNG
     # restore) would drift from an uninterrupted one. Our workers seed themselves anyway.
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
+    return StopSafeLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
                       prefetch_factor=cfg.prefetch_factor if num_workers > 0 else None,
                       persistent_workers=False, pin_memory=False,
                       generator=torch.Generator().manual_seed(cfg.seed))

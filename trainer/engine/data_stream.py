@@ -55,6 +55,16 @@ class TrainStream:
             self.skipped.update(batch.get("skipped", {}))
             return batch
 
+    def close(self) -> None:
+        """End the current loader's worker processes now. They ignore SIGTERM (helper_signals.py), so
+        one left for interpreter exit would hang in multiprocessing's atexit terminate()/join()."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)    # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
+        if it is not None:
+            self._pending_skip = self.position               # a later next() rebuilds the epoch here
+
     def pop_skipped(self) -> dict[str, int]:
         out, self.skipped = dict(self.skipped), Counter()
         return out

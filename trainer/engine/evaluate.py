@@ -88,12 +88,12 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
         if cap is None or len(rows) < cap:
             batch = next(it, None)
         has_batch, stop = _any_rank([batch is not None, bool(stop_requested())], device)
+        if not has_batch:        # every rank is through: a complete result is kept, stop or not
+            break
         if stop:
             bar.close()
             model.train(was_training)
             raise EvalInterrupted(f"{desc}: stopped by a signal after {len(rows)} utterances on rank {rank}")
-        if not has_batch:
-            break
         real = batch is not None
         batch = batch if real else last
         last = batch

@@ -33,6 +33,8 @@ from trainer.engine.throughput import ThroughputMeter, peak_memory_gb
 from trainer.engine.tracking import describe_run, shard_datasets, tracker_for_run
 
 log = logging.getLogger("trainer")
+FIGURE_DRAIN_AFTER_STOP_S = 10.0     # of SLURM's 30 s KillWait, after the checkpoint
+FINAL_STAGES = "final_stages.json"     # the final export/evaluations completed so far (see _finish)
 
 
 def seed_everything(seed: int) -> None:
@@ -185,30 +187,65 @@ class Trainer:
             status = "KILLED"
             raise
         finally:
-            self.stop.uninstall()
-            if self.figure_queue is not None:
-                self._log_sink_files(self.figure_queue.close())
+            # The handler stays until the end: a second SIGTERM must not kill the process while it
+            # winds down (SLURM, the launcher and job.sh may each deliver one).
+            if self.stream is not None:
+                self.stream.close()      # its workers ignore SIGTERM: end them before exit
+            if self.figure_queue is not None:   # after a stop, only what can be drawn within the grace time
+                self._log_sink_files(self.figure_queue.close(
+                    timeout=FIGURE_DRAIN_AFTER_STOP_S if self.stop.received is not None else None))
             self.tracker.finish(status)
+            self.stop.uninstall()
 
     def _finish(self) -> dict:
         cfg = self.cfg
         self._save()                     # returns at once if this step's checkpoint is already written
         results: dict = {"step": self.step}
-        if cfg.train.export_on_finish:
+        # Each final stage is recorded in the run folder once complete: a stop during the final
+        # evaluations brings the requeued job back here at the same step, and it must neither lose
+        # nor redo (and log twice) what was already finished.
+        done = self._final_stages()
+        if cfg.train.export_on_finish and "export" not in done:
             written = export_trainable(self.model, self.run_dir / "export", self.rank)
             export_consolidated(self.engine, self.run_dir / "export")
             if self.rank == 0:
                 for path in written.values():
                     self.tracker.log_artifact(path, "export")
+            self._final_stage_done(done, "export", True)
         beams = cfg.train.final_eval_beams or cfg.train.eval_beams
         for split in final_eval_splits(cfg):
-            results[split] = self._evaluate(split, cfg.train.final_eval_max_samples, num_beams=beams)
+            if split not in done:
+                self._final_stage_done(done, split, self._evaluate(split, cfg.train.final_eval_max_samples,
+                                                                   num_beams=beams))
+            else:
+                log.info("final %s evaluation at step %d already done before a restart: kept", split, self.step)
+            results[split] = done[split]
         if self.untrained is not None:
             results["test_untrained"] = self.untrained
         if self.rank == 0:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
             self.tracker.log_artifact(self.run_dir / "results.json")
         return results
+
+    def _final_stages(self) -> dict:
+        """The final stages completed at this step by an earlier, stopped, attempt (rank 0's file,
+        broadcast so that every rank skips the same collectives)."""
+        holder = [{}]
+        path = self.run_dir / FINAL_STAGES
+        if self.rank == 0 and path.is_file():
+            saved = json.loads(path.read_text())
+            holder = [saved.get("stages", {}) if saved.get("step") == self.step else {}]
+        if self.world_size > 1:
+            dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def _final_stage_done(self, done: dict, name: str, value) -> None:
+        done[name] = value
+        if self.rank == 0:
+            path = self.run_dir / FINAL_STAGES
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"step": self.step, "stages": done}, indent=1))
+            os.replace(tmp, path)
 
     # ---- setup -------------------------------------------------------------------------------------
     def _pick_device(self) -> torch.device:
@@ -439,7 +476,7 @@ class Trainer:
             num_beams=num_beams or self.cfg.train.eval_beams, max_new_tokens=self.cfg.train.eval_max_new_tokens,
             synced_gpus=self.zero3 and self.world_size > 1, max_samples=max_samples, rank=self.rank,
             desc=f"{split} {tag or f'step {self.step}'}", report_path=self.run_dir / "eval" / f"{name}.json",
-            stop_requested=lambda: self.stop.received is not None)
+            stop_requested=self.stop.requested)
         mod = self.cfg.model.modality
         self.tracker.log_metrics({f"{split}{'_' + tag if tag else ''}/{mod}/{k}": v for k, v in result.items()},
                                  self.step)

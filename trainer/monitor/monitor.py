@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.helper_signals import ignore_stop_signals, stop_signals_blocked
 from trainer.monitor.analysis import LayerMaps, SinkAnalyzer, SinkReport, lengths_from_mask
 from trainer.monitor.capture import capture_layers, find_decoder, probe_forward
 from trainer.monitor.config import MonitorConfig, resolve_layers
@@ -23,20 +25,29 @@ log = logging.getLogger(__name__)
 class FigureQueue:
     """Draws the probe figures in one background process, so a probe costs the training loop
     only its forward and analysis (the figures are ~95% of a probe's time on CPU, and drawn on
-    the CPU whatever the accelerator). `finished()` hands back what has been written."""
+    the CPU whatever the accelerator). `finished()` hands back what has been written.
+
+    SLURM signals every process of a job: the pool's processes (and multiprocessing's resource
+    tracker) are started with SIGTERM/SIGUSR1 blocked and then ignore them, so a stop leaves the
+    pool alive and `close()` still collects the figures of the step being drawn."""
 
     def __init__(self):
         self._pool: ProcessPoolExecutor | None = None
         self._pending: list[tuple[int, Future]] = []
 
     def submit(self, report: SinkReport, folder: Path, head: int | None) -> None:
-        if self._pool is None:
-            import multiprocessing as mp
-            # spawn: a forked copy of a DeepSpeed/CUDA process is not safe to draw in
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
         maps = {k: LayerMaps(m.attn_probs.cpu().clone(), m.abs_hidden.cpu().clone()) for k, m in report.maps.items()}
         light = replace(report, maps={}, files=[])
-        self._pending.append((report.step, self._pool.submit(write_figures, light, maps, folder, head)))
+        with stop_signals_blocked():     # the pool may start (or restart) a process here
+            if self._pool is None:
+                import multiprocessing as mp
+                from multiprocessing import resource_tracker
+                resource_tracker.ensure_running()   # started now, so it inherits the blocked signals
+                # spawn: a forked copy of a DeepSpeed/CUDA process is not safe to draw in
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
+                                                 initializer=ignore_stop_signals)
+            future = self._pool.submit(write_figures, light, maps, folder, head)
+        self._pending.append((report.step, future))
 
     def finished(self, wait: bool = False) -> list[tuple[int, list[Path]]]:
         """(step, files) of the figure sets done so far (all of them with wait=True). A failed
@@ -53,10 +64,23 @@ class FigureQueue:
         self._pending = still
         return done
 
-    def close(self) -> list[tuple[int, list[Path]]]:
-        done = self.finished(wait=True)
+    def close(self, timeout: float | None = None) -> list[tuple[int, list[Path]]]:
+        """Wait for the pending figures and end the pool. With a timeout (after a stop signal: SLURM
+        kills the job KillWait seconds after its SIGTERM, 30 s by default) figure sets not drawn by
+        then are abandoned, and the pool process is killed so that exit does not wait for it."""
+        if timeout is not None and self._pending:
+            wait_futures([fut for _, fut in self._pending], timeout=timeout)
+        done = self.finished(wait=timeout is None)
         if self._pool is not None:
-            self._pool.shutdown()
+            if self._pending:
+                log.warning("sink figures for step(s) %s not drawn within %.0f s of the stop: abandoned "
+                            "(their report.json is complete)", [step for step, _ in self._pending], timeout)
+                for proc in list(getattr(self._pool, "_processes", None) or {}.values()):
+                    proc.kill()         # it ignores SIGTERM (see the class docstring)
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pending = []
+            else:
+                self._pool.shutdown()
             self._pool = None
         return done
 
