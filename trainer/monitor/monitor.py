@@ -75,7 +75,7 @@ class FigureQueue:
             if self._pending:
                 log.warning("sink figures for step(s) %s not drawn within %.0f s of the stop: abandoned "
                             "(their report.json is complete)", [step for step, _ in self._pending], timeout)
-                for proc in list(getattr(self._pool, "_processes", None) or {}.values()):
+                for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
                     proc.kill()         # it ignores SIGTERM (see the class docstring)
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pending = []
