@@ -4,4 +4,11 @@
 # Extra arguments go to pytest (e.g. `bash tests/run.sh -k kernel -x`).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/setup_env.sh"
+# tests/test_slurm_real.py runs the SLURM scripts on a private one-node SLURM (started and stopped by
+# the tests, from a config in a temp dir): install Debian's packages where missing and we are root.
+if [ "$(id -u)" = 0 ] && [ "${AVSR_INSTALL_SLURM:-1}" = 1 ] && ! { [ -x /usr/sbin/slurmctld ] &&
+    [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] && command -v sbatch >/dev/null; }; then
+  echo "[tests] installing Debian packages for the real-SLURM tests: slurmctld slurmd slurm-client munge"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
+fi
 python -m pytest "$@"

@@ -136,7 +136,16 @@ class SlurmCluster:
         return "\n".join(out)
 
     def stop(self) -> None:
-        """Daemons in reverse order, by PID: SIGTERM, then SIGKILL after 15 s."""
+        """Jobs first (SLURM ends their processes), then the daemons in reverse order, by PID:
+        SIGTERM, then SIGKILL after 15 s."""
+        if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
+            env = self.env()
+            subprocess.run(["scancel", "--user", str(os.geteuid())], env=env, capture_output=True, timeout=30)
+            deadline = time.time() + 60
+            while time.time() < deadline and set(subprocess.run(
+                    ["squeue", "-h", "-o", "%t"], env=env, capture_output=True, text=True,
+                    timeout=30).stdout.split()) & {"R", "CG", "CF"}:
+                time.sleep(1)
         for name in reversed(list(self.procs)):
             p = self.procs[name]
             if p.poll() is None:

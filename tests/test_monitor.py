@@ -381,3 +381,41 @@ def test_layer_and_head_axes_have_whole_number_ticks(tmp_path, monkeypatch):
         lo, hi = ax.get_xlim()
         ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_figure_pool_survives_stop_signals_and_a_stop_abandons_only_what_is_late(tmp_path):
+    """SLURM signals every process of a job: the pool's process and multiprocessing's resource tracker
+    get SIGTERM/SIGUSR1 too (here right after they are started). The figures are still drawn; after
+    a stop, close(timeout) returns within its budget and ends the pool although it ignores SIGTERM."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from trainer.monitor.monitor import FigureQueue
+    model = tiny_llama()
+    plant_sink(model)
+    x, mask, roles = make_inputs([18, 12], [3, 4])
+    queue = FigureQueue()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    monitor(figure_layers=(2,)).run(model, x, mask, roles, step=7, out_dir=tmp_path, figure_queue=queue)
+    helpers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert helpers                       # the pool process (and the resource tracker unless already up)
+    for p in helpers:
+        p.send_signal(signal.SIGUSR1)
+        p.send_signal(signal.SIGTERM)
+    done = dict(queue.close())
+    assert sorted(done) == [7] and all(p.suffix in (".png", ".json") for p in done[7])
+    assert all(p.is_file() for p in done[7])
+
+    queue = FigureQueue()                # a stop with figures still being drawn
+    for step in (1, 2, 3):
+        monitor(figure_layers=(2,)).run(model, x, mask, roles, step=step, out_dir=tmp_path, figure_queue=queue)
+    pool = [p for p in psutil.Process().children() if p.pid not in before and "resource_tracker" not in
+            " ".join(p.cmdline())]
+    t0 = time.time()
+    queue.close(timeout=0.5)
+    assert time.time() - t0 < 15
+    gone, alive = psutil.wait_procs(pool, timeout=10)
+    assert not alive and os.getpid()

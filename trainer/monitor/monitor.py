@@ -38,11 +38,13 @@ class FigureQueue:
     def submit(self, report: SinkReport, folder: Path, head: int | None) -> None:
         maps = {k: LayerMaps(m.attn_probs.cpu().clone(), m.abs_hidden.cpu().clone()) for k, m in report.maps.items()}
         light = replace(report, maps={}, files=[])
+        if self._pool is None:
+            from multiprocessing import resource_tracker
+            with stop_signals_blocked():    # started now, so it inherits the blocked signals (it
+                resource_tracker.ensure_running()   # unblocks SIGTERM here when done: a block of its own)
         with stop_signals_blocked():     # the pool may start (or restart) a process here
             if self._pool is None:
                 import multiprocessing as mp
-                from multiprocessing import resource_tracker
-                resource_tracker.ensure_running()   # started now, so it inherits the blocked signals
                 # spawn: a forked copy of a DeepSpeed/CUDA process is not safe to draw in
                 self._pool = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
                                                  initializer=ignore_stop_signals)

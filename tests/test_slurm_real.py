@@ -1,0 +1,247 @@
+"""The SLURM scripts on a real SLURM: a private one-node cluster (munged, slurmctld, slurmd from
+Debian's packages, started from a temp-dir config: tests/slurm_cluster.py) runs the real sbatch
+scripts on the demo model (tiny, 2 ranks, a few steps). Skipped where the daemons are not installed
+or not root (tests/run.sh installs them as root).
+
+- a chain: `scontrol requeue` (SIGTERM to every process of the step, then SLURM's own requeue), then
+  `scancel --signal=USR1 --batch` (the time-limit warning: the job requeues itself), then the end:
+  checkpoints at the stop steps, Restarts=2, one MLflow run (KILLED in between, FINISHED at the end),
+  the per-step losses of an uninterrupted job, each step logged once;
+- a real time limit (`--time=2 --signal=B:USR1@100`): USR1 before the limit, checkpoint, requeue,
+  resume; then `scancel` (SIGTERM): checkpoint, KILLED, not requeued;
+- submitted from outside the checkout, and the dry run's `sbatch --test-only` check.
+"""
+from __future__ import annotations
+
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+
+pytestmark = pytest.mark.slow
+
+SINGLE = REPO / "launch" / "slurm" / "train_single_node.sbatch"
+# what the demo needs on a CPU-only node with 2 cores (the resource lines as shipped ask for GPUs)
+CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=1", "--mem=6000"]
+MAX_STEPS = 8
+# what a stop must not cause (a DataLoader worker or the figure pool dying, a crash, SLURM's SIGKILL)
+FAILURES = ("killed by signal", "terminated abruptly", "Traceback", "task 0: Killed")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = Path(tmp_path_factory.mktemp("slurm"))
+    try:
+        c = SlurmCluster.start(root)
+    except SlurmUnavailable as err:
+        pytest.skip(f"no private SLURM: {err}")
+    yield c
+    c.stop()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job_env(cluster: SlurmCluster) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SBATCH_", "AVSR_", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"))}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", AVSR_NPROC_PER_NODE="2",
+               AVSR_RDZV_PORT=str(_free_port()), MLFLOW_EXPERIMENT_NAME="slurm", PYTHONPATH=str(REPO),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    return cluster.env(env)
+
+
+def _recipe(path: Path, corpus: Path, monitor_every: int = 0) -> Path:
+    path.write_text(f"""
+data: {{shard_dir: {corpus}, num_workers: 1, max_frames_per_batch: 600, max_batch_size: 4}}
+train: {{max_steps: {MAX_STEPS}, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
+        test_at_end: false, eval_untrained: false, export_on_finish: false}}
+monitor: {{every: {monitor_every}, probe_batch_size: 2}}
+""")
+    return path
+
+
+def _sbatch(cluster, *args, cwd: Path, env: dict) -> str:
+    p = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def _job(cluster, job: str) -> dict:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], env=cluster.env(), capture_output=True,
+                         text=True, timeout=30).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+class Watch:
+    """A job's log and state, and waiting on them (with the log in the failure message)."""
+
+    def __init__(self, cluster, job: str, log: Path):
+        self.cluster, self.job, self.log = cluster, job, log
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+    def state(self) -> dict:
+        return _job(self.cluster, self.job)
+
+    def until(self, ready, what: str, timeout: float = 420) -> None:
+        deadline = time.time() + timeout
+        while not ready():
+            if time.time() > deadline:
+                pytest.fail(f"job {self.job}: no {what} within {timeout} s; state {self.state()}\n"
+                            f"{self.text()[-5000:]}\n{self.cluster.logs('slurmctld')[-2000:]}")
+            time.sleep(1)
+
+    def logged(self, needle: str, count: int = 1) -> bool:
+        return self.text().count(needle) >= count
+
+    def pending_again(self, restarts: int, *updates: str) -> None:
+        """Wait for the requeued job to be pending, then let it start now (not after SLURM's
+        ~2 min BeginTime delay for requeued jobs), with `scontrol update` fields if given."""
+        self.until(lambda: self.state().get("JobState") == "PENDING"
+                   and int(self.state().get("Restarts", 0)) == restarts, f"requeue #{restarts}")
+        _scontrol(self.cluster, "update", f"JobId={self.job}", *updates, "StartTime=now")
+
+    def ended(self) -> dict:
+        self.until(lambda: self.state().get("JobState") in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT"),
+                   "end")
+        return self.state()
+
+
+def _scontrol(cluster, *args):
+    subprocess.run(["scontrol", *args], env=cluster.env(), check=True, timeout=30, capture_output=True)
+
+
+def _mlflow(run: Path):
+    from mlflow.tracking import MlflowClient
+    run_id = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    return client, run_id
+
+
+def _latest(run: Path) -> str:
+    return (run / "checkpoints" / "latest").read_text().strip()
+
+
+def _stop_step(text: str, nth: int) -> int:
+    """The step of the nth stop (every rank logs it)."""
+    steps = [int(part.split(";")[0]) for part in text.split("stopped by signal at step ")[1:]]
+    return list(dict.fromkeys(steps))[nth - 1]
+
+
+def _failures(log: str) -> list[str]:
+    return [f for f in FAILURES if f in log] + re.findall(r"sink figures for step \d+ failed.*", log)
+
+
+def test_requeue_and_usr1_chain_resumes_with_the_uninterrupted_losses(cluster, tmp_path, synth_corpus):
+    env = _job_env(cluster)
+    # The reference: an uninterrupted job, submitted from the checkout with the script's own
+    # --output=logs/%x-%j.out (logs/ is part of the checkout).
+    recipe = _recipe(tmp_path / "tiny.yaml", synth_corpus, monitor_every=3)
+    ref_run = tmp_path / "ref"
+    ref = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-ref", str(SINGLE), str(recipe), "ds_configs/zero3.json",
+                  "--train.run-dir", str(ref_run), cwd=REPO, env={**env, "AVSR_RDZV_PORT": str(_free_port())})
+    ref_log = REPO / "logs" / f"avsr-ref-{ref}.out"
+    # The chain: submitted from outside the checkout, recipe relative to there, own --output.
+    run = tmp_path / "chain"
+    job = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-chain", f"--output={tmp_path}/%x-%j.out", str(SINGLE),
+                  "tiny.yaml", "ds_configs/zero3.json", "--train.run-dir", str(run), cwd=tmp_path, env=env)
+    w = Watch(cluster, job, tmp_path / f"avsr-chain-{job}.out")
+    try:
+        # 1. scontrol requeue: SIGTERM to all processes of the step, SLURM requeues the job itself
+        w.until(lambda: w.logged("step 2/"), "step 2")
+        _scontrol(cluster, "requeue", job)
+        w.pending_again(1)
+        first = _stop_step(w.text(), 1)
+        assert _latest(run) == f"step_{first:08d}", w.text()[-3000:]
+        client, run_id = _mlflow(run)
+        assert client.get_run(run_id).info.status == "KILLED"
+
+        # 2. the time-limit warning to the batch shell: checkpoint, the job requeues itself
+        w.until(lambda: w.logged(f"resumed from") and w.logged(f"step {first + 1}/"), "resumed training")
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env(), check=True, timeout=30)
+        w.pending_again(2)
+        second = _stop_step(w.text(), 2)
+        assert second > first and _latest(run) == f"step_{second:08d}"
+        assert _mlflow(run)[1] == run_id and client.get_run(run_id).info.status == "KILLED"
+        assert "[job] requeuing" in w.text()
+
+        # 3. the end
+        final = w.ended()
+        Watch(cluster, ref, ref_log).ended()
+    finally:
+        subprocess.run(["scancel", job, ref], env=cluster.env(), timeout=30)
+    log = w.text()
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "2", (final, log[-3000:])
+    assert not _failures(log), log[-6000:]
+    assert log.count("[job] requeuing") == 1         # the scontrol requeue was SLURM's own
+    assert _mlflow(run)[1] == run_id and client.get_run(run_id).info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert sorted(steps) == list(range(1, MAX_STEPS + 1)), steps          # each step logged once
+    ref_client, ref_id = _mlflow(ref_run)
+    reference = {m.step: m.value for m in ref_client.get_metric_history(ref_id, "train/loss")}
+    assert {m.step: m.value for m in history} == pytest.approx(reference, rel=1e-5, abs=1e-6)
+    val = [m.step for m in client.get_metric_history(run_id, next(k for k in client.get_run(run_id).data.metrics
+                                                                   if k.startswith("val/")))]
+    assert val == [MAX_STEPS], val                                        # the final evaluation, once
+    assert (run / "sinks" / f"step_{3:07d}" / "report.json").is_file()
+    ref_log.unlink(missing_ok=True)
+
+
+def test_time_limit_requeues_then_scancel_stops(cluster, tmp_path, synth_corpus):
+    env = _job_env(cluster)
+    recipe = _recipe(tmp_path / "tiny.yaml", synth_corpus)
+    run = tmp_path / "limited"
+    # submitted from elsewhere with --chdir: the script's own logs/ output lands in the checkout
+    job = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-limit", "--time=2", "--signal=B:USR1@100",
+                  f"--chdir={REPO}", str(SINGLE), str(recipe), "ds_configs/zero3.json", "--train.run-dir", str(run),
+                  "--train.max-steps", "200", cwd=tmp_path, env=env)
+    w = Watch(cluster, job, REPO / "logs" / f"avsr-limit-{job}.out")
+    try:
+        # SLURM's USR1 before the limit -> self-requeue; the next start gets a longer limit, so that
+        # only the scancel below stops it
+        w.pending_again(1, "TimeLimit=15")
+        first = _stop_step(w.text(), 1)
+        assert _latest(run) == f"step_{first:08d}" and "[job] got SIGUSR1" in w.text(), w.text()[-3000:]
+        client, run_id = _mlflow(run)
+        assert client.get_run(run_id).info.status == "KILLED"
+        w.until(lambda: w.logged("resumed from") and w.logged(f"step {first + 1}/"), "resumed training")
+        subprocess.run(["scancel", job], env=cluster.env(), check=True, timeout=30)
+        final = w.ended()
+    finally:
+        subprocess.run(["scancel", job], env=cluster.env(), timeout=30)
+    log = w.text()
+    assert final["JobState"] == "CANCELLED" and final["Restarts"] == "1", (final, log[-3000:])
+    second = _stop_step(log, 2)
+    assert second > first and _latest(run) == f"step_{second:08d}", log[-3000:]
+    assert _mlflow(run)[1] == run_id and client.get_run(run_id).info.status == "KILLED"
+    assert not _failures(log), log[-6000:]
+    assert log.count("[job] requeuing") == 1
+    w.log.unlink(missing_ok=True)
+
+
+def test_dry_run_checks_the_resource_lines_with_the_controller(cluster):
+    env = {**_job_env(cluster), "AVSR_DRY_RUN": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "1"}
+    args = ["bash", str(SINGLE), "launch/recipes/demo.yaml", "ds_configs/zero3.json"]
+    shipped = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert shipped.returncode != 0 and "Invalid generic resource" in shipped.stdout, shipped.stdout + shipped.stderr
+    assert "SLURM would refuse" in shipped.stderr
+    adapted = subprocess.run(args, env={**env, "AVSR_SBATCH_ARGS": " ".join(CPU_NODE)}, cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert adapted.returncode == 0 and "to start at" in adapted.stdout, adapted.stdout + adapted.stderr
