@@ -3,12 +3,11 @@ Debian's packages, started from a temp-dir config: tests/slurm_cluster.py) runs 
 scripts on the demo model (tiny, 2 ranks, a few steps). Skipped where the daemons are not installed
 or not root (tests/run.sh installs them as root).
 
-- a chain: `scontrol requeue` (SIGTERM to every process of the step, then SLURM's own requeue), then
-  `scancel --signal=USR1 --batch` (the time-limit warning: the job requeues itself), then the end:
-  checkpoints at the stop steps, Restarts=2, one MLflow run (KILLED in between, FINISHED at the end),
-  the per-step losses of an uninterrupted job, each step logged once;
-- a real time limit (`--time=2 --signal=B:USR1@100`): USR1 before the limit, checkpoint, requeue,
-  resume; then `scancel` (SIGTERM): checkpoint, KILLED, not requeued;
+- a chain: a real time limit (`--time=3 --signal=B:USR1@170`: SIGUSR1 to the batch shell, the job
+  requeues itself), then `scontrol requeue` (SIGTERM to every process of the step, then SLURM's own
+  requeue), then the end: checkpoints at the stop steps, Restarts=2, one MLflow run (KILLED in
+  between, FINISHED at the end), the per-step losses of an uninterrupted job, each step logged once;
+- `scancel` (SIGTERM to every process): checkpoint, KILLED, not requeued;
 - submitted from outside the checkout, and the dry run's `sbatch --test-only` check.
 """
 from __future__ import annotations
@@ -148,38 +147,39 @@ def _failures(log: str) -> list[str]:
     return [f for f in FAILURES if f in log] + re.findall(r"sink figures for step \d+ failed.*", log)
 
 
-def test_requeue_and_usr1_chain_resumes_with_the_uninterrupted_losses(cluster, tmp_path, synth_corpus):
+def test_time_limit_and_requeue_chain_resumes_with_the_uninterrupted_losses(cluster, tmp_path, synth_corpus):
     env = _job_env(cluster)
     # The reference: an uninterrupted job, submitted from the checkout with the script's own
     # --output=logs/%x-%j.out (logs/ is part of the checkout).
-    recipe = _recipe(tmp_path / "tiny.yaml", synth_corpus, monitor_every=3)
+    recipe = _recipe(tmp_path / "tiny.yaml", synth_corpus, monitor_every=4)
     ref_run = tmp_path / "ref"
     ref = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-ref", str(SINGLE), str(recipe), "ds_configs/zero3.json",
                   "--train.run-dir", str(ref_run), cwd=REPO, env={**env, "AVSR_RDZV_PORT": str(_free_port())})
     ref_log = REPO / "logs" / f"avsr-ref-{ref}.out"
-    # The chain: submitted from outside the checkout, recipe relative to there, own --output.
+    # The chain: submitted from outside the checkout (recipe path relative to there, own --output),
+    # with a real time limit whose warning (SIGUSR1 to the batch shell) comes 10-40 s after the start.
     run = tmp_path / "chain"
-    job = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-chain", f"--output={tmp_path}/%x-%j.out", str(SINGLE),
-                  "tiny.yaml", "ds_configs/zero3.json", "--train.run-dir", str(run), cwd=tmp_path, env=env)
+    job = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-chain", "--time=3", "--signal=B:USR1@170",
+                  f"--output={tmp_path}/%x-%j.out", str(SINGLE), "tiny.yaml", "ds_configs/zero3.json",
+                  "--train.run-dir", str(run), cwd=tmp_path, env=env)
     w = Watch(cluster, job, tmp_path / f"avsr-chain-{job}.out")
     try:
-        # 1. scontrol requeue: SIGTERM to all processes of the step, SLURM requeues the job itself
-        w.until(lambda: w.logged("step 2/"), "step 2")
-        _scontrol(cluster, "requeue", job)
-        w.pending_again(1)
+        # 1. the time-limit warning: held until the trainer can act, checkpoint, the job requeues
+        #    itself; the next start gets a longer limit so that only the test's signals stop it
+        w.pending_again(1, "TimeLimit=30")
         first = _stop_step(w.text(), 1)
-        assert _latest(run) == f"step_{first:08d}", w.text()[-3000:]
+        assert "[job] got SIGUSR1" in w.text() and _latest(run) == f"step_{first:08d}", w.text()[-3000:]
         client, run_id = _mlflow(run)
         assert client.get_run(run_id).info.status == "KILLED"
 
-        # 2. the time-limit warning to the batch shell: checkpoint, the job requeues itself
-        w.until(lambda: w.logged(f"resumed from") and w.logged(f"step {first + 1}/"), "resumed training")
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env(), check=True, timeout=30)
+        # 2. scontrol requeue: SIGTERM to every process of the step (DataLoader workers and figure
+        #    pool included), then SLURM requeues the job itself
+        w.until(lambda: w.logged("resumed from") and w.logged(f"step {first + 1}/"), "resumed training")
+        _scontrol(cluster, "requeue", job)
         w.pending_again(2)
         second = _stop_step(w.text(), 2)
         assert second > first and _latest(run) == f"step_{second:08d}"
         assert _mlflow(run)[1] == run_id and client.get_run(run_id).info.status == "KILLED"
-        assert "[job] requeuing" in w.text()
 
         # 3. the end
         final = w.ended()
@@ -200,39 +200,31 @@ def test_requeue_and_usr1_chain_resumes_with_the_uninterrupted_losses(cluster, t
     val = [m.step for m in client.get_metric_history(run_id, next(k for k in client.get_run(run_id).data.metrics
                                                                    if k.startswith("val/")))]
     assert val == [MAX_STEPS], val                                        # the final evaluation, once
-    assert (run / "sinks" / f"step_{3:07d}" / "report.json").is_file()
+    assert (run / "sinks" / f"step_{4:07d}" / "report.json").is_file()
     ref_log.unlink(missing_ok=True)
 
 
-def test_time_limit_requeues_then_scancel_stops(cluster, tmp_path, synth_corpus):
+def test_scancel_checkpoints_and_stops(cluster, tmp_path, synth_corpus):
     env = _job_env(cluster)
     recipe = _recipe(tmp_path / "tiny.yaml", synth_corpus)
-    run = tmp_path / "limited"
+    run = tmp_path / "cancelled"
     # submitted from elsewhere with --chdir: the script's own logs/ output lands in the checkout
-    job = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-limit", "--time=2", "--signal=B:USR1@100",
-                  f"--chdir={REPO}", str(SINGLE), str(recipe), "ds_configs/zero3.json", "--train.run-dir", str(run),
-                  "--train.max-steps", "200", cwd=tmp_path, env=env)
-    w = Watch(cluster, job, REPO / "logs" / f"avsr-limit-{job}.out")
+    job = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-cancel", f"--chdir={REPO}", str(SINGLE), str(recipe),
+                  "ds_configs/zero3.json", "--train.run-dir", str(run), cwd=tmp_path, env=env)
+    w = Watch(cluster, job, REPO / "logs" / f"avsr-cancel-{job}.out")
     try:
-        # SLURM's USR1 before the limit -> self-requeue; the next start gets a longer limit, so that
-        # only the scancel below stops it
-        w.pending_again(1, "TimeLimit=15")
-        first = _stop_step(w.text(), 1)
-        assert _latest(run) == f"step_{first:08d}" and "[job] got SIGUSR1" in w.text(), w.text()[-3000:]
-        client, run_id = _mlflow(run)
-        assert client.get_run(run_id).info.status == "KILLED"
-        w.until(lambda: w.logged("resumed from") and w.logged(f"step {first + 1}/"), "resumed training")
+        w.until(lambda: w.logged("step 2/"), "step 2")
         subprocess.run(["scancel", job], env=cluster.env(), check=True, timeout=30)
         final = w.ended()
     finally:
         subprocess.run(["scancel", job], env=cluster.env(), timeout=30)
     log = w.text()
-    assert final["JobState"] == "CANCELLED" and final["Restarts"] == "1", (final, log[-3000:])
-    second = _stop_step(log, 2)
-    assert second > first and _latest(run) == f"step_{second:08d}", log[-3000:]
-    assert _mlflow(run)[1] == run_id and client.get_run(run_id).info.status == "KILLED"
-    assert not _failures(log), log[-6000:]
-    assert log.count("[job] requeuing") == 1
+    assert final["JobState"] == "CANCELLED" and final["Restarts"] == "0", (final, log[-3000:])
+    stopped = _stop_step(log, 1)
+    assert stopped >= 2 and _latest(run) == f"step_{stopped:08d}", log[-3000:]
+    client, run_id = _mlflow(run)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert not _failures(log) and "[job] requeuing" not in log, log[-6000:]
     w.log.unlink(missing_ok=True)
 
 
