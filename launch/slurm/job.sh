@@ -31,7 +31,9 @@ fi
 AVSR_REPO=${AVSR_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 # Paths given relative to the job's working directory (where you submitted from, or --chdir) are
 # made absolute here; others are taken relative to the checkout (e.g. launch/recipes/...).
-from_here() { case $1 in /*) echo "$1" ;; *) if [ -e "$1" ] && [ "$PWD" != "$AVSR_REPO" ]; then echo "$PWD/$1"; else echo "$1"; fi ;; esac; }
+from_here() {
+  if [ "${1#/}" = "$1" ] && [ -e "$1" ] && [ "$PWD" != "$AVSR_REPO" ]; then echo "$PWD/$1"; else echo "$1"; fi
+}
 RECIPE=$(from_here "$1") DS_CONFIG=$(from_here "$2")
 shift 2
 cd "$AVSR_REPO"

@@ -17,10 +17,10 @@ DataLoader workers; `job.sh` relays the batch shell's SIGUSR1 (`--signal=B:USR1@
 to this process only. This process is the one relay: it starts torchrun with SIGUSR1 and SIGTERM
 *ignored* (PET_SIGNALS_TO_HANDLE keeps torch versions that have --signals-to-handle from
 installing their own SIGTERM handler, which would end torchrun with an error after the workers are
-done; torchrun's default action for SIGUSR1 is to die) and delivers each SIGUSR1/SIGTERM it receives to torchrun's worker processes itself, once
-per worker and only after the worker has installed a handler for it (read from /proc/PID/status
-SigCgt), so a signal that arrives while the model is still loading is held until the trainer can
-act on it. The trainer finishes its step, agrees across ranks, checkpoints and exits 0, so
+done; torchrun's default action for SIGUSR1 is to die) and delivers each SIGUSR1/SIGTERM it
+receives to torchrun's worker processes itself, once per worker and only after the worker has
+installed a handler for it (read from /proc/PID/status SigCgt), so a signal that arrives while the
+model is still loading is held until the trainer can act on it. The trainer finishes its step, agrees across ranks, checkpoints and exits 0, so
 torchrun and this process exit 0 as well. DataLoader workers and the figure pool ignore the
 signals (trainer/helper_signals.py).
 """

@@ -77,7 +77,8 @@ class StopSignal:
 
     def _handle(self, signum, _frame) -> None:
         if self.received is None:
-            log.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+            log.warning("received %s: stopping after this step with a checkpoint",
+                        signal.Signals(signum).name)
         self.received = signum
 
     def requested(self) -> bool:
@@ -85,7 +86,8 @@ class StopSignal:
         if self.received is None:
             for pid, parent in self._links:
                 if parent_of(pid) != parent:
-                    log.warning("launcher process %d is gone: stopping after this step with a checkpoint", parent)
+                    log.warning("launcher process %d is gone: stopping after this step with a checkpoint",
+                                parent)
                     self.received = signal.SIGTERM
                     break
         return self.received is not None

@@ -218,7 +218,8 @@ class Trainer:
                 self._final_stage_done(done, split, self._evaluate(split, cfg.train.final_eval_max_samples,
                                                                    num_beams=beams))
             else:
-                log.info("final %s evaluation at step %d already done before a restart: kept", split, self.step)
+                log.info("final %s evaluation at step %d already done before a restart: kept",
+                         split, self.step)
             results[split] = done[split]
         if self.untrained is not None:
             results["test_untrained"] = self.untrained
