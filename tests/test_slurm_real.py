@@ -82,7 +82,7 @@ def _sbatch(cluster, *args, cwd: Path, env: dict) -> str:
 
 def _job(cluster, job: str) -> dict:
     out = subprocess.run(["scontrol", "-o", "show", "job", job], env=cluster.env(), capture_output=True,
-                         text=True, timeout=30).stdout
+                         text=True, timeout=180).stdout
     return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
@@ -98,7 +98,7 @@ class Watch:
     def state(self) -> dict:
         return _job(self.cluster, self.job)
 
-    def until(self, ready, what: str, timeout: float = 420) -> None:
+    def until(self, ready, what: str, timeout: float = 900) -> None:
         deadline = time.time() + timeout
         while not ready():
             if time.time() > deadline:
@@ -185,7 +185,7 @@ def test_time_limit_and_requeue_chain_resumes_with_the_uninterrupted_losses(clus
         final = w.ended()
         Watch(cluster, ref, ref_log).ended()
     finally:
-        subprocess.run(["scancel", job, ref], env=cluster.env(), timeout=30)
+        subprocess.run(["scancel", job, ref], env=cluster.env(), timeout=180)
     log = w.text()
     assert final["JobState"] == "COMPLETED" and final["Restarts"] == "2", (final, log[-3000:])
     assert not _failures(log), log[-6000:]
@@ -214,10 +214,10 @@ def test_scancel_checkpoints_and_stops(cluster, tmp_path, synth_corpus):
     w = Watch(cluster, job, REPO / "logs" / f"avsr-cancel-{job}.out")
     try:
         w.until(lambda: w.logged("step 2/"), "step 2")
-        subprocess.run(["scancel", job], env=cluster.env(), check=True, timeout=30)
+        subprocess.run(["scancel", job], env=cluster.env(), check=True, timeout=180)
         final = w.ended()
     finally:
-        subprocess.run(["scancel", job], env=cluster.env(), timeout=30)
+        subprocess.run(["scancel", job], env=cluster.env(), timeout=180)
     log = w.text()
     assert final["JobState"] == "CANCELLED" and final["Restarts"] == "0", (final, log[-3000:])
     stopped = _stop_step(log, 1)
