@@ -140,12 +140,15 @@ class SlurmCluster:
         SIGTERM, then SIGKILL after 15 s."""
         if self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             env = self.env()
-            subprocess.run(["scancel", "--user", str(os.geteuid())], env=env, capture_output=True, timeout=30)
-            deadline = time.time() + 60
-            while time.time() < deadline and set(subprocess.run(
-                    ["squeue", "-h", "-o", "%t"], env=env, capture_output=True, text=True,
-                    timeout=30).stdout.split()) & {"R", "CG", "CF"}:
-                time.sleep(1)
+            try:          # a controller too slow to answer must not keep the daemons alive
+                subprocess.run(["scancel", "--user", str(os.geteuid())], env=env, capture_output=True, timeout=60)
+                deadline = time.time() + 90
+                while time.time() < deadline and set(subprocess.run(
+                        ["squeue", "-h", "-o", "%t"], env=env, capture_output=True, text=True,
+                        timeout=60).stdout.split()) & {"R", "CG", "CF"}:
+                    time.sleep(1)
+            except (subprocess.SubprocessError, OSError):
+                pass
         for name in reversed(list(self.procs)):
             p = self.procs[name]
             if p.poll() is None:
