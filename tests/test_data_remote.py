@@ -42,6 +42,8 @@ class Clip:
 
 
 def make_clip_sample(item: Clip) -> Sample:
+    if item.key == "boom":
+        raise RuntimeError("producer bug")
     s = make_sample(item.key, item.frames, seed=item.seed, size=88 if item.seed % 2 else 96)
     meta = json.loads(s["json"])
     return Sample(key=item.key, wav=s["wav"], mp4=s["mp4"], txt=s["txt"].decode(), meta=meta)
@@ -159,10 +161,6 @@ def test_s3_writer_keeps_the_old_split_until_the_new_one_is_complete(servers):
     assert sorted(objects()) == ["val-000000.tar", "val-000001.tar", "val.index.json"]
     assert load_index(out, "val").num_samples == res.index.num_samples == 5
     assert validate(out).ok
-
-
-def _boom(item: Clip) -> Sample:
-    raise RuntimeError("producer bug")
 
 
 def test_resets_503s_and_stalls_are_retried_and_counted(servers, via_s3_proxy):
