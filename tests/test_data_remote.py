@@ -242,3 +242,34 @@ def test_validate_cli_checks_remote_shard_sets(servers):
                            text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         assert p.stdout.strip().endswith("OK") and " 12 samples" in " ".join(p.stdout.split())
+
+
+def test_synth_writes_straight_to_s3(servers):
+    """The converters' output: `data_tools synth --out s3://...` (credentials from the environment)."""
+    out = f"s3://{BUCKET}/synth-cli"
+    p = subprocess.run([sys.executable, "-m", "data_tools", "synth", "--out", out, "--num", "6", "--workers", "1",
+                        "--samples-per-shard", "2", "--quiet"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sum(load_index(out, split).num_samples for split in ("train", "val", "test")) == 6
+    assert validate(out).ok
+
+
+def test_analyze_sinks_takes_a_remote_shard_location(servers, tmp_path, capsys):
+    """--shards https://...: the split check reads the remote index (then stops at the missing checkpoint)."""
+    import importlib.util
+
+    from trainer.config import ExperimentConfig
+    spec = importlib.util.spec_from_file_location("analyze_sinks", REPO / "launch" / "analyze_sinks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = ExperimentConfig(config=str(REPO / "ds_configs" / "zero3.json")).to_dict()
+    cfg["train"]["run_dir"] = str(run)
+    (run / "experiment.json").write_text(json.dumps(cfg))
+    web = servers["web"].url
+    assert module.main(["--run-dir", str(run), "--shards", web, "--split", "test", "--out", str(tmp_path / "o")]) == 1
+    assert f"no split 'test' at {web}" in capsys.readouterr().err
+    assert module.main(["--run-dir", str(run), "--shards", web, "--out", str(tmp_path / "o")]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err          # past the shard check

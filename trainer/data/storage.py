@@ -229,14 +229,17 @@ class _S3(_Backend):
         return names
 
 
-class _HTTP(_Backend):
-    _session = None
+_sessions: dict = {}
 
-    def _get(self):
-        if self._session is None or self._session[0] != os.getpid():
+
+class _HTTP(_Backend):
+    @staticmethod
+    def _get():
+        """One session per process (connections reused across shards, never across a fork)."""
+        if os.getpid() not in _sessions:
             import requests
-            self._session = (os.getpid(), requests.Session())   # trust_env: ~/.netrc and proxy variables
-        return self._session[1]
+            _sessions[os.getpid()] = requests.Session()   # trust_env: ~/.netrc and proxy variables
+        return _sessions[os.getpid()]
 
     @staticmethod
     def _check(resp, url):
@@ -393,7 +396,10 @@ def open_stream(url: str, policy: RetryPolicy = RetryPolicy(), on_retry: OnRetry
     if cache is not None:
         hit = cache.lookup(url)
         if hit is not None:
-            return open(hit, "rb", buffering=BUFFER_BYTES)
+            try:
+                return open(hit, "rb", buffering=BUFFER_BYTES)
+            except FileNotFoundError:
+                pass            # evicted by another worker just now: read it remotely
     stream = io.BufferedReader(RemoteReader(url, policy, on_retry), BUFFER_BYTES)
     return cache.tee(url, stream) if cache is not None else stream
 
