@@ -108,6 +108,8 @@ def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
     data = dataclasses.replace(cfg.data, shard_dir=args.shards or cfg.data.shard_dir)
     split = args.split or data.eval_split
     shards = data.shard_dir
+    if not shards:
+        raise FileNotFoundError("no shard location (the run folder's is not used): pass --shards")
     storage.check_location(shards)
     if storage.is_remote(shards):
         if not storage.exists(index_location(shards, split)):

@@ -273,3 +273,24 @@ def test_analyze_sinks_takes_a_remote_shard_location(servers, tmp_path, capsys):
     assert f"no split 'test' at {web}" in capsys.readouterr().err
     assert module.main(["--run-dir", str(run), "--shards", web, "--out", str(tmp_path / "o")]) == 1
     assert "no complete checkpoint" in capsys.readouterr().err          # past the shard check
+
+
+def test_a_run_folder_never_chooses_a_command_to_run(tmp_path, capsys):
+    """A run folder may come from someone else: a pipe: shard location in its experiment.json is not run."""
+    import importlib.util
+
+    from trainer.config import ExperimentConfig
+    from trainer.engine.offline import load_run_config
+    spec = importlib.util.spec_from_file_location("analyze_sinks", REPO / "launch" / "analyze_sinks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run, marker = tmp_path / "run", tmp_path / "ran"
+    run.mkdir()
+    cfg = ExperimentConfig(config=str(REPO / "ds_configs" / "zero3.json")).to_dict()
+    cfg["train"]["run_dir"] = str(run)
+    cfg["data"]["shard_dir"] = f"pipe:touch {marker}; cat /dev/null/{{name}}"
+    (run / "experiment.json").write_text(json.dumps(cfg))
+    assert load_run_config(run).data.shard_dir == ""
+    assert module.main(["--run-dir", str(run), "--out", str(tmp_path / "o")]) == 1
+    assert "pass --shards" in capsys.readouterr().err
+    assert not marker.exists()
