@@ -58,14 +58,22 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto server did not start")
 
 
-def raw_read(urls: list[str]) -> tuple[float, int]:
-    """Seconds to stream every shard's bytes (no decoding), and the byte count."""
-    t0, n = time.perf_counter(), 0
+def raw_read(urls: list[str]) -> tuple[float, float, int]:
+    """Wall and CPU seconds (this process) to stream every shard's bytes (no decoding), and the bytes."""
+    t0, c0, n = time.perf_counter(), time.process_time(), 0
     for url in urls:
         with (open(url, "rb") if not storage.is_remote(url) else storage.open_stream(url)) as f:
             while chunk := f.read(1 << 20):
                 n += len(chunk)
-    return time.perf_counter() - t0, n
+    return time.perf_counter() - t0, time.process_time() - c0, n
+
+
+def client_cpu_s() -> float:
+    """CPU seconds to create the S3 client, which each DataLoader worker does once per loader."""
+    storage._clients.clear()
+    c0 = time.process_time()
+    storage._s3_client(storage.RetryPolicy())
+    return time.process_time() - c0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
                              ("s3", [storage.join(remote, s.name) for s in index.shards])):
             server0 = proc_cpu_s(proc.pid) if proc else 0.0
             secs = [raw_read(urls) for _ in range(args.rounds)]
-            raw[source] = (statistics.median(s for s, _ in secs), secs[0][1],
-                           (proc_cpu_s(proc.pid) - server0) / args.rounds if proc else float("nan"))
+            raw[source] = (statistics.median(s for s, _, _ in secs), statistics.median(c for _, c, _ in secs),
+                           secs[0][2], (proc_cpu_s(proc.pid) - server0) / args.rounds if proc else float("nan"))
+        client_cpu = statistics.median(client_cpu_s() for _ in range(5))
     finally:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -142,9 +151,10 @@ def main(argv: list[str] | None = None) -> None:
             summary.append({"source": source, "workers": workers, **med})
             print(f"{source:>8} {workers:>8} {med['clips_per_s']:>9.2f} {med['cpu_s']:>8.2f} "
                   f"{med['server_cpu_s']:>13.2f}")
-    for source, (secs, nbytes, server_cpu) in raw.items():
-        print(f"raw stream {source:>5}: {nbytes / secs / 1e6:8.1f} MB/s ({secs * 1e3:.0f} ms for {nbytes / 1e6:.1f} MB; "
-              f"server CPU {server_cpu:.2f} s)")
+    for source, (secs, cpu, nbytes, server_cpu) in raw.items():
+        print(f"raw stream {source:>5}: {nbytes / secs / 1e6:8.1f} MB/s ({secs * 1e3:.0f} ms wall, {cpu * 1e3:.0f} ms "
+              f"client CPU for {nbytes / 1e6:.1f} MB; server CPU {server_cpu * 1e3:.0f} ms)")
+    print(f"S3 client creation (once per DataLoader worker per loader): {client_cpu * 1e3:.0f} ms CPU")
     if args.csv:
         new = not Path(args.csv).exists()
         with open(args.csv, "a", newline="") as f:
