@@ -99,7 +99,7 @@ def monitor_config(base, args: argparse.Namespace, probe_rows: int):
 # --------------------------------------------------------------------------- run mode
 def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tuple[SinkReport, dict]:
     from trainer.data import storage
-    from trainer.data.index import available_splits, index_location, index_path
+    from trainer.data.index import check_split
     from trainer.engine.offline import load_run_config, load_trained_model
     from trainer.engine.probe import first_eval_batch, run_probe
     from trainer.monitor.monitor import SinkMonitor
@@ -108,20 +108,7 @@ def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
     data = dataclasses.replace(cfg.data, shard_dir=args.shards or cfg.data.shard_dir)
     split = args.split or data.eval_split
     shards = data.shard_dir
-    if not shards:
-        raise FileNotFoundError("no shard location (the run folder's is not used): pass --shards")
-    storage.check_location(shards)
-    if storage.is_remote(shards):
-        if not storage.exists(index_location(shards, split)):
-            have = available_splits(shards)
-            raise FileNotFoundError(f"no split {split!r} at {storage.redact(shards)} (no {split}.index.json); "
-                                    f"splits there: {'cannot list' if have is None else have or 'none'}")
-    elif not Path(shards).is_dir():
-        raise FileNotFoundError(f"shard folder not found: {shards}")
-    elif not index_path(shards, split).is_file():
-        have = sorted(p.name.removesuffix(".index.json") for p in Path(shards).glob("*.index.json"))
-        raise FileNotFoundError(f"no split {split!r} in {shards} (no {index_path(shards, split).name}); "
-                                f"splits there: {have or 'none'}")
+    check_split(shards, split)
     model, cfg, src = load_trained_model(args.run_dir, args.checkpoint, device)
     rows = args.num_samples or cfg.monitor.probe_batch_size
     monitor = SinkMonitor(monitor_config(cfg.monitor, args, rows))

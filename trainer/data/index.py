@@ -142,6 +142,28 @@ def load_index(folder: str | os.PathLike, split: str,
                       root=root, digest=hashlib.sha256(data).hexdigest())
 
 
+def check_split(shard_dir: str | os.PathLike, split: str) -> None:
+    """A clear error unless `shard_dir` (a folder or remote location) holds an index for `split`."""
+    if not shard_dir:
+        raise FileNotFoundError("no shard location (a run folder's own is not used when it is a pipe: "
+                                "command): pass --shards")
+    storage.check_location(str(shard_dir))
+    if storage.is_remote(shard_dir):
+        if not storage.exists(index_location(shard_dir, split)):
+            have = available_splits_or_none(str(shard_dir), storage.RetryPolicy())
+            raise FileNotFoundError(f"no split {split!r} at {storage.redact(str(shard_dir))} (no "
+                                    f"{index_name(split)}); splits there: "
+                                    f"{'cannot list' if have is None else have or 'none'}")
+        return
+    shards = Path(shard_dir)
+    if not shards.is_dir():
+        raise FileNotFoundError(f"shard folder not found: {shards}")
+    if not index_path(shards, split).is_file():
+        have = sorted(p.name.removesuffix(".index.json") for p in shards.glob("*.index.json"))
+        raise FileNotFoundError(f"no split {split!r} in {shards} (no {index_name(split)}); "
+                                f"splits there: {have or 'none'}")
+
+
 def available_splits_or_none(folder: str, policy: storage.RetryPolicy) -> list[str] | None:
     try:
         return available_splits(folder)
