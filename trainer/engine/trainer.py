@@ -462,11 +462,13 @@ class Trainer:
 
     def _check_eval_splits(self) -> None:
         """Fail at the start, not after training, when a split evaluated at the end has no index."""
-        from trainer.data.index import index_path
-        missing = [s for s in final_eval_splits(self.cfg) if not index_path(self.cfg.data.shard_dir, s).is_file()]
+        from trainer.data.index import index_location, index_name
+        from trainer.data.storage import exists, redact
+        shard_dir = self.cfg.data.shard_dir
+        missing = [s for s in final_eval_splits(self.cfg) if not exists(index_location(shard_dir, s))]
         if missing:
-            raise FileNotFoundError(f"--train.final-eval-splits: no split {missing} in {self.cfg.data.shard_dir} "
-                                    f"(no {index_path(self.cfg.data.shard_dir, missing[0]).name})")
+            raise FileNotFoundError(f"--train.final-eval-splits: no split {missing} in {redact(shard_dir)} "
+                                    f"(no {index_name(missing[0])})")
 
     def _evaluate(self, split: str, max_samples: int | None, tag: str = "", num_beams: int | None = None) -> dict:
         from trainer.data.pipeline import build_eval_loader
