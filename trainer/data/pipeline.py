@@ -35,6 +35,7 @@ from trainer.helper_signals import ignore_stop_signals, stop_signals_blocked
 
 from . import skips as R
 from . import storage
+from .cache import ShardCache
 from .batching import budget_batches, collate_stream
 from .config import DataConfig
 from .decode import decode_stream
@@ -102,7 +103,7 @@ class RemoteOpener:
         return cls(cfg.retry_policy, cfg.cache_dir, int(cfg.cache_max_gb * 1e9), index.digest)
 
     def open(self, url: str, on_retry):
-        cache = storage.ShardCache(self.cache_dir, self.cache_max_bytes, self.cache_tag) if self.cache_dir else None
+        cache = ShardCache(self.cache_dir, self.cache_max_bytes, self.cache_tag) if self.cache_dir else None
         return storage.open_stream(url, self.policy, on_retry, cache)
 
 
