@@ -102,7 +102,7 @@ def via_s3_proxy(servers, monkeypatch):
 
 def _cfg(shard_dir, **kw):
     base = dict(shard_dir=str(shard_dir), num_workers=0, max_frames_per_batch=120, max_clip_frames=100,
-                shuffle_buffer=8, sort_buffer=8, remote_attempts=4, remote_timeout_s=5)
+                shuffle_buffer=8, sort_buffer=8, remote_attempts=4, remote_timeout_s=30)
     base.update(kw)
     return DataConfig(**base)
 
@@ -168,14 +168,16 @@ def test_resets_503s_and_stalls_are_retried_and_counted(servers, via_s3_proxy):
     set_faults(via_s3_proxy, [
         {"method": "GET", "path": "val-000000.tar", "action": "reset", "after": 30000, "times": 2},
         {"method": "GET", "path": "val-000001.tar", "action": "status", "status": 503, "times": 2},
-        {"method": "GET", "path": "val-000002.tar", "action": "stall", "seconds": 3, "times": 1},
+        {"method": "GET", "path": "val-000002.tar", "action": "stall", "seconds": 8, "times": 1},
     ])
-    keys, texts, sums, counts = _eval(_cfg(f"s3://{BUCKET}/corpus", remote_timeout_s=1))
+    keys, texts, sums, counts = _eval(_cfg(f"s3://{BUCKET}/corpus", remote_timeout_s=3))
     assert (keys, texts, sums) == local[:3]            # every clip, intact, despite the faults
     events = Counter(e["action"] for e in fault_events(via_s3_proxy))
     assert events == {"reset": 2, "status": 2, "stall": 1}
     retried = {metric_name(r): n for r, n in counts.items()}
-    assert retried == {"data/retried/connection": 2, "data/retried/http_503": 2, "data/retried/timeout": 1}
+    # a loaded machine may add a slow answer to the stall (more timeouts), never fewer retries
+    assert retried.pop("data/retried/timeout") >= 1
+    assert retried == {"data/retried/connection": 2, "data/retried/http_503": 2}
 
 
 def test_http_resets_resume_mid_shard(servers):
@@ -194,8 +196,8 @@ def test_a_shard_that_keeps_failing_is_skipped_like_a_corrupt_one(servers, via_s
     set_faults(via_s3_proxy, [{"method": "GET", "path": "val-000001.tar", "action": "status", "status": 503,
                                "times": -1}])
     keys, _, _, counts = _eval(_cfg(f"s3://{BUCKET}/corpus", remote_attempts=3))
-    assert len(keys) == (SHARDS - 1) * PER_SHARD and not any(k.startswith("val_00") and k in
-                                                             [f"val_{i:03d}" for i in range(4, 8)] for k in keys)
+    assert len(keys) == (SHARDS - 1) * PER_SHARD
+    assert not set(keys) & {f"val_{i:03d}" for i in range(PER_SHARD, 2 * PER_SHARD)}    # the second shard's
     assert counts[TAR_ERROR] == 1 and counts[SHARD_SHORT] == PER_SHARD
     assert counts["retried/http_503"] == 2             # 3 attempts: 2 retries, then given up
 
