@@ -132,8 +132,9 @@ def shard_samples(shards: Iterator[tuple[str, int]], counter: SkipCounter,
             counter.skip(R.SHARD_SHORT, f"{storage.redact(url)}: {n} of {expected} samples", n=expected - n)
         empty_run = 0 if n else empty_run + 1
         if num_shards and empty_run >= num_shards:
-            raise UnusableDataError(f"none of the {num_shards} shards delivered a sample (e.g. {storage.redact(url)}; "
-                                    f"by reason: {dict(counter.skipped_only())}): not WebDataset tars?")
+            raise UnusableDataError(f"none of the {num_shards} shards delivered a sample "
+                                    f"(e.g. {storage.redact(url)}; by reason: {dict(counter.skipped_only())}): "
+                                    f"not WebDataset tars?")
 
 
 def endless_shards(shards: list[tuple[str, int]], rng: random.Random, shuffle: bool,
@@ -207,7 +208,8 @@ def _index(cfg: DataConfig, split: str) -> ShardIndex:
                          "their *.index.json")
     index = load_index(cfg.shard_dir, split, cfg.retry_policy)
     if not index.shards or index.num_samples == 0:
-        raise UnusableDataError(f"shard index for split {split!r} in {storage.redact(cfg.shard_dir)} lists no samples")
+        raise UnusableDataError(f"shard index for split {split!r} in {storage.redact(cfg.shard_dir)} "
+                                f"lists no samples")
     if index.remote:
         missing = _missing_remote(index, cfg.retry_policy)
     else:
