@@ -203,10 +203,18 @@ def test_a_shard_that_keeps_failing_is_skipped_like_a_corrupt_one(servers, via_s
 
 
 def test_an_unreachable_split_is_one_clear_error_at_start(servers, monkeypatch):
+    from trainer.config import ConfigError, parse_args
+    config = ["--config", str(REPO / "ds_configs" / "zero3.json"), "--data.remote-attempts", "2"]
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")      # nothing listens there
     with pytest.raises(storage.RemoteError, match=r"cannot read the 'val' shard index s3://avsr-test/corpus/val"):
         build_eval_loader(_cfg(f"s3://{BUCKET}/corpus", remote_attempts=2), "val", 0, 1)
+    # the trainer's parse step, before any process starts: one line
+    with pytest.raises(ConfigError, match=r"--data.shard-dir s3://avsr-test/corpus: .*gave up after 2 attempts"):
+        parse_args([*config, "--data.shard-dir", f"s3://{BUCKET}/corpus"])
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", servers["moto"].url)
+    with pytest.raises(ConfigError, match=r"s3://avsr-test/corpus: no shard index for split\(s\) \['nope'\]"):
+        parse_args([*config, "--data.shard-dir", f"s3://{BUCKET}/corpus", "--data.eval-split", "nope"])
+    assert parse_args([*config, "--data.shard-dir", f"s3://{BUCKET}/corpus"]).data.shard_dir.startswith("s3://")
     with pytest.raises(FileNotFoundError, match=r"no shard index for split 'val' at s3://avsr-test/nothing"):
         build_eval_loader(_cfg(f"s3://{BUCKET}/nothing"), "val", 0, 1)
     # an index whose shards are not all there: named at start, not found shard by shard later
