@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from trainer.data.storage import RemoteError
+
 from . import lrs3, synth, validate
 
 COMMANDS = {
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(module, args: argparse.Namespace) -> int:
     try:
         return module.run(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (FileExistsError, FileNotFoundError, PermissionError, RemoteError, ValueError) as err:
         # expected user errors: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

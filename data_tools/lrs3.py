@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from trainer.data.storage import redact
+
 from .media import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, MediaError, decode_video, decode_wav, encode_wav, \
     fit_length, load_audio_16k
 from .shards import DEFAULT_MAX_BYTES, Sample, SkipSample, SplitResult, write_split
@@ -147,7 +149,7 @@ def format_skips(result: SplitResult, examples: int = 3) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", type=Path, help="LRS3/LRS2 folder prepared by auto_avsr (speaker folders of mp4/wav/txt)")
-    p.add_argument("out", type=Path, help="output folder for the shards and the index")
+    p.add_argument("out", help="output folder, or s3://bucket/prefix, for the shards and the index")
     p.add_argument("--split", required=True, help="split name for the shards, e.g. train, val, test")
     p.add_argument("--dataset", default="lrs3", help="dataset name stored in each sample's json (default lrs3)")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPU cores)")
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_skips(result))
         return 1
     print(f"{args.split}: {idx.num_samples} utterances, {idx.duration / 3600:.3f} h, {len(idx.shards)} shards "
-          f"in {args.out} ({time.perf_counter() - t0:.1f} s)")
+          f"in {redact(args.out)} ({time.perf_counter() - t0:.1f} s)")
     if result.skipped:
         print(format_skips(result))
     return 0 if idx.num_samples > 0 else 1

@@ -6,6 +6,10 @@ depends only on the inputs and the limits, never on the number of workers. Each
 process then produces and writes whole shards: no shard is shared. A shard is
 written under a hidden temporary name and moved to `{split}-{index:06d}.tar` only
 when complete, so a reader never sees a half-written shard.
+
+The output is a folder or an `s3://bucket/prefix` (trainer.data.storage.OutFolder): for S3 each
+worker writes its shard to a local staging folder, uploads it under the temporary name and deletes
+the local copy (local disk: about one shard per worker), and the renames are server-side copies.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ import multiprocessing as mp
 import os
 import queue
 import re
+import shutil
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +31,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 from tqdm import tqdm
 
-from trainer.data.index import ShardIndex, ShardInfo, index_path, shard_name
+from trainer.data.index import ShardIndex, ShardInfo, index_name, shard_name
+from trainer.data.storage import OutFolder, redact
 
 DEFAULT_MAX_BYTES = 1_000_000_000        # ~1 GB per shard in real use
 TAR_MTIME = 0                          # fixed member times: identical inputs give identical tars
@@ -109,7 +116,7 @@ def plan_shards(sizes: Sequence[int], max_bytes: int | None, max_samples: int | 
 
 @dataclass
 class ShardResult:
-    tmp_path: str
+    tmp_name: str                           # the shard's temporary name in the output folder
     samples: int
     duration: float
     nbytes: int
@@ -167,9 +174,9 @@ def _produce_one(producer: Producer, item: Any) -> Sample | SkipSample:
         return skip
 
 
-def _write_shard(tmp_path: str, items: list, producer: Producer) -> ShardResult:
-    """Produce and write one whole shard; runs in a worker process."""
-    result = ShardResult(tmp_path=tmp_path, samples=0, duration=0.0, nbytes=0, skipped=[])
+def _write_shard(tmp_path: str, items: list, producer: Producer, upload: OutFolder | None = None) -> ShardResult:
+    """Produce and write one whole shard (then upload it, for S3); runs in a worker process."""
+    result = ShardResult(tmp_name=Path(tmp_path).name, samples=0, duration=0.0, nbytes=0, skipped=[])
     with open(tmp_path, "wb") as stream:
         # PAX: member names over 100 bytes (long keys) are valid; USTAR would fail the whole shard
         writer = tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT)
@@ -191,6 +198,12 @@ def _write_shard(tmp_path: str, items: list, producer: Producer) -> ShardResult:
         stream.flush()
         os.fsync(stream.fileno())
     result.nbytes = os.path.getsize(tmp_path)
+    if upload is not None:
+        try:
+            if result.samples:
+                upload.put(tmp_path, result.tmp_name)
+        finally:
+            os.unlink(tmp_path)
     return result
 
 
@@ -199,6 +212,10 @@ def existing_shards(out_dir: str | os.PathLike, split: str) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if (m := SHARD_RE.match(p.name)) and m["split"] == split)
+
+
+def _shard_names(names: list[str], split: str) -> list[str]:
+    return sorted(n for n in names if (m := SHARD_RE.match(n)) and m["split"] == split)
 
 
 @dataclass
@@ -219,11 +236,14 @@ def write_splits(specs: Sequence[SplitSpec], producer: Producer, out_dir: str | 
     instance of a top-level class) and may raise SkipSample to skip an item.
     max_bytes applies to the estimated sizes (a split without sizes is bounded by max_samples only).
     workers: processes; 0 or 1 runs in this process.
-    overwrite: remove the splits' existing shards and indexes first; without it they are an error.
+    overwrite: replace the splits' existing shards and indexes (only once the new ones are written);
+    without it they are an error.
+    out_dir: a folder or an s3://bucket/prefix (credentials from the environment or ~/.aws).
     """
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = OutFolder(out_dir)
+    # where shards are written: the folder itself, or (S3) a local staging folder they are uploaded from
+    staging = Path(tempfile.mkdtemp(prefix="avsr-shards-")) if out.remote else Path(out_dir)
     names = [spec.split for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"split names repeat: {names}")
@@ -240,24 +260,33 @@ def write_splits(specs: Sequence[SplitSpec], producer: Producer, out_dir: str | 
         _check_split(out, spec.split, overwrite)
         sizes = spec.sizes if spec.sizes is not None else [0] * len(spec.items)
         groups = plan_shards(sizes, max_bytes if spec.sizes is not None else None, max_samples)
-        jobs += [(spec.split, str(out / f".tmp-{spec.split}-{i:06d}.tar"), [spec.items[j] for j in g])
+        jobs += [(spec.split, str(staging / f".tmp-{spec.split}-{i:06d}.tar"), [spec.items[j] for j in g])
                  for i, g in enumerate(groups)]
+    upload = out if out.remote else None
 
     total = sum(len(spec.items) for spec in specs)
     bar = tqdm(total=total, desc="/".join(names), unit="utt", disable=not progress, dynamic_ncols=True)
     try:
         if workers <= 1 or len(jobs) <= 1:
             _init_worker(bar.update)
-            results = [_write_shard(tmp, chunk, producer) for _, tmp, chunk in jobs]
+            results = [_write_shard(tmp, chunk, producer, upload) for _, tmp, chunk in jobs]
         else:
-            results = _run_pool([(tmp, chunk) for _, tmp, chunk in jobs], producer, min(workers, len(jobs)), bar)
+            results = _run_pool([(tmp, chunk) for _, tmp, chunk in jobs], producer, min(workers, len(jobs)), bar,
+                                upload)
     except BaseException:
         for _, tmp, _ in jobs:
             Path(tmp).unlink(missing_ok=True)
+            if upload is not None:
+                try:
+                    upload.delete(Path(tmp).name)
+                except OSError:
+                    pass        # the next run of this split removes leftover temporary shards
         raise
     finally:
         _init_worker(None)
         bar.close()
+        if out.remote:
+            shutil.rmtree(staging, ignore_errors=True)
 
     out_results = {}
     for spec in specs:
@@ -273,20 +302,21 @@ def write_split(items: Sequence[Item], producer: Producer, out_dir: str | os.Pat
     return write_splits([SplitSpec(split, items, sizes, dict(meta or {}))], producer, out_dir, **kwargs)[split]
 
 
-def _finish_split(out: Path, spec: SplitSpec, results: list[ShardResult]) -> SplitResult:
+def _finish_split(out: OutFolder, spec: SplitSpec, results: list[ShardResult]) -> SplitResult:
+    root = out.location if out.remote else Path(out.location)
     skipped_all = [s for res in results for s in res.skipped]
     if not any(res.samples for res in results):
         # Nothing usable: no index is written (an empty one would block the rerun) and an old split
         # (--overwrite) is kept; the caller reports the skips.
         for res in results:
-            Path(res.tmp_path).unlink(missing_ok=True)
+            out.delete(res.tmp_name)
         return SplitResult(index=ShardIndex(split=spec.split, shards=[], meta={**spec.meta, "skipped":
-                                            len(skipped_all)}, root=out), skipped=skipped_all, written=False)
+                                            len(skipped_all)}, root=root), skipped=skipped_all, written=False)
     # Every new shard of every split is written: only now does the old split go (--overwrite), the
-    # index first, so a reader finds no index rather than one naming removed shards.
-    index_path(out, spec.split).unlink(missing_ok=True)
-    for p in existing_shards(out, spec.split):
-        p.unlink()
+    # index first, so a reader finds no index rather than one naming removed shards; the new index last.
+    out.delete(index_name(spec.split))
+    for name in _shard_names(out.names(), spec.split):
+        out.delete(name)
     # Compact numbering: a shard whose items were all skipped is dropped (an empty tar
     # makes WebDataset fail), and the following ones move down.
     shards: list[ShardInfo] = []
@@ -294,45 +324,48 @@ def _finish_split(out: Path, spec: SplitSpec, results: list[ShardResult]) -> Spl
     for res in results:
         skipped.extend(res.skipped)
         if res.samples == 0:
-            Path(res.tmp_path).unlink(missing_ok=True)
+            out.delete(res.tmp_name)
             continue
         name = shard_name(spec.split, len(shards))
-        os.replace(res.tmp_path, out / name)
+        out.replace(res.tmp_name, name)
         shards.append(ShardInfo(name=name, samples=res.samples, duration=round(res.duration, 3)))
-    index = ShardIndex(split=spec.split, shards=shards, meta={**spec.meta, "skipped": len(skipped)}, root=out)
-    index.save(out)
+    index = ShardIndex(split=spec.split, shards=shards, meta={**spec.meta, "skipped": len(skipped)}, root=root)
+    index.save(root)
     return SplitResult(index=index, skipped=skipped)
 
 
-def _check_split(out: Path, split: str, overwrite: bool) -> None:
+def _check_split(out: OutFolder, split: str, overwrite: bool) -> None:
     """Refuse an existing split unless overwrite; nothing old is removed until the new one is written."""
-    old = existing_shards(out, split)
-    idx = index_path(out, split)
-    if not old and idx.is_file() and _names_no_shards(idx):
-        idx.unlink()      # an empty index (left by an older version after a 0-sample run) blocks nothing
-    if (old or idx.exists()) and not overwrite:
-        raise FileExistsError(f"{out} already holds split {split!r} ({len(old)} shards"
-                              f"{', an index' if idx.exists() else ''}); pass overwrite=True / --overwrite")
+    names = out.names()
+    old = _shard_names(names, split)
+    has_index = index_name(split) in names
+    if not old and has_index and _names_no_shards(out, split):
+        out.delete(index_name(split))   # an empty index (left by an older version after a 0-sample run) blocks nothing
+        has_index = False
+    if (old or has_index) and not overwrite:
+        raise FileExistsError(f"{redact(out.location)} already holds split {split!r} ({len(old)} shards"
+                              f"{', an index' if has_index else ''}); pass overwrite=True / --overwrite")
     stale = re.compile(rf"\.tmp-{re.escape(split)}-\d{{6}}\.tar")
-    for p in out.iterdir():                       # leftovers of a crashed run of this split
-        if stale.fullmatch(p.name):
-            p.unlink()
+    for name in names:                       # leftovers of a crashed run of this split
+        if stale.fullmatch(name):
+            out.delete(name)
 
 
-def _names_no_shards(idx: Path) -> bool:
+def _names_no_shards(out: OutFolder, split: str) -> bool:
     try:
-        return not json.loads(idx.read_text()).get("shards")
+        return not json.loads(out.read_bytes(index_name(split))).get("shards")
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def _run_pool(jobs: list[tuple[str, list]], producer: Producer, workers: int, bar: tqdm) -> list[ShardResult]:
+def _run_pool(jobs: list[tuple[str, list]], producer: Producer, workers: int, bar: tqdm,
+              upload: OutFolder | None = None) -> list[ShardResult]:
     # forkserver: safe even when the caller has threads (torch, pytest plugins) running.
     ctx = mp.get_context("forkserver")
     progress_queue = ctx.Queue()
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(progress_queue,)) as pool:
-        futures = [pool.submit(_write_shard, tmp, chunk, producer) for tmp, chunk in jobs]
+        futures = [pool.submit(_write_shard, tmp, chunk, producer, upload) for tmp, chunk in jobs]
         failed = None
         while failed is None and not all(f.done() for f in futures):
             try:

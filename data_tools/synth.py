@@ -23,6 +23,7 @@ import numpy as np
 import soundfile as sf
 
 from trainer.data.index import ShardIndex
+from trainer.data.storage import redact
 
 from .media import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, MediaError, encode_mp4, encode_mp4_batch, encode_wav, \
     fit_length, resample
@@ -232,7 +233,8 @@ def build_corpus(out_dir: str | os.PathLike, num_utterances: int, seed: int = 0,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path, help="output folder for the shards and their indexes")
+    p.add_argument("--out", required=True,
+                   help="output folder, or s3://bucket/prefix, for the shards and their indexes")
     p.add_argument("--num", type=int, default=300, help="number of utterances over all splits (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed for sentences, split, speakers and rendering")
     p.add_argument("--sentences", type=Path, default=None,
@@ -261,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite, progress=not args.quiet)
     for split, idx in indexes.items():
         print(f"{split:5s}: {idx.num_samples:6d} utterances, {idx.duration / 60:7.2f} min, {len(idx.shards)} shards")
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s")
+    print(f"wrote {redact(args.out)} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from trainer.data.index import ShardIndex, load_index
+from trainer.data import storage
+from trainer.data.index import ShardIndex, available_splits, load_index
 
 from .media import FPS, SAMPLE_RATE, MediaError, decode_video, decode_wav
 from .shards import SHARD_RE
@@ -68,7 +69,7 @@ class SplitReport:
 
 @dataclass
 class ValidationReport:
-    root: Path
+    root: Path | str
     splits: dict[str, SplitReport] = field(default_factory=dict)
 
     @property
@@ -80,7 +81,7 @@ class ValidationReport:
         return bool(self.splits) and not self.problems
 
     def format(self, max_problems: int = 50) -> str:
-        lines = [f"shard set {self.root}"]
+        lines = [f"shard set {storage.redact(str(self.root))}"]
         for s in self.splits.values():
             lines.append(f"  {s.split:8s} {len(s.shards):4d} shards {s.num_samples:8d} samples "
                          f"{s.duration / 3600:8.3f} h  {len(s.all_problems)} problems")
@@ -104,11 +105,26 @@ class Checks:
     decode_frames: bool = True                 # decode every frame (catches truncation), not just the first
 
 
-def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample of a tar, grouping consecutive members like WebDataset."""
+def _open_tar(path: Path | str) -> tarfile.TarFile:
+    if not storage.is_remote(path):
+        return tarfile.open(path, mode="r:")
+    stream = storage.open_stream(str(path))       # streamed, resuming after transient errors
+    tar = tarfile.open(fileobj=stream, mode="r|")
+    close = tar.close
+
+    def close_both() -> None:
+        close()
+        stream.close()
+    tar.close = close_both
+    return tar
+
+
+def iter_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample of a tar (a file or a remote URL), grouping consecutive members
+    like WebDataset."""
     current: str | None = None
     parts: dict[str, bytes] = {}
-    with tarfile.open(path, mode="r:") as tar:
+    with _open_tar(path) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -187,17 +203,19 @@ def check_sample(key: str, parts: dict[str, bytes], checks: Checks) -> tuple[flo
     return duration, errors
 
 
-def check_shard(path: Path, checks: Checks) -> ShardReport:
-    report = ShardReport(name=path.name)
+def check_shard(path: Path | str, checks: Checks) -> ShardReport:
+    name = path.name if isinstance(path, Path) else str(path).rsplit("/", 1)[-1]
+    report = ShardReport(name=name)
     try:
         for key, parts in iter_samples(path):
             duration, errors = check_sample(key, parts, checks)
             report.samples += 1
             report.duration += duration
             report.keys.append(key)
-            report.problems.extend(Problem(path.name, key, e) for e in errors)
+            report.problems.extend(Problem(name, key, e) for e in errors)
     except (tarfile.TarError, OSError, ValueError) as err:
-        report.problems.append(Problem(path.name, None, f"unreadable tar after {report.samples} samples: {err}"))
+        report.problems.append(Problem(name, None, f"unreadable tar after {report.samples} samples: "
+                                                   f"{storage.redact(str(err))}"))
     return report
 
 
@@ -206,6 +224,9 @@ def _check_shard_args(args: tuple[Path, Checks]) -> ShardReport:
 
 
 def validate_split(root: str | os.PathLike, split: str, checks: Checks = Checks(), workers: int = 1) -> SplitReport:
+    """Check one split of a folder or remote prefix (s3://, http(s)://, pipe:)."""
+    if storage.is_remote(root):
+        return _validate_remote_split(str(root), split, checks, workers)
     root = Path(root)
     report = SplitReport(split=split)
     try:
@@ -223,7 +244,38 @@ def validate_split(root: str | os.PathLike, split: str, checks: Checks = Checks(
     present = [n for n in listed if (root / n).is_file()]
     for name in sorted(set(listed) - set(present)):
         report.problems.append(Problem(name, None, "listed in the index but missing"))
-    jobs = [(root / n, checks) for n in present]
+    _check_shards(report, index, [(root / n, checks) for n in present], workers)
+    return report
+
+
+def _validate_remote_split(root: str, split: str, checks: Checks, workers: int) -> SplitReport:
+    report = SplitReport(split=split)
+    try:
+        index: ShardIndex | None = load_index(root, split)
+    except (FileNotFoundError, ValueError, storage.RemoteError) as err:
+        report.problems.append(Problem(f"{split}.index.json", None, str(err)))
+        return report
+    names = storage.list_names(root)           # None: HTTP and pipe: cannot list, so no unlisted-tar check
+    listed = [s.name for s in index.shards]
+    if not listed:
+        report.problems.append(Problem(f"{split}.index.json", None, "index lists no shards"))
+    if names is not None:
+        on_store = {n for n in names if (m := SHARD_RE.match(n)) and m["split"] == split}
+        for name in sorted(on_store - set(listed)):
+            report.problems.append(Problem(name, None, "tar not listed in the index"))
+        present = [n for n in listed if n in on_store]
+    elif root.startswith("pipe:"):
+        present = listed                       # reading each shard tells
+    else:
+        present = [n for n in listed if storage.exists(storage.join(root, n))]
+    for name in sorted(set(listed) - set(present)):
+        report.problems.append(Problem(name, None, "listed in the index but missing"))
+    _check_shards(report, index, [(storage.join(root, n), checks) for n in present], workers)
+    return report
+
+
+def _check_shards(report: SplitReport, index: ShardIndex | None, jobs: list, workers: int) -> None:
+    """Read every shard (in processes when workers > 1) and compare keys, counts and durations."""
     if workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("forkserver")) as pool:
@@ -246,17 +298,21 @@ def validate_split(root: str | os.PathLike, split: str, checks: Checks = Checks(
             if abs(info.duration - sr.duration) > 0.01 + 0.005 * sr.samples:
                 report.problems.append(Problem(sr.name, None, f"index says {info.duration:.3f} s, "
                                                               f"audio adds up to {sr.duration:.3f} s"))
-    return report
 
 
 def find_splits(root: str | os.PathLike) -> list[str]:
-    return sorted(p.name[:-len(".index.json")] for p in Path(root).glob("*.index.json"))
+    if not storage.is_remote(root):
+        return sorted(p.name[:-len(".index.json")] for p in Path(root).glob("*.index.json"))
+    splits = available_splits(str(root))
+    if splits is None:
+        raise ValueError(f"{storage.redact(str(root))} cannot be listed (HTTP, pipe:): name the splits with --split")
+    return splits
 
 
 def validate(root: str | os.PathLike, splits: Sequence[str] | None = None, checks: Checks = Checks(),
              workers: int = 1) -> ValidationReport:
-    """Check the given splits (default: every `*.index.json` in root)."""
-    root = Path(root)
+    """Check the given splits (default: every `*.index.json` in root, a folder or s3:// prefix)."""
+    root = root if storage.is_remote(root) else Path(root)
     report = ValidationReport(root=root)
     for split in splits or find_splits(root):
         report.splits[split] = validate_split(root, split, checks, workers)
@@ -264,7 +320,8 @@ def validate(root: str | os.PathLike, splits: Sequence[str] | None = None, check
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", type=Path, help="folder with {split}-NNNNNN.tar shards and {split}.index.json")
+    p.add_argument("dir", help="folder with {split}-NNNNNN.tar shards and {split}.index.json, or the same under "
+                               "s3://bucket/prefix, https://host/prefix or pipe:CMD ({name} in CMD)")
     p.add_argument("--split", action="append", default=None,
                    help="split to check; repeat for several (default: every split with an index)")
     p.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel (default 1)")
@@ -278,9 +335,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.dir.is_dir():
+    if not storage.is_remote(args.dir) and not Path(args.dir).is_dir():
         print(f"error: {args.dir} is not a folder", file=sys.stderr)
         return 2
+    storage.check_location(args.dir)
     checks = Checks(tolerance_frames=args.tolerance_frames, decode_frames=not args.first_frame_only,
                     frame_sizes=tuple(int(s) for s in args.frame_sizes.split(",") if s.strip()))
     report = validate(args.dir, args.split, checks, args.workers)

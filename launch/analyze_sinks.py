@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run mode: 'latest' (newest checkpoint that verifies), 'export' (export/model.safetensors), or "
                         "a path: a checkpoint folder, a checkpoints/ folder, a .safetensors file (consolidated or "
                         "trainable weights), a .pt state dict (loaded with weights_only=True) (default: latest)")
-    p.add_argument("--shards", help="run mode: shard folder (default: the run's data.shard_dir)")
+    p.add_argument("--shards", help="run mode: shard folder, or s3://, https:// or pipe: location "
+                                    "(default: the run's data.shard_dir)")
     p.add_argument("--split", help="run mode: split to probe (default: the run's data.eval_split)")
     p.add_argument("--num-samples", type=int,
                    help="run mode: clips probed, at most (the first ones of the split's first batch; "
@@ -97,7 +98,8 @@ def monitor_config(base, args: argparse.Namespace, probe_rows: int):
 
 # --------------------------------------------------------------------------- run mode
 def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tuple[SinkReport, dict]:
-    from trainer.data.index import index_path
+    from trainer.data import storage
+    from trainer.data.index import check_split
     from trainer.engine.offline import load_run_config, load_trained_model
     from trainer.engine.probe import first_eval_batch, run_probe
     from trainer.monitor.monitor import SinkMonitor
@@ -105,13 +107,8 @@ def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
     cfg = load_run_config(args.run_dir)          # fails early, before the model is built
     data = dataclasses.replace(cfg.data, shard_dir=args.shards or cfg.data.shard_dir)
     split = args.split or data.eval_split
-    shards = Path(data.shard_dir)
-    if not shards.is_dir():
-        raise FileNotFoundError(f"shard folder not found: {shards}")
-    if not index_path(shards, split).is_file():
-        have = sorted(p.name.removesuffix(".index.json") for p in shards.glob("*.index.json"))
-        raise FileNotFoundError(f"no split {split!r} in {shards} (no {index_path(shards, split).name}); "
-                                f"splits there: {have or 'none'}")
+    shards = data.shard_dir
+    check_split(shards, split)
     model, cfg, src = load_trained_model(args.run_dir, args.checkpoint, device)
     rows = args.num_samples or cfg.monitor.probe_batch_size
     monitor = SinkMonitor(monitor_config(cfg.monitor, args, rows))
@@ -120,7 +117,7 @@ def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
     report, parts = run_probe(monitor, model, batch, step=src.step or 0, out_dir=out, step_subdir=False)
     labels = token_labels(parts.input_ids, parts.token_roles, report.lengths, model.tokenizer)
     meta = {"mode": "run", "run_dir": str(args.run_dir), "weights": src.describe(), "step": src.step,
-            "shards": str(shards), "split": split, "keys": list(batch.get("keys", [])),
+            "shards": storage.redact(shards), "split": split, "keys": list(batch.get("keys", [])),
             "text": list(batch.get("text", [])), "tokens": labels}
     return report, meta
 
@@ -266,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(args.device)
         report, meta = (probe_run if args.run_dir else probe_text)(args, out, device)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError, TypeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         print(f"analyze_sinks: error: {err}", file=sys.stderr)
         return 1
     if meta["mode"] == "run":

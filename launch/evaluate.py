@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="latest",
                    help="'latest' (newest checkpoint that verifies), 'export' (the export written at the end), or a "
                         "path: a checkpoint folder, a checkpoints/ folder, a state-dict file (default: latest)")
-    p.add_argument("--shards", help="shard folder (default: the run's data.shard_dir)")
+    p.add_argument("--shards", help="shard folder, or s3://, https:// or pipe: location "
+                                    "(default: the run's data.shard_dir)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--beams", type=int, help="beam width (default: the run's train.eval_beams; 1 = greedy)")
     p.add_argument("--max-new-tokens", type=int, help="longest transcript generated (default: the run's)")

@@ -132,3 +132,28 @@ def test_zero_clip_conversion_writes_nothing_and_the_rerun_works(lrs3_tree, tmp_
     second = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, cwd=REPO)
     assert second.returncode == 0, second.stdout + second.stderr
     assert load_index(out, "train").num_samples == 1
+
+
+def test_lrs3_cli_writes_straight_to_s3(lrs3_tree, tmp_path):
+    """`data_tools lrs3 SRC s3://bucket/prefix`: a local S3 endpoint (moto's server) started here and
+    stopped by PID; credentials and endpoint from the environment, as a user sets them."""
+    import boto3
+
+    from tests.remote_servers import s3_env, start_moto
+    moto = start_moto(tmp_path)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(REPO), **s3_env(moto.url)}
+        boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="lrs3")
+        cmd = [sys.executable, "-m", "data_tools", "lrs3", str(lrs3_tree), "s3://lrs3/shards", "--split", "test",
+               "--workers", "2", "--samples-per-shard", "2", "--quiet"]
+        out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        assert "test: 3 utterances" in out.stdout and "in s3://lrs3/shards" in out.stdout
+        check = subprocess.run([sys.executable, "-m", "data_tools", "validate", "s3://lrs3/shards"],
+                               capture_output=True, text=True, env=env, cwd=REPO)
+        assert check.returncode == 0 and check.stdout.strip().endswith("OK"), check.stdout + check.stderr
+        again = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, cwd=REPO)
+        assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    finally:
+        moto.stop()

@@ -5,7 +5,9 @@
 - the same run as 2 "nodes" of 1 process (two launchers rendezvousing on loopback), also
   stopped and resumed: must match 1 node of 2;
 - a run from pretrained parts in local folders (Llama, Whisper, official AV-HuBERT keys)
-  written by the test, loaded under zero.Init.
+  written by the test, loaded under zero.Init;
+- the uninterrupted run again with its shards streamed from a local S3 endpoint (moto's server):
+  the same per-step losses as from local files.
 """
 import json
 import os
@@ -28,15 +30,15 @@ COMMON = ["--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--da
           "--model.decorrelation-weight", "1.0", "--monitor.every", "3", "--monitor.probe-batch-size", "2"]
 
 
-def _env() -> dict:
+def _env(**extra: str) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "MLFLOW_EXPERIMENT_NAME": "e2e"}
+           "MLFLOW_EXPERIMENT_NAME": "e2e", **extra}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MLFLOW_RUN_ID", None)
     return env
 
 
-def _train_args(run_dir: Path, corpus: Path, extra) -> list[str]:
+def _train_args(run_dir: Path, corpus: Path | str, extra) -> list[str]:
     return [str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
             "--data.shard-dir", str(corpus), "--train.run-dir", str(run_dir), *COMMON, *extra]
 
@@ -46,7 +48,7 @@ def _check(proc_out: tuple[int, str, str]) -> None:
     assert code == 0, f"training failed:\n{out[-3000:]}\n{err[-6000:]}"
 
 
-def _train(run_dir: Path, corpus: Path, *extra: str, launcher: str = "torchrun") -> None:
+def _train(run_dir: Path, corpus: Path | str, *extra: str, launcher: str = "torchrun", env: dict | None = None) -> None:
     """One node, two processes, started by torchrun or by the `deepspeed` launcher exactly as the
     README has it (`deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ...`,
     which passes --local_rank to the script)."""
@@ -57,7 +59,7 @@ def _train(run_dir: Path, corpus: Path, *extra: str, launcher: str = "torchrun")
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                *_train_args(run_dir, corpus, extra)]
-    p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, env=_env(**(env or {})), cwd=REPO, capture_output=True, text=True, timeout=600)
     _check((p.returncode, p.stdout, p.stderr))
 
 
@@ -296,3 +298,31 @@ def test_training_goes_on_while_another_process_locks_mlflow_db(tmp_path, synth_
     assert sorted(m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")) == \
         list(range(1, STEPS + 1))
     assert not (run / "tracking" / "undelivered.jsonl").exists()
+
+
+def test_streaming_from_s3_gives_the_same_losses_as_local_files(runs, tmp_path, synth_corpus):
+    """The uninterrupted run again, its shards (train, the monitor's probe batch, eval) streamed from a
+    local S3 endpoint started here and stopped by PID; credentials and endpoint from the environment."""
+    import boto3
+
+    from tests.remote_servers import s3_env, start_moto
+    full, _, _ = runs
+    moto = start_moto(tmp_path)
+    try:
+        env = s3_env(moto.url)
+        s3 = boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        s3.create_bucket(Bucket="corpus")
+        for path in sorted(synth_corpus.iterdir()):
+            s3.upload_file(str(path), "corpus", f"synth/{path.name}")
+        streamed = tmp_path / "s3"
+        _train(streamed, "s3://corpus/synth", env=env)
+    finally:
+        moto.stop()
+    a, b = _losses(full), _losses(streamed)
+    assert len(b) == STEPS
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5), (a, b)
+    _, run = _mlflow(streamed)
+    assert run.data.params["data.shard_dir"] == "s3://corpus/synth"
+    assert not any("testing" in v for v in run.data.params.values())        # no credential in the params

@@ -118,7 +118,8 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
     """What the run will read, checked on the file system before any process starts training: the
     DeepSpeed JSON parses, pretrained paths hold what they should, the shard set has its indexes.
     Returns the problems (empty: all well)."""
-    from trainer.data.index import index_path
+    from trainer.data.index import index_location, index_path
+    from trainer.data.storage import exists, is_remote, redact
     from trainer.engine.demo_data import DEMO_SHARD_DIR
     from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config
 
@@ -146,12 +147,21 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
     if m.avhubert_path is not None and not Path(m.avhubert_path).is_file():
         problems.append(f"--model.avhubert-path {m.avhubert_path!r}: no such file (the fairseq AV-HuBERT .pt)")
     d = cfg.data
-    demo = Path(d.shard_dir).resolve() == Path(DEMO_SHARD_DIR).resolve()     # built on first use
+    remote = is_remote(d.shard_dir)
+    demo = not remote and Path(d.shard_dir).resolve() == Path(DEMO_SHARD_DIR).resolve()   # built on first use
     if not demo:
         splits = [d.train_split, d.eval_split]
         if cfg.train.test_at_end or cfg.train.eval_untrained:
             splits.append(d.test_split)
-        if not Path(d.shard_dir).is_dir():
+        if remote:       # the store reachable and the indexes there (retried like every remote read)
+            try:
+                missing = [s for s in splits if not exists(index_location(d.shard_dir, s), d.retry_policy)]
+                if missing:
+                    problems.append(f"--data.shard-dir {redact(d.shard_dir)}: no shard index for split(s) "
+                                    f"{missing}")
+            except OSError as err:
+                problems.append(f"--data.shard-dir {redact(d.shard_dir)}: {_one_line(redact(str(err)))}")
+        elif not Path(d.shard_dir).is_dir():
             problems.append(f"--data.shard-dir {d.shard_dir}: no such folder")
         else:
             missing = [s for s in splits if not index_path(d.shard_dir, s).is_file()]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import storage
+
 MODALITIES = ("asr", "vsr", "avsr")
 NOISE_KINDS = ("none", "white", "babble")
 
@@ -16,8 +18,20 @@ MELS_PER_FRAME = SAMPLES_PER_FRAME // MEL_HOP   # 4 Whisper mel frames per video
 @dataclass
 class DataConfig:
     shard_dir: str = "data/synth"
-    """Folder with `{split}-NNNNNN.tar` shards and their `{split}.index.json` indexes. The default is
-    the synthetic demo corpus, which launch/train.py builds there on first use."""
+    """Folder with `{split}-NNNNNN.tar` shards and their `{split}.index.json` indexes, or the same
+    under `s3://bucket/prefix`, `https://host/prefix` or `pipe:COMMAND` writing `{name}` to stdout
+    (streamed; credentials from the environment, ~/.aws or ~/.netrc, never here). The default is the
+    synthetic demo corpus, which launch/train.py builds there on first use."""
+    cache_dir: str = ""
+    """Remote shards only: a local folder that keeps shards once read, so later epochs read them from
+    disk; least recently used shards go first beyond cache_max_gb. Empty: no cache (pure streaming)."""
+    cache_max_gb: float = 50.0
+    """Size bound of cache_dir, in GB (1e9 bytes)."""
+    remote_attempts: int = 5
+    """Remote shards only: tries in a row without progress (connection reset, 5xx, timeout) before a
+    shard is given up and skipped (counted as tar_error); retries are counted as data/retried/<reason>."""
+    remote_timeout_s: float = 60.0
+    """Remote shards only: connect and read timeout of one request, in seconds."""
     modality: str = "avsr"
     """"asr" (audio only), "vsr" (video only) or "avsr"; only the used modalities are decoded."""
     train_split: str = "train"
@@ -82,6 +96,10 @@ class DataConfig:
     is unusable (wrong format, wrong folder), and failing loudly beats an endless empty stream."""
 
     @property
+    def retry_policy(self) -> storage.RetryPolicy:
+        return storage.RetryPolicy(attempts=self.remote_attempts, timeout_s=self.remote_timeout_s)
+
+    @property
     def use_audio(self) -> bool:
         return self.modality in ("asr", "avsr")
 
@@ -94,6 +112,13 @@ class DataConfig:
             if not ok:
                 raise ValueError(f"DataConfig: {msg}")
 
+        try:
+            storage.check_location(self.shard_dir)
+        except ValueError as err:
+            need(False, f"shard_dir: {err}")
+        need(self.cache_max_gb > 0, f"cache_max_gb must be > 0, got {self.cache_max_gb}")
+        need(self.remote_attempts >= 1, f"remote_attempts must be >= 1, got {self.remote_attempts}")
+        need(self.remote_timeout_s > 0, f"remote_timeout_s must be > 0, got {self.remote_timeout_s}")
         need(self.modality in MODALITIES, f"modality must be one of {MODALITIES}, got {self.modality!r}")
         need(self.noise in NOISE_KINDS, f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
         for name in ("max_frames_per_batch", "max_batch_size", "max_clip_frames", "min_clip_frames",

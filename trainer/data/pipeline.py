@@ -22,6 +22,7 @@ import math
 import random
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from trainer.helper_signals import ignore_stop_signals, stop_signals_blocked
 
 from . import skips as R
+from . import storage
+from .cache import ShardCache
 from .batching import budget_batches, collate_stream
 from .config import DataConfig
 from .decode import decode_stream
@@ -68,8 +71,44 @@ def counting_handler(counter: SkipCounter):
     return handler
 
 
+def _remote_tar_samples(url: str, handler, opener: "RemoteOpener", counter: SkipCounter) -> Iterator[dict]:
+    """wds.tarfile_samples over a resuming remote stream (the same expander and key grouping)."""
+    def opened():
+        try:
+            stream = opener.open(url, counter.retried)
+        except Exception as exn:      # unreachable after retries: counted like a corrupt shard
+            exn.args = exn.args + (storage.redact(url),)
+            handler(exn)
+            return
+        try:
+            yield {"url": storage.redact(url), "stream": stream}
+        finally:
+            stream.close()
+    files = wds.tariterators.tar_file_expander(opened(), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
+
+
+@dataclass(frozen=True)
+class RemoteOpener:
+    """How a worker opens remote shards: the retry policy and the optional local cache (picklable)."""
+    policy: storage.RetryPolicy
+    cache_dir: str = ""
+    cache_max_bytes: int = 0
+    cache_tag: str = ""          # the index digest: a rewritten split never reads stale cached shards
+
+    @classmethod
+    def for_index(cls, cfg: DataConfig, index: ShardIndex) -> "RemoteOpener | None":
+        if not index.remote:
+            return None
+        return cls(cfg.retry_policy, cfg.cache_dir, int(cfg.cache_max_gb * 1e9), index.digest)
+
+    def open(self, url: str, on_retry):
+        cache = ShardCache(self.cache_dir, self.cache_max_bytes, self.cache_tag) if self.cache_dir else None
+        return storage.open_stream(url, self.policy, on_retry, cache)
+
+
 def shard_samples(shards: Iterator[tuple[str, int]], counter: SkipCounter,
-                  num_shards: int | None = None) -> Iterator[dict]:
+                  num_shards: int | None = None, opener: RemoteOpener | None = None) -> Iterator[dict]:
     """Raw samples, one shard at a time, checked against the index's per-shard count.
 
     Each shard gets its own wds.tarfile_samples, so a sample cut by a corrupt shard never merges
@@ -77,21 +116,25 @@ def shard_samples(shards: Iterator[tuple[str, int]], counter: SkipCounter,
     samples the index promises but the tar does not deliver (a short read, or a corrupt header,
     on which tarfile stops silently) are counted as SHARD_SHORT. `num_shards` (the endless training
     stream): raise UnusableDataError once that many shards in a row delivered nothing, i.e. a
-    whole pass over the shard set, instead of looping forever.
+    whole pass over the shard set, instead of looping forever. `opener`: the shards are remote
+    (streamed, retried, counted as retried/<reason>); None for local files.
     """
     handler = counting_handler(counter)
     empty_run = 0
     for url, expected in shards:
         n = 0
-        for sample in wds.tarfile_samples(iter([{"url": url}]), handler=handler):
+        samples = (wds.tarfile_samples(iter([{"url": url}]), handler=handler) if opener is None
+                   else _remote_tar_samples(url, handler, opener, counter))
+        for sample in samples:
             n += 1
             yield sample
         if n < expected:
-            counter.skip(R.SHARD_SHORT, f"{url}: {n} of {expected} samples", n=expected - n)
+            counter.skip(R.SHARD_SHORT, f"{storage.redact(url)}: {n} of {expected} samples", n=expected - n)
         empty_run = 0 if n else empty_run + 1
         if num_shards and empty_run >= num_shards:
-            raise UnusableDataError(f"none of the {num_shards} shards delivered a sample (e.g. {url}; "
-                                    f"by reason: {dict(counter.skipped_only())}): not WebDataset tars?")
+            raise UnusableDataError(f"none of the {num_shards} shards delivered a sample "
+                                    f"(e.g. {storage.redact(url)}; by reason: {dict(counter.skipped_only())}): "
+                                    f"not WebDataset tars?")
 
 
 def endless_shards(shards: list[tuple[str, int]], rng: random.Random, shuffle: bool,
@@ -110,8 +153,10 @@ class AVSRStream(IterableDataset):
     """Batches of decoded clips (schema in batching.py); see the module docstring."""
 
     def __init__(self, cfg: DataConfig, shards: list[tuple[str, int]], *, train: bool, rank: int,
-                 world_size: int, epoch: int = 0, batches: int = 0, split_by_sample: bool = False):
+                 world_size: int, epoch: int = 0, batches: int = 0, split_by_sample: bool = False,
+                 opener: RemoteOpener | None = None):
         super().__init__()
+        self.opener = opener
         self.cfg, self.shards, self.train = cfg, list(shards), train
         self.rank, self.world_size, self.epoch, self.batches = rank, world_size, epoch, batches
         self.split_by_sample = split_by_sample
@@ -136,7 +181,8 @@ class AVSRStream(IterableDataset):
             shards = iter(self.shards[worker::num_workers])
         else:
             shards = iter(self.shards[self.rank::self.world_size][worker::num_workers])
-        samples = shard_samples(shards, counter, num_shards=len(self.shards) if self.train else None)
+        samples = shard_samples(shards, counter, num_shards=len(self.shards) if self.train else None,
+                                opener=self.opener)
         if not self.train and self.split_by_sample:
             samples = (s for s in samples if key_rank(s.get("__key__", ""), self.world_size) == self.rank)
         if self.train and cfg.shuffle_buffer > 1:
@@ -160,14 +206,33 @@ def _index(cfg: DataConfig, split: str) -> ShardIndex:
     if not cfg.shard_dir:
         raise ValueError("DataConfig.shard_dir is not set: point it at the folder with the shards and "
                          "their *.index.json")
-    index = load_index(cfg.shard_dir, split)
+    index = load_index(cfg.shard_dir, split, cfg.retry_policy)
     if not index.shards or index.num_samples == 0:
-        raise UnusableDataError(f"shard index for split {split!r} in {cfg.shard_dir} lists no samples")
-    missing = [u for u in index.urls if not Path(u).is_file()]
+        raise UnusableDataError(f"shard index for split {split!r} in {storage.redact(cfg.shard_dir)} "
+                                f"lists no samples")
+    if index.remote:
+        missing = _missing_remote(index, cfg.retry_policy)
+    else:
+        missing = [u for u in index.urls if not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(index.urls)} shards listed in the {split!r} index "
-                                f"are missing, e.g. {missing[:3]}")
+                                f"are missing, e.g. {[storage.redact(u) for u in missing[:3]]}")
     return index
+
+
+def _missing_remote(index: ShardIndex, policy: storage.RetryPolicy) -> list[str]:
+    """Shards the index lists that the store does not hold: one listing on S3, a HEAD each over HTTP
+    (in parallel), nothing for pipe: (a command cannot be asked; a failing shard is counted when read)."""
+    names = storage.list_names(str(index.root), policy)
+    if names is not None:
+        have = set(names)
+        return [url for url, info in zip(index.urls, index.shards) if info.name not in have]
+    if str(index.root).startswith("pipe:"):
+        return []
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda u: storage.exists(u, policy), index.urls))
+    return [u for u, ok in zip(index.urls, found) if not ok]
 
 
 def train_batches_per_epoch(cfg: DataConfig, index: ShardIndex, world_size: int) -> int:
@@ -215,7 +280,7 @@ def build_train_loader(cfg: DataConfig, rank: int, world_size: int, epoch: int =
     n = train_batches_per_epoch(cfg, index, world_size)
     workers = min(cfg.num_workers, n)      # a worker with no batches to make would only cost startup
     ds = AVSRStream(cfg, _shard_list(index), train=True, rank=rank, world_size=world_size, epoch=epoch,
-                    batches=n)
+                    batches=n, opener=RemoteOpener.for_index(cfg, index))
     return _loader(ds, workers, cfg)
 
 
@@ -249,10 +314,11 @@ def build_eval_loader(cfg: DataConfig, split: str | None, rank: int, world_size:
         log.info("eval split %r has %d shard(s) for %d ranks: splitting by sample key",
                  split, len(index.urls), world_size)
         ds = AVSRStream(cfg, _shard_list(index), train=False, rank=rank, world_size=world_size,
-                        split_by_sample=True)
+                        split_by_sample=True, opener=RemoteOpener.for_index(cfg, index))
         return _loader(ds, min(cfg.num_workers, len(index.urls)), cfg)
     workers = eval_workers(cfg, len(index.urls), rank, world_size)
-    ds = AVSRStream(cfg, _shard_list(index), train=False, rank=rank, world_size=world_size)
+    ds = AVSRStream(cfg, _shard_list(index), train=False, rank=rank, world_size=world_size,
+                    opener=RemoteOpener.for_index(cfg, index))
     return _loader(ds, workers, cfg)
 
 

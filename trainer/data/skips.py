@@ -37,6 +37,21 @@ SHARD_REASONS = (TAR_ERROR, SHARD_SHORT)
 # Events that keep the sample but are worth knowing about.
 RESAMPLED = "resampled_audio"
 NOTE_REASONS = (RESAMPLED,)
+# Remote reads retried after a transient error, by kind: counted under RETRIED + kind, reported as
+# data/retried/<kind>. A fixed set, so ranks can all-reduce them like the skip reasons.
+RETRIED = "retried/"
+RETRY_KINDS = ("connection", "timeout", "http_429", "http_500", "http_502", "http_503", "http_504", "http_other",
+               "pipe_exit", "other")
+RETRY_REASONS = tuple(RETRIED + kind for kind in RETRY_KINDS)
+
+
+def is_note(reason: str) -> bool:
+    return reason in NOTE_REASONS or reason.startswith(RETRIED)
+
+
+def metric_name(reason: str) -> str:
+    """The metric a count is logged under: data/retried/<reason> or data/skipped/<reason>."""
+    return f"data/{reason}" if reason.startswith(RETRIED) else f"data/skipped/{reason}"
 
 
 class UnusableDataError(RuntimeError):
@@ -59,7 +74,7 @@ class SkipCounter:
     def skip(self, reason: str, detail: str = "", n: int = 1) -> None:
         self.counts[reason] += n
         self._pending[reason] += n
-        if (self.max_initial_failures and self.good == 0 and reason not in NOTE_REASONS + SHARD_REASONS
+        if (self.max_initial_failures and self.good == 0 and not is_note(reason) and reason not in SHARD_REASONS
                 and self.sample_failures >= self.max_initial_failures):
             raise UnusableDataError(
                 f"{self.sample_failures} samples failed before any decoded (by reason: "
@@ -70,6 +85,11 @@ class SkipCounter:
     def note(self, reason: str) -> None:
         self.counts[reason] += 1
         self._pending[reason] += 1
+
+    def retried(self, reason: str) -> None:
+        """A remote read retried after a transient error (on_retry callback of trainer.data.storage)."""
+        kind = reason if reason in RETRY_KINDS else "http_other" if reason.startswith("http_") else "other"
+        self.note(RETRIED + kind)
 
     def ok(self) -> None:
         self.good += 1
@@ -86,7 +106,7 @@ class SkipCounter:
             self.counts[reason] += int(n)
 
     def skipped_only(self) -> dict[str, int]:
-        return {r: n for r, n in self.counts.items() if r not in NOTE_REASONS and n}
+        return {r: n for r, n in self.counts.items() if not is_note(r) and n}
 
     @property
     def total(self) -> int:
@@ -108,7 +128,7 @@ class SkipCounter:
 def skip_summary(counts: dict[str, int]) -> str:
     """One line: "3 samples skipped (audio_decode 2, too_long 1)", shard read errors and notes apart;
     "" when nothing was skipped."""
-    skipped = {r: n for r, n in counts.items() if n and r not in NOTE_REASONS and r != TAR_ERROR}
+    skipped = {r: n for r, n in counts.items() if n and not is_note(r) and r != TAR_ERROR}
     parts = [f"{sum(skipped.values())} samples skipped ("
              + ", ".join(f"{r} {n}" for r, n in sorted(skipped.items(), key=lambda kv: -kv[1])) + ")"] \
         if skipped else []

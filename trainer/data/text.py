@@ -1,11 +1,23 @@
 """Transcripts of a shard set, read straight from the tars (for training a tokenizer)."""
 from __future__ import annotations
 
+import contextlib
 import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from trainer.data import storage
 from trainer.data.index import load_index
+
+
+@contextlib.contextmanager
+def _open(url: str) -> Iterator[tarfile.TarFile]:
+    if not storage.is_remote(url):
+        with tarfile.open(url) as tar:
+            yield tar
+        return
+    with storage.open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:   # streamed
+        yield tar
 
 
 @dataclass
@@ -24,14 +36,14 @@ class TranscriptCount:
 
 
 def iter_transcripts(shard_dir: str, split: str, count: TranscriptCount | None = None) -> Iterator[str]:
-    """Every sample's non-empty `txt` in index order; unreadable shards and members are skipped and,
-    with `count`, counted."""
+    """Every sample's non-empty `txt` in index order (shards local or remote); unreadable shards and
+    members are skipped and, with `count`, counted."""
     index = load_index(shard_dir, split)
     count = count if count is not None else TranscriptCount()
     count.expected = index.num_samples
     for url in index.urls:
         try:
-            with tarfile.open(url) as tar:
+            with _open(url) as tar:
                 for member in tar:
                     if member.isfile() and member.name.endswith(".txt"):
                         f = tar.extractfile(member)

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from trainer.data.index import index_path
+from trainer.data.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +16,8 @@ DEMO_SEED = 0
 
 
 def ensure_demo_corpus(data_cfg, rank: int, timeout_s: float = 1800) -> None:
+    if is_remote(data_cfg.shard_dir):
+        return   # a user's remote shard set: the loader reports what is missing
     folder = Path(data_cfg.shard_dir)
     splits = (data_cfg.train_split, data_cfg.eval_split, data_cfg.test_split)
     if all(index_path(folder, s).is_file() for s in splits):

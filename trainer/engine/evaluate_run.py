@@ -95,16 +95,16 @@ class EvalRequest:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
 
 
-def check_split(data: DataConfig, split: str) -> None:
-    from trainer.data.index import index_path
+def shard_location(shard_dir: str) -> str:
+    from trainer.data.storage import is_remote, redact
 
-    shards = Path(data.shard_dir)
-    if not shards.is_dir():
-        raise FileNotFoundError(f"shard folder not found: {shards}")
-    if not index_path(shards, split).is_file():
-        have = sorted(p.name.removesuffix(".index.json") for p in shards.glob("*.index.json"))
-        raise FileNotFoundError(f"no split {split!r} in {shards} (no {index_path(shards, split).name}); "
-                                f"splits there: {have or 'none'}")
+    return redact(shard_dir) if is_remote(shard_dir) else str(Path(shard_dir).resolve())
+
+
+def check_split(data: DataConfig, split: str) -> None:
+    from trainer.data.index import check_split as check
+
+    check(data.shard_dir, split)
 
 
 def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.device) -> dict:
@@ -126,7 +126,7 @@ def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     results = {"run_dir": str(req.run_dir), "weights": src.describe(), "step": src.step,
-               "shards": str(Path(data.shard_dir).resolve()), "split": req.split, "modality": cfg.model.modality,
+               "shards": shard_location(data.shard_dir), "split": req.split, "modality": cfg.model.modality,
                "beams": beams, "max_new_tokens": max_new_tokens, "max_samples": req.max_samples,
                "noise": req.noise if any(c.snr_db is not None for c in req.conditions) else None,
                "world_size": world_size, "conditions": {}}

@@ -88,7 +88,13 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     saved_tokenizer = Path(saved_run_dir) / "tokenizer" if saved_run_dir else None
     if model.tokenizer_path and Path(model.tokenizer_path) == saved_tokenizer:
         model.tokenizer_path = str(run_dir / "tokenizer")
-    return RunConfig(run_dir=run_dir, model=model, data=_build(DataConfig, raw["data"], f"{path} data"),
+    data = dict(raw["data"])
+    if str(data.get("shard_dir", "")).startswith("pipe:"):
+        # a run folder may come from someone else: its files never choose a command to run here
+        logging.getLogger(__name__).warning(
+            "%s names a pipe: shard location; not running it (pass the shard location yourself)", path)
+        data["shard_dir"] = ""
+    return RunConfig(run_dir=run_dir, model=model, data=_build(DataConfig, data, f"{path} data"),
                      monitor=_build(MonitorConfig, raw.get("monitor", {}), f"{path} monitor"),
                      seed=int(raw.get("train", {}).get("seed", 0)),
                      eval_beams=int(raw.get("train", {}).get("eval_beams", 1)),

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ExperimentConfig
-from trainer.data.skips import NOTE_REASONS, SKIP_REASONS, skip_summary
+from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_summary
 from trainer.engine.checkpoint import CheckpointManager
 from trainer.engine.data_stream import TrainStream
 from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
@@ -52,7 +52,7 @@ def _all_sum(values: list[float], device) -> list[float]:
 
 def _all_sum_counts(counts: dict[str, int], device) -> dict[str, int]:
     """Per-reason counts summed over ranks (each rank's already sums its DataLoader workers)."""
-    reasons = list(SKIP_REASONS + NOTE_REASONS)
+    reasons = list(SKIP_REASONS + NOTE_REASONS + RETRY_REASONS)
     unknown = sorted(set(counts) - set(reasons))
     t = torch.tensor([counts.get(r, 0) for r in reasons] + [sum(counts[r] for r in unknown)],
                      dtype=torch.float64, device=device)
@@ -431,7 +431,7 @@ class Trainer:
         skipped = _all_sum_counts(self.stream.pop_skipped(), self.device)
         self.skipped_total.update(skipped)
         for reason, n in skipped.items():
-            metrics[f"data/skipped/{reason}"] = n
+            metrics[metric_name(reason)] = n
         self.tracker.log_metrics(metrics, self.step)
         if self.figure_queue is not None:
             self._log_sink_files(self.figure_queue.finished())
@@ -462,11 +462,13 @@ class Trainer:
 
     def _check_eval_splits(self) -> None:
         """Fail at the start, not after training, when a split evaluated at the end has no index."""
-        from trainer.data.index import index_path
-        missing = [s for s in final_eval_splits(self.cfg) if not index_path(self.cfg.data.shard_dir, s).is_file()]
+        from trainer.data.index import index_location, index_name
+        from trainer.data.storage import exists, redact
+        shard_dir = self.cfg.data.shard_dir
+        missing = [s for s in final_eval_splits(self.cfg) if not exists(index_location(shard_dir, s))]
         if missing:
-            raise FileNotFoundError(f"--train.final-eval-splits: no split {missing} in {self.cfg.data.shard_dir} "
-                                    f"(no {index_path(self.cfg.data.shard_dir, missing[0]).name})")
+            raise FileNotFoundError(f"--train.final-eval-splits: no split {missing} in {redact(shard_dir)} "
+                                    f"(no {index_name(missing[0])})")
 
     def _evaluate(self, split: str, max_samples: int | None, tag: str = "", num_beams: int | None = None) -> dict:
         from trainer.data.pipeline import build_eval_loader
