@@ -75,8 +75,11 @@ class MlflowServer:
                 urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
                 return
             except OSError:
-                assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+                if self.proc.poll() is not None:
+                    self.stop()
+                    raise AssertionError((self.root / "server.log").read_text()[-3000:])
                 time.sleep(0.5)
+        self.stop()                                    # never leave a server behind
         raise AssertionError("mlflow server did not start")
 
     def stop(self) -> None:
