@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from torchaudio.functional import melscale_fbanks
+from transformers.audio_utils import mel_filter_bank    # the filters WhisperFeatureExtractor itself uses
 
 from .config import MEL_HOP, SAMPLE_RATE
 
@@ -21,9 +21,9 @@ N_FFT = 400
 
 @lru_cache(maxsize=4)
 def _mel_filters(n_mels: int) -> torch.Tensor:
-    fb = melscale_fbanks(n_freqs=N_FFT // 2 + 1, f_min=0.0, f_max=8000.0, n_mels=n_mels,
-                         sample_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")
-    return fb.T.contiguous()          # [n_mels, n_freqs]
+    fb = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
+                         max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney")
+    return torch.from_numpy(fb).float().T.contiguous()          # [n_mels, n_freqs]
 
 
 @lru_cache(maxsize=1)
