@@ -125,7 +125,7 @@ def build_config(args, device: str):
                                    max_frames_per_batch=args.max_frames_per_batch,
                                    max_clip_frames=min(cfg.data.max_clip_frames, args.max_frames_per_batch))
     cfg.train = dataclasses.replace(
-        cfg.train, run_dir=str(args.out / "run"), max_steps=1000, warmup_steps=2, lr=args.lr, log_every=1000,
+        cfg.train, run_dir=str(args.run_dir or args.out / "run"), max_steps=1000, warmup_steps=2, lr=args.lr, log_every=1000,
         precision="bf16" if on_gpu else "fp32", eval_beams=1, eval_max_new_tokens=args.max_new_tokens,
         eval_untrained=False, test_at_end=False, save_every=0, keep_last=2, resume="never",
         export_on_finish=False)
@@ -548,6 +548,8 @@ def main(argv=None) -> int:
     r.add_argument("--models", type=Path, required=True)
     r.add_argument("--shards", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--run-dir", type=Path, default=None,
+                   help="the trainer's run folder (checkpoints, sink reports; default OUT/run)")
     r.add_argument("--zero", type=int, choices=[2, 3], default=3)
     r.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     r.add_argument("--warmup", type=int, default=3, help="untimed steps (first ones compile and allocate)")
@@ -560,7 +562,7 @@ def main(argv=None) -> int:
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--trace", action="store_true", help="also write the profiled step's Chrome trace")
     args = ap.parse_args(argv)
-    for name in ("out", "models", "shards"):
+    for name in ("out", "models", "shards", "run_dir"):
         if getattr(args, name, None) is not None:
             setattr(args, name, getattr(args, name).resolve())
     if args.cmd == "models":

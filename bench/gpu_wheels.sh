@@ -15,6 +15,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 dest=${1:-.whl}
 PY=${PYTHON:-python3}
+PYVER=${PYVER:-3.12}                      # the target interpreter (3.11: to check the closure here)
+abi=cp${PYVER/./}
 mkdir -p "$dest"
 # Versions that ran together in the project's venv (ENV.md), binary wheels for cp312.
 pins=(
@@ -30,8 +32,8 @@ pins=(
 )
 binary=()
 for p in "${pins[@]}"; do [[ $p == deepspeed==* ]] || binary+=("$p"); done
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --abi cp312 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+    --abi "$abi" --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 -d "$dest" "${binary[@]}" \
     2> >(grep -v "is ignored: it is neither" >&2)
 

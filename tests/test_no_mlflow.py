@@ -1,0 +1,73 @@
+"""The trainer runs without mlflow when tracking is off (`--tracking.enabled False`): the lent GPU
+machine has no mlflow and no registry, so bench/gpu_checks.sh runs the trainer that way.
+
+mlflow is made unimportable in the child processes (trainer, DataLoader workers, the figure
+process) by a sitecustomize.py first on PYTHONPATH whose import hook refuses it, as a missing
+package would; then a real one-process DeepSpeed run trains two steps, probes, checkpoints,
+evaluates and exports."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+BLOCKER = textwrap.dedent("""\
+    import sys
+
+    class _NoMlflow:
+        def find_spec(self, name, path=None, target=None):
+            if name == "mlflow" or name.startswith("mlflow."):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, _NoMlflow())
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(blocker_dir: Path) -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{blocker_dir}{os.pathsep}{REPO}",
+           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
+        env.pop(key, None)
+    return env
+
+
+def test_trainer_runs_with_mlflow_unimportable(tmp_path, synth_corpus):
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = _env(blocker)
+    probe = subprocess.run([sys.executable, "-c", "import mlflow"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'mlflow'" in probe.stderr   # the blocker works
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
+           "--data.shard-dir", str(synth_corpus), "--data.num-workers", "1",
+           "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4", "--data.batches-per-epoch", "4",
+           "--train.run-dir", str(run), "--train.max-steps", "2", "--train.warmup-steps", "1",
+           "--train.log-every", "1", "--train.save-every", "1", "--train.eval-max-new-tokens", "4",
+           "--train.eval-max-samples", "4", "--train.eval-untrained", "False", "--train.test-at-end", "False",
+           "--monitor.every", "1", "--monitor.probe-batch-size", "2", "--tracking.enabled", "False"]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    assert "mlflow" not in (p.stdout + p.stderr).lower().replace("--tracking", "")
+    results = json.loads((run / "results.json").read_text())
+    assert results["step"] == 2 and results["val"]["num_utterances"] > 0
+    assert (run / "sinks").is_dir() and (run / "export" / "model.pt").is_file()
+    assert not (run / "mlflow.db").exists() and not (run / "mlflow_run.json").exists()
