@@ -117,7 +117,13 @@ def build_config(args, device: str):
     from trainer.config import load_recipe
 
     on_gpu = device == "cuda"
-    cfg = load_recipe(RECIPE, config=str(REPO / "ds_configs" / f"zero{args.zero}.json"))
+    ds_json = REPO / "ds_configs" / f"zero{args.zero}.json"
+    if args.optimizer == "torch":       # torch.optim.AdamW inside DeepSpeed: no op to compile (no nvcc needed)
+        ds = json.loads(ds_json.read_text())
+        ds["optimizer"]["params"]["torch_adam"] = True
+        ds_json = args.out / f"ds_zero{args.zero}_torch_adam.json"
+        ds_json.write_text(json.dumps(ds, indent=2))
+    cfg = load_recipe(RECIPE, config=str(ds_json))
     cfg.model = dataclasses.replace(
         cfg.model, llm_path=str(args.models / "llm"), whisper_path=str(args.models / "whisper"),
         avhubert_path=str(args.models / "avhubert.pt"), load_dtype="bfloat16" if on_gpu else "float32")
@@ -190,7 +196,7 @@ class Run:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         single_process_env(self.device)
         self.cfg = build_config(args, self.device)
-        self.results: dict = {"zero_stage": args.zero, "device": self.device,
+        self.results: dict = {"zero_stage": args.zero, "device": self.device, "optimizer": args.optimizer,
                               "device_name": torch.cuda.get_device_name() if self.device == "cuda"
                               else (platform.processor() or "cpu"),
                               "torch": torch.__version__, "parts": {}}
@@ -436,24 +442,36 @@ class Run:
             (self.args.out / "decode_report.json").write_text(json.dumps(hyps, indent=2))
         return {**result, "seconds": seconds, "max_new_tokens": t.cfg.train.eval_max_new_tokens}
 
-    def finish(self) -> None:
+    def finish(self, drain: bool = True) -> None:
+        """Wait for the sink figures (drawn in background processes) unless the time cap is reached."""
         t = getattr(self, "t", None)
-        if t is not None:
-            t.stop.uninstall()
+        if t is not None and drain:
             t0 = time.perf_counter()
             for queue in [*self.old_queues, t.figure_queue]:
                 if queue is not None:
                     t._log_sink_files(queue.close())
             self.results["figures_drain_s"] = time.perf_counter() - t0
-            t.tracker.finish("FINISHED")
+
+
+class TimeCap(BaseException):
+    """SIGTERM from the caller's time cap (timeout): stop the parts, still write what was measured."""
+
+
+def _on_sigterm(signum, frame):
+    raise TimeCap("stopped by SIGTERM (time cap)")
 
 
 def run(args) -> int:
+    import signal
+
     args.out.mkdir(parents=True, exist_ok=True)
     r = Run(args)
     failed = []
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         r.build()
+        r.t.stop.uninstall()                    # the trainer's stop-and-checkpoint handler: not wanted here
+        signal.signal(signal.SIGTERM, _on_sigterm)
         for part in args.parts:
             t0 = time.perf_counter()
             try:
@@ -466,8 +484,16 @@ def run(args) -> int:
                 print(f"[bench_trainer] zero{args.zero} {part} FAILED: {err!r}", flush=True)
                 traceback.print_exc()
             r.save()
+    except TimeCap as cap:
+        failed.append("time cap")
+        r.results["stopped"] = str(cap)
+        print(f"[bench_trainer] zero{args.zero}: {cap}", flush=True)
     finally:
-        r.finish()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            r.finish(drain="stopped" not in r.results)
+        except Exception as err:                # a part killed mid-way may leave the figure queue broken
+            r.results["finish_error"] = repr(err)
         r.save()
         (args.out / "summary.md").write_text(render(r.results))
         print(render(r.results))
@@ -477,7 +503,7 @@ def run(args) -> int:
 def render(res: dict) -> str:
     p = res.get("parts", {})
     lines = [f"## Trainer, ZeRO-{res.get('zero_stage')}, 1 process, {res.get('device_name')} "
-             f"(torch {res.get('torch')})", ""]
+             f"(torch {res.get('torch')}, AdamW: {res.get('optimizer')})", ""]
     if "params" in res:
         lines.append(f"- parameters: {res['params']}; build {res.get('build_s', 0):.1f} s; "
                      f"local param fraction {res.get('zero_local_param_fraction', 0):.3f}")
@@ -533,6 +559,8 @@ def render(res: dict) -> str:
     for name, part in p.items():
         if "error" in part:
             lines.append(f"- {name}: FAILED {part['error']}")
+    if res.get("stopped"):
+        lines.append(f"- {res['stopped']}: later parts did not run")
     return "\n".join(lines) + "\n"
 
 
@@ -561,7 +589,13 @@ def main(argv=None) -> int:
     r.add_argument("--decode-clips", type=int, default=4)
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--trace", action="store_true", help="also write the profiled step's Chrome trace")
+    r.add_argument("--optimizer", choices=["auto", "fused", "torch"], default="auto",
+                   help="DeepSpeed's AdamW: its fused op (JIT-compiled with nvcc on first use) or torch's "
+                        "(\"torch_adam\"); auto = fused where nvcc is found")
     args = ap.parse_args(argv)
+    if getattr(args, "optimizer", None) == "auto":
+        import shutil
+        args.optimizer = "fused" if shutil.which("nvcc") or os.environ.get("CUDA_HOME") else "torch"
     for name in ("out", "models", "shards", "run_dir"):
         if getattr(args, name, None) is not None:
             setattr(args, name, getattr(args, name).resolve())

@@ -45,6 +45,7 @@ if [ $dry = 1 ]; then
   scale=4
 else
   unset TRITON_INTERPRET                # compiled kernels on a GPU (conftest/bench set it without one)
+  export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$work/torch_extensions}   # fused Adam JIT-built once
   budget=${GPU_CHECKS_BUDGET_S:-470}    # ends under 8 minutes
   scale=1
 fi
