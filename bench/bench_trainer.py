@@ -226,7 +226,7 @@ class Run:
 
         stats = self.t._train_step(meter or ThroughputMeter(1))
         self.t.step += 1
-        return stats
+        return self.t.step_values(stats)
 
     # ---- parts -------------------------------------------------------------------------------------
     def throughput(self) -> dict:
