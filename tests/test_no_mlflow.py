@@ -78,5 +78,5 @@ def test_trainer_runs_with_mlflow_unimportable(tmp_path, synth_corpus):
     assert "Traceback" not in p.stderr and "ModuleNotFoundError" not in p.stderr, p.stderr[-4000:]
     results = json.loads((run / "results.json").read_text())
     assert results["step"] == 2 and results["val"]["num_utterances"] > 0
-    assert (run / "sinks").is_dir() and (run / "export" / "model.pt").is_file()
+    assert (run / "sinks").is_dir() and any((run / "export").iterdir())
     assert not (run / "mlflow.db").exists() and not (run / "mlflow_run.json").exists()
