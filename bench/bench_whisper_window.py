@@ -79,8 +79,13 @@ def main() -> int:
                  "the window's first frames only": transcriber.decode(a, n_out),
                  "the clip frames (clip-length run)": transcriber.decode(b, n_out)}
     for name, hyps in decodings.items():
-        c = error_counts(refs, [spell_digits(h) for h in hyps])
-        print(f"Whisper's decoder on {name}: WER {c.wer:.1%} CER {c.cer:.1%}   e.g. {hyps[1]!r}")
+        hyps = [spell_digits(h) for h in hyps]
+        c = error_counts(refs, hyps)
+        # Without trailing silence Whisper's decoder does not stop (it repeats the sentence): the WER of
+        # the hypothesis cut to the reference's word count says whether the content was read correctly.
+        cut = error_counts(refs, [" ".join(h.split()[:len(r.split())]) for h, r in zip(hyps, refs)])
+        print(f"Whisper's decoder on {name}: WER {c.wer:.1%} CER {c.cer:.1%}; cut to the reference length: "
+              f"WER {cut.wer:.1%}   e.g. {hyps[1][:120]!r}")
     return 0
 
 
