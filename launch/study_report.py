@@ -107,10 +107,10 @@ def layer_summary(layer: dict, report: dict, run: dict) -> dict:
     return {
         "layer": layer["layer"], "bos_sink_head_frac": layer["bos_sink_head_frac"],
         "intermediate_sinks": sinks, "intermediate_total": sum(sinks.values()),
-        "top_sinks": [f"{name} ({n}/{samples})" for name, n in named.most_common(3)],
+        "top_sinks": [f"`{name}` ({n}/{samples})" for name, n in named.most_common(3)],
         "max_abs": layer["max_abs"], "massive_ratio": layer["massive_ratio"],
         "massive_count": layer["massive_count"], "massive_features": [f for f, _ in feats.most_common(4)],
-        "massive_carriers": [f"{name} x{n}" for name, n in carriers.most_common(3)],
+        "massive_carriers": [f"`{name}` x{n}" for name, n in carriers.most_common(3)],
         "cos": cos,
     }
 
@@ -149,7 +149,7 @@ def _pct(result: dict | None, key: str = "wer") -> str:
 
 def describe(run: dict) -> dict:
     m, t = run["exp"]["model"], run["exp"]["train"]
-    return {"order": " -> ".join(["BOS"] + [f"<{x}>" for x in run["enabled"]] + ["instruction"]),
+    return {"order": ", ".join(["BOS"] + [f"`<{x}>`" for x in run["enabled"]] + ["instruction"]),
             "audio_rate": m["audio_rate"], "video_rate": m["video_rate"], "lambda": m["decorrelation_weight"],
             "prefusion_ln": m["prefusion_layernorm"], "steps": run["last"]["step"], "max_steps": t["max_steps"]}
 
@@ -227,7 +227,7 @@ def draw(runs: list[dict], sums: dict, out: Path) -> list[Path]:
         fig.suptitle(title)
         return fig, axes.flatten()
 
-    fig, axes = grid("Cosine to BOS by token role (mean over the probe's tokens); dashed: step 0, solid: end")
+    fig, axes = grid("Cosine to BOS by token role (mean over the probe's tokens)\ndashed: step 0, solid: end")
     for ax, run in zip(axes, runs):
         for key, style in (("first", "--"), ("last", "-")):
             layers = sums[run["name"]][key]["layers"]
@@ -245,7 +245,7 @@ def draw(runs: list[dict], sums: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
     files.append(_save(fig, out / "cos_to_bos_by_role.png"))
 
-    fig, axes = grid("Intermediate sinks per sample by role (alpha > 0.3 in >= 1 head); left bar step 0, right bar end")
+    fig, axes = grid("Intermediate sinks per sample by role (alpha > 0.3 in >= 1 head)\nleft bar: step 0, right bar: end")
     for ax, run in zip(axes, runs):
         for key, shift, alpha in (("first", -0.2, 0.45), ("last", 0.2, 0.95)):
             layers = sums[run["name"]][key]["layers"]
