@@ -5,7 +5,8 @@
 # at step 0 and at the end. Writes runs/study/report.md + figures, logged to MLflow as a parent run
 # with the four training runs as its children (runs/study/mlflow.db).
 #
-#   bash launch/study.sh                    # defaults: STEPS=8, NPROC=2 (CPU: ZeRO-3 on 2 processes)
+#   bash launch/study.sh                    # defaults: STEPS=8; on CPU NPROC=1 (ZeRO-3, 1 process, 2 threads:
+#                                           #   2 processes need ~2 x 2.7 GB and were OOM-killed on a shared 24 GB machine)
 #   STEPS=100 STUDY_DIR=runs/study_long bash launch/study.sh
 #   mlflow ui --backend-store-uri sqlite:///runs/study/mlflow.db --port 5001
 #
@@ -20,7 +21,7 @@ CORPUS=${CORPUS:-data/synth_study}
 MODELS=${MODELS:-models}
 ORDER=${ORDER:-"audio video"}          # the paper's order; ORDER="video audio" puts video first
 if command -v nvidia-smi >/dev/null 2>&1; then NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}; else
-  NPROC=${NPROC:-2}
+  NPROC=${NPROC:-1}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi
 t0=$(date +%s)
@@ -44,6 +45,7 @@ for spec in "${runs[@]}"; do
   i=$((i + 1))
   say "run $i/${#runs[@]}: $name ($recipe, audio rate $arate, video rate $vrate, order: $ORDER, $STEPS steps)"
   port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+: > "$STUDY_DIR/$name.log"                        # exists before tail follows it
   deepspeed --num_gpus "$NPROC" --master_port "$port" launch/train.py --config ds_configs/zero3.json \
     --recipe "launch/recipes/$recipe.yaml" --train.run-dir "$STUDY_DIR/$name" --tracking.run-name "$name" \
     --tracking.experiment mini_study --data.shard-dir "$CORPUS" --model.llm-path "$MODELS/SmolLM2-135M-Instruct" \
