@@ -3,6 +3,7 @@
   synth     synthesise the GRID-style corpus (espeak-ng speech + mouth video)
   lrs3      convert an auto_avsr-prepared LRS3/LRS2 folder
   validate  check a shard set and its index
+  pretrained  fetch, verify and convert the real SmolLM2-135M and Whisper tiny.en weights
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from typing import Sequence
 
 from trainer.data.storage import RemoteError
 
-from . import lrs3, synth, validate
+from . import lrs3, pretrained, synth, validate
 
 COMMANDS = {
     "synth": (synth, "synthesise the GRID-style corpus into train/val/test shards"),
     "lrs3": (lrs3, "convert an auto_avsr-prepared LRS3/LRS2 folder into shards"),
     "validate": (validate, "check a shard set: index, tars and every sample"),
+    "pretrained": (pretrained, "fetch, verify and convert SmolLM2-135M and Whisper tiny.en to transformers folders"),
 }
 
 

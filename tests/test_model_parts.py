@@ -128,7 +128,8 @@ def test_config_validation_names_the_problem():
     with pytest.raises(ValueError, match="audio_rate"):
         ModelConfig(audio_rate=0)
     assert ModelConfig(modality="vsr").enabled_modalities == ("video",)
-    assert ModelConfig(modality_order=["audio", "video"]).enabled_modalities == ("audio", "video")
+    assert ModelConfig(modality_order=["video", "audio"]).enabled_modalities == ("video", "audio")
+    assert ModelConfig().enabled_modalities == ("audio", "video")        # the paper's order by default
 
 
 def test_trained_tokenizer_roundtrip(tmp_path):

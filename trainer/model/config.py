@@ -122,9 +122,11 @@ class ModelConfig:
     """With lambda = 0, still compute L_dec_raw (no grad) so baseline runs log it for comparison."""
 
     # --- prompt ---
-    modality_order: tuple[str, ...] = ("video", "audio")
-    """Order of the modality blocks after BOS. The task brief puts video first; DESIGN.md section 1
-    lists audio first. Only enabled modalities are placed; the order of the others is ignored."""
+    modality_order: tuple[str, ...] = ("audio", "video")
+    """Order of the modality blocks after BOS. Default: the paper's (Llama-AVSR's `prepare_inputs`, DESIGN.md
+    section 1): BOS, <audio> A.. </audio>, <video> V.. </video>, instruction. ("video", "audio") puts video
+    first. The delimiter right after BOS is the one that tends to become an intermediate sink. Only enabled
+    modalities are placed; the order of the others is ignored."""
     whisper_pad_to_30s: bool = True
     """Pad the mel input to the encoder's fixed window (30 s for real Whisper, 2 x max_source_positions
     frames in general) and keep only the real frames of the output: real checkpoints are trained on

@@ -1,8 +1,8 @@
 """Prompt assembly: the one place where the LLM input sequence is laid out.
 
 Training (right padding):
-    BOS, <video> V_1..V_n </video>, <audio> A_1..A_m </audio>, instruction, transcript, EOS, PAD...
-  (modality blocks in the configured order, only the enabled ones). Labels are the token ids on
+    BOS, <audio> A_1..A_m </audio>, <video> V_1..V_n </video>, instruction, transcript, EOS, PAD...
+  (the paper's order by default; modality blocks in the configured order, only the enabled ones). Labels are the token ids on
   transcript and EOS positions and -100 elsewhere (aligned with the inputs: the loss shifts).
 Generation (left padding, so every prompt ends at the last column and new tokens follow it):
     PAD..., BOS, modality blocks, instruction
