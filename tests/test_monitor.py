@@ -485,3 +485,14 @@ def test_every_figure_is_titled_and_labelled():
     heads = draw_bos_heads(rep)
     assert heads.axes[0].get_title() and heads.axes[0].get_xlabel() and heads.axes[0].get_ylabel()
     assert heads.axes[1].get_ylabel()           # the colour bar says what the colour is
+
+
+def test_crowded_axes_keep_bos_delimiters_and_feature_runs(monkeypatch):
+    from trainer.monitor import figures
+
+    rep = _handmade_report([["<s>"] + [f"t{i}" for i in range(1, 40)]])
+    rep.token_roles[0, 10:] = int(TokenRole.TRANSCRIPT)            # 30 text tokens after the audio runs
+    monkeypatch.setattr(figures, "_MAX_TICKS", 12)
+    ticks, names = figures._token_ticks(rep, 40)
+    assert names[:5] == ["<s>", "audio \u00d74", "t5", "audio \u00d73", "t9"]   # always named
+    assert 8 <= len(names) - 5 <= 12 and names[5] == "t10" and ticks == sorted(ticks)

@@ -41,25 +41,32 @@ def _segments(roles: torch.Tensor) -> list[tuple[int, int, str]]:
 
 _MAX_TICKS = 64        # token ticks per axis before they are thinned
 _FEATURE_ROLES = {int(TokenRole.AUDIO), int(TokenRole.VIDEO)}
+_TEXT_ROLES = {int(TokenRole.INSTRUCTION), int(TokenRole.TRANSCRIPT)}
 
 
 def _short(label: str, width: int = 14) -> str:
     label = label.replace("\u0120", " ").replace("\u2581", " ").replace("\n", "\\n")
+    if not label.strip():
+        label = "\u2423"            # a visible space
     return label if len(label) <= width else label[: width - 1] + "\u2026"
 
 
 def _token_ticks(report: SinkReport, t0: int) -> tuple[list[float], list[str]]:
-    """Axis ticks for sample 0: a tick per text token (its label), one per run of audio/video
-    feature slots ('audio x12'); thinned evenly when there are too many."""
-    ticks: list[tuple[float, str]] = []
+    """Axis ticks for sample 0: one per run of audio/video feature slots ('audio x12'), one per other
+    token (its label). BOS, delimiters and feature runs are always named; when there are too many
+    ticks, the text tokens (instruction, transcript) are thinned evenly."""
+    fixed: list[tuple[float, str]] = []
+    text: list[tuple[float, str]] = []
     for s, e, name in _segments(report.token_roles[0, :t0]):
-        if int(report.token_roles[0, s]) in _FEATURE_ROLES:
-            ticks.append(((s + e - 1) / 2, f"{name} \u00d7{e - s}"))
+        role = int(report.token_roles[0, s])
+        if role in _FEATURE_ROLES:
+            fixed.append(((s + e - 1) / 2, f"{name} \u00d7{e - s}"))
         else:
-            ticks += [(float(i), _short(report.label(0, i))) for i in range(s, e)]
-    if len(ticks) > _MAX_TICKS:
-        step = -(-len(ticks) // _MAX_TICKS)
-        ticks = ticks[::step]
+            (text if role in _TEXT_ROLES else fixed).extend((float(i), _short(report.label(0, i))) for i in range(s, e))
+    room = max(_MAX_TICKS - len(fixed), 8)
+    if len(text) > room:
+        text = text[:: -(-len(text) // room)]
+    ticks = sorted(fixed + text)
     return [t for t, _ in ticks], [n for _, n in ticks]
 
 
