@@ -53,27 +53,54 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) used so far by this process's live child processes (the
+    DataLoader workers): on a shared machine CPU time is a steadier measure of work than wall time."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in kids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / tick      # utime, stime
+    return total
+
+
 def timed_step(trainer, clock) -> dict[str, float]:
-    """Trainer._train_step's work, phase by phase (grad_accum micro-batches)."""
+    """Trainer._train_step's work, phase by phase: the batches and their global token counts (an
+    all-reduce), then per micro-batch the forward, the backward and engine.step()."""
+    from trainer.engine.loss import GlobalCounts, backward, micro_batch_share
+
     engine = trainer.engine
     engine.train()
     t = dict.fromkeys(PHASES, 0.0)
-    for _ in range(trainer.cfg.train.grad_accum):
+    t0 = clock()
+    batches = [next(trainer.stream) for _ in range(trainer.cfg.train.grad_accum)]
+    local = [trainer.model.token_counts(b) for b in batches]
+    counts = GlobalCounts.all_reduced(local, trainer.device)
+    t["data"] += clock() - t0
+    loss_sum = 0.0
+    for batch, expected in zip(batches, local):
         t0 = clock()
-        batch = trainer.to_device(next(trainer.stream))
-        t1 = clock()
+        batch = trainer.to_device(batch)
         out = engine(batch)
+        loss, shares = micro_batch_share(out, counts, expected)
+        t1 = clock()
+        backward(engine, loss)
         t2 = clock()
-        engine.backward(out.loss)
-        t3 = clock()
         engine.step()
-        t4 = clock()
-        t["data"] += t1 - t0
-        t["forward"] += t2 - t1
-        t["backward"] += t3 - t2
-        t["step"] += t4 - t3
-        t.setdefault("loss", 0.0)
-        t["loss"] += float(out.loss.detach()) / trainer.cfg.train.grad_accum
+        t3 = clock()
+        t["forward"] += t1 - t0
+        t["backward"] += t2 - t1
+        t["step"] += t3 - t2
+        loss_sum += shares["loss"]
+    t["loss"] = loss_sum            # this rank's share of the step's loss
     return t
 
 
@@ -109,7 +136,8 @@ def main(argv=None) -> int:
     extra = ["--train.max-steps", str(total + 1), "--train.warmup-steps", str(min(40, total)),
              "--train.run-dir", str(work), "--tracking.enabled", "False",
              "--monitor.every", "0"]
-    cfg = parse_experiment(["--config", str(REPO / "ds_configs" / "zero3.json"), *extra, *rest])
+    default_config = [] if "--config" in rest else ["--config", str(REPO / "ds_configs" / "zero3.json")]
+    cfg = parse_experiment([*default_config, *extra, *rest])
     os.chdir(REPO)
     ensure_demo_corpus(cfg.data, rank)
     trainer = Trainer(cfg)
@@ -127,6 +155,7 @@ def main(argv=None) -> int:
             dist.barrier()
         steps, losses = [], []
         t_start = clock()
+        cpu0, kids0 = time.process_time(), children_cpu()
         for _ in range(args.steps):
             t0 = clock()
             phases = timed_step(trainer, clock)
@@ -134,6 +163,10 @@ def main(argv=None) -> int:
             losses.append(phases.pop("loss"))
             steps.append(phases)
         wall = clock() - t_start
+        cpu = torch.tensor([(time.process_time() - cpu0) / args.steps, (children_cpu() - kids0) / args.steps],
+                           dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(cpu)        # summed over ranks: the machine's CPU per optimizer step
 
         comm, top = None, []
         if args.torch_profile:
@@ -160,6 +193,7 @@ def main(argv=None) -> int:
                 print(f"{k:<10} {mean[i]:>11.3f} {slowest[i]:>13.3f} {100 * mean[i] / mean[-1]:>6.1f}%")
             print(f"wall {wall:.1f} s for {args.steps} steps = {wall / args.steps:.3f} s/step; "
                   f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+            print(f"CPU per step, all ranks: trainer processes {cpu[0]:.3f} s, data workers {cpu[1]:.3f} s")
             if comm is not None:
                 print(f"torch.profiler, {args.torch_profile} steps, rank 0: collectives {comm:.3f} s/step "
                       f"({100 * comm / mean[-1]:.0f}% of a step)")
@@ -169,7 +203,8 @@ def main(argv=None) -> int:
             if args.csv:
                 row = {"label": args.label, "world": world, "threads": threads, "workers": cfg.data.num_workers,
                        "steps": args.steps, **{f"{k}_s": round(float(mean[i]), 4) for i, k in enumerate(keys)},
-                       "s_per_step": round(wall / args.steps, 4),
+                       "s_per_step": round(wall / args.steps, 4), "cpu_train_s": round(float(cpu[0]), 4),
+                       "cpu_workers_s": round(float(cpu[1]), 4),
                        "comm_s": "" if comm is None else round(comm, 4), "args": " ".join(rest)}
                 new = not Path(args.csv).is_file()
                 with open(args.csv, "a", newline="") as f:
