@@ -125,10 +125,13 @@ def load_audio_16k(path: str | Path) -> np.ndarray:
 # ---------------------------------------------------------------- video
 
 def _x264_args(fps: float, crf: int) -> list[str]:
-    # yuv420p: the most widely decodable; -threads 1: callers parallelise with processes;
-    # +faststart puts the index first, so a truncated file fails loudly at open
+    # yuv420p: the most widely decodable; +faststart puts the index first, so a truncated file
+    # fails loudly at open. Same frames, same bytes: one encoder thread (callers parallelise with
+    # processes; x264's frame threads would make its rate control depend on timing), x264's
+    # deterministic mode, and bitexact muxing (no libavformat version tag, no metadata copied).
     return ["-c:v", "libx264", "-preset", "veryfast", "-crf", str(crf), "-pix_fmt", "yuv420p",
-            "-threads", "1", "-an", "-movflags", "+faststart", "-r", f"{fps:g}"]
+            "-threads", "1", "-x264-params", "deterministic=1", "-an", "-map_metadata", "-1",
+            "-fflags", "+bitexact", "-flags:v", "+bitexact", "-movflags", "+faststart", "-r", f"{fps:g}"]
 
 
 def _check_frames(frames: np.ndarray) -> None:

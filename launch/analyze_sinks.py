@@ -22,16 +22,19 @@ import json
 import logging
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere in the checkout
 
 import torch  # noqa: E402
 
-from trainer.model.roles import ROLE_NAMES, TokenRole  # noqa: E402
+from trainer.model.roles import TokenRole  # noqa: E402
 from trainer.monitor.analysis import SinkReport  # noqa: E402
+from trainer.monitor.labels import token_labels  # noqa: E402
 
 MAX_SINKS_SHOWN = 6      # intermediate sinks listed per layer in the summary
+MAX_CARRIERS_SHOWN = 4   # tokens carrying massive values listed per group of layers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,8 +117,8 @@ def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
     monitor = SinkMonitor(monitor_config(cfg.monitor, args, rows))
     batch = first_eval_batch(data, split, rows)
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    report, parts = run_probe(monitor, model, batch, step=src.step or 0, out_dir=out, step_subdir=False)
-    labels = token_labels(parts.input_ids, parts.token_roles, report.lengths, model.tokenizer)
+    report, _ = run_probe(monitor, model, batch, step=src.step or 0, out_dir=out, step_subdir=False)
+    labels = report.token_labels
     meta = {"mode": "run", "run_dir": str(args.run_dir), "weights": src.describe(), "step": src.step,
             "shards": storage.redact(shards), "split": split, "keys": list(batch.get("keys", [])),
             "text": list(batch.get("text", [])), "tokens": labels}
@@ -179,30 +182,13 @@ def probe_text(args: argparse.Namespace, out: Path, device: torch.device) -> tup
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
     monitor = SinkMonitor(monitor_config(None, args, len(texts)))
-    report = monitor.run(model, embeds, mask, roles, step=0, out_dir=out, step_subdir=False)
-    labels = token_labels(ids, roles, report.lengths, tokenizer)
+    labels = token_labels(ids, roles, mask.sum(1), tokenizer)
+    report = monitor.run(model, embeds, mask, roles, step=0, out_dir=out, step_subdir=False, token_labels=labels)
     meta = {"mode": "text", "llm": str(folder), "text": texts, "tokens": labels}
     return report, meta
 
 
 # --------------------------------------------------------------------------- summary
-def token_labels(input_ids: torch.Tensor, roles: torch.Tensor, lengths: torch.Tensor,
-                 tokenizer) -> list[list[str]]:
-    """Per sample, a short label per real token: the token text, or audio#i / video#i for feature slots."""
-    out = []
-    for row_ids, row_roles, n in zip(input_ids.tolist(), roles.tolist(), lengths.tolist()):
-        labels, counts = [], {}
-        for tok, role in zip(row_ids[:n], row_roles[:n]):
-            if role in (TokenRole.AUDIO, TokenRole.VIDEO):
-                name = ROLE_NAMES[role]
-                labels.append(f"{name}#{counts.get(name, 0)}")
-                counts[name] = counts.get(name, 0) + 1
-            else:
-                labels.append(tokenizer.convert_ids_to_tokens(int(tok)))
-        out.append(labels)
-    return out
-
-
 def _f(x: float, fmt: str = ".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -240,6 +226,7 @@ def summarize(report: SinkReport, labels: list[list[str]], header: str) -> str:
                      f"MLP share {_f(s.mlp_share)}: written by {origin}); present in "
                      f"{sum(x.massive_count > 0 for x in report.layers)} of {len(report.layers)} "
                      f"analysed layers")
+    lines += massive_carriers(report)
     lines.append("intermediate sinks of sample 0 (token: role, fraction of heads):")
     any_sink = False
     for s in report.layers:
@@ -254,6 +241,46 @@ def summarize(report: SinkReport, labels: list[list[str]], header: str) -> str:
     if not any_sink:
         lines.append("  none")
     return "\n".join(lines)
+
+
+def massive_carriers(report: SinkReport) -> list[str]:
+    """Which tokens carry the massive values: for sample 0, per run of layers with the same
+    carriers, each token's position, label, role, massive features and largest |H| over the run;
+    and, over all samples, how many carriers each role has."""
+    groups: list[tuple[tuple, list]] = []            # (key, [LayerStats, ...])
+    for s in report.layers:
+        mine = [m for m in s.massive_tokens if m.batch == 0]
+        if not mine:
+            continue
+        key = tuple(sorted((m.token, tuple(sorted(m.features)), m.is_sink) for m in mine))
+        if groups and groups[-1][0] == key and groups[-1][1][-1].layer + 1 == s.layer:
+            groups[-1][1].append(s)
+        else:
+            groups.append((key, [s]))
+    if not groups:
+        return []
+    lines = ["tokens carrying the massive values, sample 0 (position 'token' role [features] largest |H| "
+             "over the layers; * = also a sink there):"]
+    for _, layers in groups:
+        peak: dict[int, float] = {}
+        for s in layers:
+            for m in s.massive_tokens:
+                if m.batch == 0:
+                    peak[m.token] = max(peak.get(m.token, 0.0), m.max_abs)
+        first = [m for m in layers[0].massive_tokens if m.batch == 0]
+        first.sort(key=lambda m: -peak[m.token])
+        shown = ", ".join(
+            f"{m.token} {report.label(0, m.token)!r} {m.role}{'*' if m.is_sink else ''} "
+            f"[{','.join(map(str, m.features[:4]))}{',...' if len(m.features) > 4 else ''}] {peak[m.token]:.3g}"
+            for m in first[:MAX_CARRIERS_SHOWN])
+        more = f" (+{len(first) - MAX_CARRIERS_SHOWN} more)" if len(first) > MAX_CARRIERS_SHOWN else ""
+        span = f"L{layers[0].layer}" + (f"-L{layers[-1].layer}" if len(layers) > 1 else "")
+        lines.append(f"  {span}: {shown}{more}")
+    if len(report.lengths) > 1:
+        by_role = Counter(m.role for s in report.layers for m in s.massive_tokens)
+        lines.append(f"  all {len(report.lengths)} samples, carriers summed over layers by role: "
+                     + ", ".join(f"{k} {v}" for k, v in by_role.most_common()))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,6 +128,13 @@ def test_text_mode_finds_the_planted_sinks(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sinks/first_massive_layer"] == MASSIVE_LAYER and metrics["sinks/role/transcript"] == 4
     assert "massive activations: first in layer 1" in p.stdout and "7 '.' transcript 1.00" in p.stdout
+    # which tokens carry the massive values: named in the summary and in report.json
+    assert "tokens carrying the massive values" in p.stdout
+    assert "L1: " in p.stdout and "L2-L3: " in p.stdout and f"7 '.' transcript* [{J}]" in p.stdout
+    carriers = js["layers"][2]["massive_tokens"]
+    assert {(m["batch"], m["token"], m["label"], m["role"]) for m in carriers} == {
+        (0, 0, "<s>", "bos"), (0, 7, ".", "transcript"), (1, 0, "<s>", "bos"), (1, 4, ".", "transcript")}
+    assert len(js["layers"][2]["massive_entries"]) == 4 and js["token_labels"][0][7] == "."
     assert (out / "summary.txt").read_text().strip() in p.stdout
 
 

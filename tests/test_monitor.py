@@ -419,3 +419,117 @@ def test_figure_pool_survives_stop_signals_and_a_stop_abandons_only_what_is_late
     assert time.time() - t0 < 15
     gone, alive = psutil.wait_procs(pool, timeout=10)
     assert not alive and os.getpid()
+
+# --------------------------------------------------------------------------- what a reader is given
+def _handmade_report(labels=None):
+    """Two layers analysed from hand-made maps (T=40, 4 heads): layer 0's only intermediate sink is
+    token 5, layer 1's is token 9; each sink's hidden state is a copy of BOS's in its own layer
+    only; two tokens carry a massive feature 3 in layer 1 (more entries than top_k)."""
+    from trainer.monitor.capture import LayerCapture
+
+    B, H, T, Dm = 1, 4, 40, 16
+    torch.manual_seed(0)
+    roles = torch.full((B, T), int(TokenRole.AUDIO))
+    roles[0, 0], roles[0, 5], roles[0, 9] = int(TokenRole.BOS), int(TokenRole.DELIMITER), int(TokenRole.DELIMITER)
+    analyzer = SinkAnalyzer(MonitorConfig(top_k=1), torch.ones(B, T, dtype=torch.long), roles, figure_layers={0, 1})
+    for layer, sink in ((0, 5), (1, 9)):
+        p = torch.zeros(B, H, T, T)
+        for i in range(T):
+            p[0, :, i, 0] += 0.5
+            if i >= sink:
+                p[0, :2, i, sink] += 0.4                     # heads 0 and 1: token `sink` is a sink
+                p[0, :2, i, : i + 1] += 0.1 / (i + 1)
+                p[0, 2:, i, : i + 1] += 0.5 / (i + 1)
+            else:
+                p[0, :, i, : i + 1] += 0.5 / (i + 1)
+        h = torch.randn(B, T, Dm)
+        h[0, sink] = 2.0 * h[0, 0]
+        if layer == 1:
+            h[0, 0, 3], h[0, 9, 3] = 900.0, 1800.0
+        analyzer(LayerCapture(layer, p, torch.zeros(B, T, Dm), torch.zeros(B, T, Dm), h))
+    return analyzer.report(step=3, token_labels=labels)
+
+
+def test_report_json_lists_all_massive_entries_and_their_tokens():
+    rep = _handmade_report(labels=[[f"w{i}" for i in range(40)]])
+    layer = rep.to_json()["layers"][1]
+    assert len(layer["top_k"]) == 1 and layer["massive_count"] == 2
+    assert [(e["token"], e["feature"], e["value"]) for e in layer["massive_entries"]] == [(0, 3, 900.0), (9, 3, 1800.0)]
+    assert layer["massive_entries_truncated"] is False
+    assert [(m["token"], m["role"], m["label"], m["features"], m["is_sink"]) for m in layer["massive_tokens"]] == [
+        (9, "delimiter", "w9", [3], True), (0, "bos", "w0", [3], True)]     # largest first
+    assert [(t["token"], t["label"]) for t in layer["sink_tokens"]] == [(0, "w0"), (9, "w9")]
+    assert rep.to_json()["token_labels"][0][9] == "w9"
+    # without labels a token is named by its role and position
+    assert _handmade_report().label(0, 9) == "delimiter@9"
+
+
+def test_cosine_figure_compares_each_layers_own_sinks():
+    from trainer.monitor.figures import draw_cosine
+
+    rep = _handmade_report()
+    assert [[t.token for t in s.sink_tokens] for s in rep.layers] == [[0, 5], [0, 9]]
+    fig = draw_cosine(rep)
+    ax = fig.axes[0]
+    red, blue = ax.lines[0].get_ydata(), ax.lines[1].get_ydata()
+    for i, s in enumerate(rep.layers):   # the curve is the per-layer summary
+        assert red[i] == pytest.approx(s.cos_to_bos_sink) and blue[i] == pytest.approx(s.cos_to_bos_nonsink)
+        assert red[i] == pytest.approx(1.0, abs=1e-5)       # only that layer's sink is a copy of BOS
+    # the old curve (tokens that are a sink in any layer) would have mixed in the other layer's sink
+    ever = [float(s.cos_to_bos[0, [5, 9]].mean()) for s in rep.layers]
+    assert all(e < 0.9 for e in ever)
+    assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
+
+
+def test_attention_figure_names_the_tokens_and_compares_like_with_like():
+    from trainer.monitor.figures import draw_attention
+
+    labels = [["<s>"] + [f"t{i}" for i in range(1, 40)]]
+    rep = _handmade_report(labels)
+    for layer, sink in ((0, 5), (1, 9)):
+        s = rep.layer(layer)
+        fig = draw_attention(rep, layer, rep.maps[layer], head=None)
+        ax, bx = fig.axes[0], fig.axes[1]
+        # the keys of the text-like stretch are named by their labels, the audio stretches by role
+        names = [t.get_text() for t in bx.get_xticklabels()]
+        assert names[0] == "<s>" and "t5" in names and "t9" in names and any(n.startswith("audio") for n in names)
+        assert [t.get_text() for t in ax.get_yticklabels()] == names
+        # bars: a head's score (the largest over heads) against the per-head threshold epsilon
+        bars = bx.patches[:40]
+        torch.testing.assert_close(torch.tensor([b.get_height() for b in bars], dtype=torch.float32),
+                                   s.sink_scores[0].max(0).values, atol=1e-6, rtol=0)
+        assert bx.lines[0].get_ydata()[0] == rep.sink_epsilon
+        red = [i for i, b in enumerate(bars) if b.get_facecolor()[:3] == (0.8392156862745098, 0.15294117647058825,
+                                                                          0.1568627450980392)]
+        assert red == [t.token for t in s.sink_tokens] == [0, sink]
+        # a head mean would have left the sink under the line: the old bars said "no sink" here
+        assert float(s.sink_scores[0, :, sink].mean()) < rep.sink_epsilon < float(s.sink_scores[0, :, sink].max())
+        assert ax.get_title() and ax.get_ylabel() and bx.get_xlabel() and bx.get_ylabel()
+        assert bx.get_legend() is not None
+    one_head = draw_attention(rep, 1, rep.maps[1], head=2)
+    torch.testing.assert_close(torch.tensor([b.get_height() for b in one_head.axes[1].patches[:40]], dtype=torch.float32),
+                               rep.layer(1).sink_scores[0, 2], atol=1e-6, rtol=0)
+
+
+def test_every_figure_is_titled_and_labelled():
+    from trainer.monitor.figures import draw_activations, draw_bos_heads
+
+    rep = _handmade_report()
+    act = draw_activations(rep, 1, rep.maps[1]).axes[0]
+    assert "massive features [3]" in act.get_title() and act.get_legend() is not None
+    assert act.get_xlabel() and act.get_ylabel() and act.get_zlabel()
+    assert [t.get_text() for t in act.get_xticklabels()] == ["bos@0", "delimiter@9"]   # the carriers
+    heads = draw_bos_heads(rep)
+    assert heads.axes[0].get_title() and heads.axes[0].get_xlabel() and heads.axes[0].get_ylabel()
+    assert heads.axes[1].get_ylabel()           # the colour bar says what the colour is
+
+
+def test_crowded_axes_keep_bos_delimiters_and_feature_runs(monkeypatch):
+    from trainer.monitor import figures
+
+    rep = _handmade_report([["<s>"] + [f"t{i}" for i in range(1, 40)]])
+    rep.token_roles[0, 10:] = int(TokenRole.TRANSCRIPT)            # 30 text tokens after the audio runs
+    monkeypatch.setattr(figures, "_MAX_TICKS", 12)
+    ticks, names = figures._token_ticks(rep, 40)
+    assert names[:5] == ["<s>", "audio \u00d74", "t5", "audio \u00d73", "t9"]   # always named
+    assert 8 <= len(names) - 5 <= 12 and names[5] == "t10" and ticks == sorted(ticks)

@@ -129,6 +129,20 @@ def test_resume_reproduces_the_uninterrupted_losses(runs):
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
+def test_same_command_same_losses_and_wer(runs, tmp_path, synth_corpus):
+    """The uninterrupted run's command again, in another folder: on CPU every per-step loss and the
+    validation decode are identical, not just close (same seeds, same data order, gloo's fixed
+    reduction order, the same thread count)."""
+    full, _, _ = runs
+    again = tmp_path / "again"
+    _train(again, synth_corpus, launcher="deepspeed")
+    assert _losses(again) == _losses(full)
+    a, b = (json.loads((d / "results.json").read_text())["val"] for d in (full, again))
+    assert {k: v for k, v in a.items() if k != "eval_time_s"} == {k: v for k, v in b.items() if k != "eval_time_s"}
+    hyps = [json.loads(p.read_text())["utterances"] for d in (full, again) for p in sorted((d / "eval").glob("val_*"))]
+    assert hyps[0] == hyps[1] and len(hyps) == 2
+
+
 def test_two_nodes_of_one_train_and_resume_like_one_node_of_two(runs, tmp_path, synth_corpus):
     full, _, _ = runs
     two = tmp_path / "two_nodes"

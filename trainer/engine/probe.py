@@ -12,6 +12,7 @@ import torch
 from trainer.data.config import DataConfig
 from trainer.model.prompt import AssembledInputs
 from trainer.monitor.analysis import SinkReport
+from trainer.monitor.labels import token_labels
 from trainer.monitor.monitor import FigureQueue, SinkMonitor
 
 
@@ -33,7 +34,9 @@ def run_probe(monitor: SinkMonitor, model, batch: dict, step: int, out_dir: str 
     on it. Under ZeRO-3 every rank must call this on the same step."""
     with torch.no_grad():
         parts = model.assemble(batch)
+    lengths = parts.attention_mask.sum(1)
+    labels = token_labels(parts.input_ids, parts.token_roles, lengths, model.tokenizer)
     report = monitor.run(model.llm, parts.inputs_embeds, parts.attention_mask, parts.token_roles,
                          step=step, out_dir=out_dir, step_subdir=step_subdir,
-                         figure_queue=figure_queue)
+                         figure_queue=figure_queue, token_labels=labels)
     return report, parts

@@ -46,6 +46,21 @@ class MassiveEntry:
 
 
 @dataclass
+class MassiveToken:
+    """A token that carries at least one massive activation in a layer's block output."""
+
+    batch: int
+    token: int
+    role: str
+    features: list[int]
+    """Features j with a massive H^l[batch, token, j], largest |value| first."""
+    max_abs: float
+    """Largest |H^l[batch, token, j]| over those features."""
+    is_sink: bool
+    """The token is also a sink (in at least one head) in this layer."""
+
+
+@dataclass
 class LayerStats:
     layer: int
     num_heads: int
@@ -67,6 +82,9 @@ class LayerStats:
     """max |H^l| / median |H^l| (real tokens)."""
     massive_count: int
     massive_entries: list[MassiveEntry]
+    """All massive entries (the largest `max_massive_entries` of them when there are more)."""
+    massive_tokens: list[MassiveToken]
+    """The tokens that carry the massive entries, largest first: who holds the massive values."""
     top_k: list[MassiveEntry]
     massive_features: list[int]
     sink_features_shared: bool | None
@@ -218,6 +236,16 @@ class SinkAnalyzer:
             role = ROLE_NAMES.get(int(self.roles[bi, ti]), "unknown")
             feats = sorted(feats_by_token.get((bi, ti), set()))
             sink_tokens.append(SinkToken(bi, ti, role, float(head_frac[bi, ti]), feats))
+        sink_set = {(s.batch, s.token) for s in sink_tokens}
+        massive_tokens = []
+        for bi, ti in massive.any(-1).nonzero().tolist():
+            feats = massive[bi, ti].nonzero().flatten()
+            vals = abs_h[bi, ti, feats]
+            order = vals.argsort(descending=True)
+            massive_tokens.append(MassiveToken(
+                bi, ti, ROLE_NAMES.get(int(self.roles[bi, ti]), "unknown"), feats[order].tolist(),
+                float(vals.max()), (bi, ti) in sink_set))
+        massive_tokens.sort(key=lambda m: -m.max_abs)
         feature_sets = {tuple(s.massive_features) for s in sink_tokens}
         shared = None if not sink_tokens else (len(feature_sets) == 1 and () not in feature_sets)
 
@@ -243,6 +271,7 @@ class SinkAnalyzer:
             massive_ratio=max_abs / safe_median,
             massive_count=int(massive.sum()),
             massive_entries=massive_entries,
+            massive_tokens=massive_tokens,
             top_k=top_k,
             massive_features=sorted({e.feature for e in massive_entries}),
             sink_features_shared=shared,
@@ -254,7 +283,7 @@ class SinkAnalyzer:
             cos_to_bos_nonsink=_nanmean(cos[nonsink]),
         )
 
-    def report(self, step: int = 0) -> SinkReport:
+    def report(self, step: int = 0, token_labels: list[list[str]] | None = None) -> SinkReport:
         return SinkReport(
             step=step,
             lengths=self.lengths,
@@ -262,6 +291,7 @@ class SinkAnalyzer:
             layers=sorted(self.layers, key=lambda s: s.layer),
             maps=self.maps,
             sink_epsilon=self.cfg.sink_epsilon,
+            token_labels=token_labels,
         )
 
 
@@ -279,6 +309,14 @@ class SinkReport:
     """The epsilon the sinks were found with (drawn in the figures)."""
     files: list[Path] = field(default_factory=list)
     """Files written for this report (JSON and PNGs), for logging as artefacts."""
+    token_labels: list[list[str]] | None = None
+    """Per sample, a label per real token ('<s>', '<video>', 'audio#3', a word piece); None = unknown."""
+
+    def label(self, batch: int, token: int) -> str:
+        """The token's label, or its role and position when no labels were given."""
+        if self.token_labels is not None and batch < len(self.token_labels) and token < len(self.token_labels[batch]):
+            return self.token_labels[batch][token]
+        return f"{ROLE_NAMES.get(int(self.token_roles[batch, token]), '?')}@{token}"
 
     def layer(self, index: int) -> LayerStats:
         for s in self.layers:
@@ -344,7 +382,7 @@ class SinkReport:
                     "bos_sink_head_frac": s.bos_sink_head_frac,
                     "intermediate_sink_count": s.intermediate_sink_count,
                     "intermediate_sink_head_frac": s.intermediate_sink_head_frac,
-                    "sink_tokens": [asdict(t) for t in s.sink_tokens],
+                    "sink_tokens": [{**asdict(t), "label": self.label(t.batch, t.token)} for t in s.sink_tokens],
                     "sinks_by_role": s.sinks_by_role,
                     "median_abs": s.median_abs,
                     "max_abs": s.max_abs,
@@ -352,6 +390,9 @@ class SinkReport:
                     "massive_count": s.massive_count,
                     "massive_features": s.massive_features,
                     "sink_features_shared": s.sink_features_shared,
+                    "massive_entries": [asdict(e) for e in s.massive_entries],
+                    "massive_entries_truncated": len(s.massive_entries) < s.massive_count,
+                    "massive_tokens": [{**asdict(m), "label": self.label(m.batch, m.token)} for m in s.massive_tokens],
                     "top_k": [asdict(e) for e in s.top_k],
                     "mlp_abs_at_massive": num(s.mlp_abs_at_massive),
                     "attn_abs_at_massive": num(s.attn_abs_at_massive),
@@ -365,6 +406,8 @@ class SinkReport:
             "step": self.step,
             "lengths": self.lengths.tolist(),
             "token_roles": [row[: int(n)].tolist() for row, n in zip(self.token_roles, self.lengths)],
+            "token_labels": self.token_labels,
+            "sink_epsilon": self.sink_epsilon,
             "first_massive_layer": self.first_massive_layer,
             "layers": layers,
         }

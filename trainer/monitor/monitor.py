@@ -115,6 +115,7 @@ class SinkMonitor:
         out_dir: str | Path | None = None,
         step_subdir: bool = True,
         figure_queue: FigureQueue | None = None,
+        token_labels: list[list[str]] | None = None,
     ) -> SinkReport:
         """Probe `llm` (LlamaForCausalLM, possibly a PeftModel) on the first rows of a batch.
 
@@ -123,7 +124,9 @@ class SinkMonitor:
         in eval mode and eager attention for the probe and restored afterwards. With out_dir,
         rank 0 writes `out_dir/step_XXXXXXX/{report.json, *.png}` (listed in `report.files`);
         step_subdir=False writes them straight into out_dir. With a `figure_queue` the PNGs are
-        drawn in the background and `report.files` lists only the JSON.
+        drawn in the background and `report.files` lists only the JSON. token_labels (per row, one
+        label per real token, e.g. from `trainer.monitor.labels.token_labels`) name the tokens in
+        report.json and on the figures' axes; without them tokens are named by role and position.
         """
         cfg = self.cfg
         n = min(cfg.probe_batch_size, inputs_embeds.shape[0])
@@ -143,7 +146,7 @@ class SinkMonitor:
         analyzer = SinkAnalyzer(cfg, mask, roles, figure_layers)
         with capture_layers(llm, analyzer, layers) as decoder:
             probe_forward(decoder, embeds, mask)
-        report = analyzer.report(step)
+        report = analyzer.report(step, None if token_labels is None else [list(r) for r in token_labels[:n]])
 
         if writes:
             folder = Path(out_dir) / f"step_{step:07d}" if step_subdir else Path(out_dir)
