@@ -291,7 +291,7 @@ def test_validate_cli_exit_codes(corpus, tmp_path):
 def test_every_cli_flag_has_help():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if a.choices)      # the subcommand action
-    assert set(subparsers.choices) == {"synth", "lrs3", "validate"}
+    assert set(subparsers.choices) == {"synth", "lrs3", "validate", "pretrained"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             if action.dest != "help":

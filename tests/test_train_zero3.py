@@ -201,9 +201,9 @@ def test_mlflow_run_has_params_metrics_artifacts(runs):
     assert {"config", "export", "results.json", "sinks"} <= top
     results = json.loads((full / "results.json").read_text())
     assert 0 <= results["val"]["wer"] and results["val"]["num_utterances"] > 0
-    _, rrun = _mlflow(resumed)              # the resumed job reattached to one MLflow run
+    rclient, rrun = _mlflow(resumed)        # the resumed job reattached to one MLflow run
     assert rrun.info.status == "FINISHED"
-    rsteps = [m.step for m in client.get_metric_history(rrun.info.run_id, "train/loss")]
+    rsteps = [m.step for m in rclient.get_metric_history(rrun.info.run_id, "train/loss")]
     assert sorted(rsteps) == list(range(1, STEPS + 1))      # each step once across the two attempts
 
 
@@ -289,7 +289,9 @@ def test_training_goes_on_while_another_process_locks_mlflow_db(tmp_path, synth_
     run = tmp_path / "locked"
     out = open(tmp_path / "train.log", "w")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *_train_args(run, synth_corpus, ["--monitor.every", "0", "--train.save-every", "0"])]
+           *_train_args(run, synth_corpus, ["--monitor.every", "0", "--train.save-every", "0",
+                                            # wait out the 30 s lock at exit (a quick run ends inside it)
+                                            "--tracking.exit-timeout-s", "120"])]
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 600
