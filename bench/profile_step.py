@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     args, rest = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
-    import torch.distributed as dist
+    from trainer import distributed
 
     from trainer.config import parse_args as parse_experiment
     from trainer.engine.data_stream import TrainStream
@@ -151,8 +151,7 @@ def main(argv=None) -> int:
 
         for _ in range(args.warmup):
             timed_step(trainer, clock)
-        if dist.is_initialized():
-            dist.barrier()
+        distributed.barrier()
         steps, losses = [], []
         t_start = clock()
         cpu0, kids0 = time.process_time(), children_cpu()
@@ -165,8 +164,7 @@ def main(argv=None) -> int:
         wall = clock() - t_start
         cpu = torch.tensor([(time.process_time() - cpu0) / args.steps, (children_cpu() - kids0) / args.steps],
                            dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(cpu)        # summed over ranks: the machine's CPU per optimizer step
+        distributed.all_reduce_(cpu)        # summed over ranks: the machine's CPU per optimizer step
 
         comm, top = None, []
         if args.torch_profile:
@@ -180,11 +178,10 @@ def main(argv=None) -> int:
         keys = [*PHASES, "total"]
         mean = torch.tensor([statistics.mean(s[k] for s in steps) for k in keys], dtype=torch.float64)
         slowest = mean.clone()
-        if dist.is_initialized():
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        distributed.all_reduce_(slowest, op="max")
         threads = torch.get_num_threads()
         if rank == 0:
-            world = dist.get_world_size() if dist.is_initialized() else 1
+            world = distributed.world_size()
             title = f"{args.label + ': ' if args.label else ''}{world} process(es), {threads} torch thread(s) each, " \
                     f"data workers {cfg.data.num_workers}, {args.steps} steps after {args.warmup} warm-up"
             print(title)
@@ -215,8 +212,7 @@ def main(argv=None) -> int:
     finally:
         trainer.stop.uninstall()
         trainer.tracker.finish("FINISHED")
-        if dist.is_initialized():
-            dist.barrier()
+        distributed.barrier()
         if not args.keep and rank == 0:
             shutil.rmtree(work, ignore_errors=True)
     return 0

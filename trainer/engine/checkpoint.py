@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from trainer import distributed
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,6 @@ LATEST = "latest"
 SET_ASIDE = "set_aside"
 HASH = "sha256"
 _CHUNK = 8 << 20
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
 
 
 def tag_for(step: int) -> str:
@@ -140,10 +132,8 @@ def verify(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
         # DeepSpeed finds its files by name pattern: a file the manifest does not vouch for is refused too
         problems += [f"{n}: not in the manifest" for n in list_files(folder) if n not in manifest["files"]]
         problems += check_files(folder, names[rank::world_size], manifest)
-    if world_size > 1 and _distributed():
-        parts: list[Any] = [None] * world_size
-        dist.all_gather_object(parts, problems)
-        problems = sorted(set(p for part in parts for p in part))
+    if world_size > 1:
+        problems = sorted(set(p for part in distributed.all_gather_object(problems) for p in part))
     return problems
 
 
@@ -209,12 +199,17 @@ class ResumeState:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int):
+    def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int, every: int = 0):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        self.every = every
         self.known_good: str | None = None     # a tag this process wrote or verified
+
+    def should_run(self, step: int) -> bool:
+        """A periodic save is due after `step` (every `every` steps; 0: only the final and stop saves)."""
+        return self.every > 0 and step % self.every == 0
 
     def folders(self) -> list[Path]:
         """Every step_* folder, newest first."""
@@ -267,34 +262,29 @@ class CheckpointManager:
             self._set_aside([(folder, problems)], "rejected-before-rewrite")
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        distributed.barrier()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         torch.save({"rng": capture_rng(), "rank_state": rank_state, "world_size": self.world_size},
                    folder / f"rng_rank{self.rank}.pt")
-        _barrier()                                   # every rank's files are on disk
+        distributed.barrier()                                   # every rank's files are on disk
         if self.rank == 0:
             (folder / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-        _barrier()
+        distributed.barrier()
         self._write_manifest(folder, step)
         if self.rank == 0:
             self._point_latest(tag)
             self._prune(keep=tag)
             log.info("checkpoint %s written and its manifest (%s) sealed", folder, MANIFEST)
-        _barrier()
+        distributed.barrier()
         self.known_good = tag
         return folder
 
     def _write_manifest(self, folder: Path, step: int) -> None:
         """Each rank fsyncs and hashes a share of the files; rank 0 writes the manifest last."""
-        names = [list_files(folder) if self.rank == 0 else None]
-        if _distributed():
-            dist.broadcast_object_list(names, src=0)
+        names = distributed.broadcast_object(list_files(folder) if self.rank == 0 else None, src=0)
         mine = {n: {"size": (folder / n).stat().st_size, HASH: file_digest(folder / n, durable=True)}
-                for n in names[0][self.rank::self.world_size]}
-        parts: list[Any] = [mine]
-        if _distributed():
-            parts = [None] * self.world_size
-            dist.all_gather_object(parts, mine)
+                for n in names[self.rank::self.world_size]}
+        parts = distributed.all_gather_object(mine)
         if self.rank == 0:
             entries = {k: v for part in parts for k, v in part.items()}
             write_manifest(folder, step, entries, self.world_size)
@@ -322,7 +312,7 @@ class CheckpointManager:
                     log.warning("moved %s to %s (%s); it is kept, not deleted", folder.name, dest,
                                 "; ".join(reasons) or why)
                 (dest / "WHY.txt").write_text("\n".join(lines) + "\n")
-        _barrier()
+        distributed.barrier()
         return dest
 
     # ---- choosing what to resume from --------------------------------------------------------------

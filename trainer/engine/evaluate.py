@@ -12,13 +12,14 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from trainer import distributed
 from trainer.data.skips import SkipCounter
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,20 @@ log = logging.getLogger(__name__)
 
 def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Element-wise OR over ranks, in one all-reduce."""
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = distributed.all_reduce_(torch.tensor([1.0 if f else 0.0 for f in flags], device=device), op="max")
     return [bool(x) for x in t.tolist()]
+
+
+@dataclass(frozen=True)
+class PeriodicEval:
+    """When the validation split is decoded during training."""
+    every: int
+    """Every `every` optimizer steps; 0: never during training."""
+    max_steps: int
+    """The run's last step, left to the final evaluations (which use their own splits and beams)."""
+
+    def should_run(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0 and step < self.max_steps
 
 
 class EvalInterrupted(Exception):
@@ -41,24 +52,11 @@ def _first_and_filler(it):
     """This rank's first batch, and a filler for ranks whose share of the eval set is empty: the
     lowest rank with data sends its first batch (all ranks take part in the collectives)."""
     first = next(it, None)
-    if not (dist.is_available() and dist.is_initialized()):
-        return first, first
-    flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, first is not None)
+    flags = distributed.all_gather_object(first is not None)
     if all(flags) or not any(flags):
         return first, first
-    src = flags.index(True)
-    holder = [first if dist.get_rank() == src else None]
-    dist.broadcast_object_list(holder, src=src)
-    return first, (first if first is not None else holder[0])
-
-
-def _gather(obj):
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    filler = distributed.broadcast_object(first, src=flags.index(True))
+    return first, (first if first is not None else filler)
 
 
 @torch.no_grad()
@@ -77,7 +75,7 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
     first, last = _first_and_filler(it)
     it = itertools.chain([first], it) if first is not None else iter(())
     # The cap is over all ranks: each rank decodes its share, whole batches, then trims.
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = distributed.world_size()
     cap = None if max_samples is None else -(-max_samples // world)
     rows: list[dict] = []
     skipped: Counter = Counter()          # bad samples this rank's loader dropped (its workers' drains)
@@ -106,7 +104,7 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
     bar.close()
     model.train(was_training)
 
-    parts = _gather((rows[:cap], dict(skipped)))
+    parts = distributed.all_gather_object((rows[:cap], dict(skipped)))
     all_rows = [r for rows_, _ in parts for r in rows_][:max_samples]
     all_skipped: Counter = Counter()
     for _, counts in parts:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch.distributed as dist
+from trainer import distributed
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ def export_trainable(model, out_dir: str | Path, rank: int) -> dict[str, Path]:
             # reads the gathered LoRA weights
             model.llm.save_pretrained(str(out_dir / "adapters"), safe_serialization=True)
             written["adapters"] = out_dir / "adapters"
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
     return written
 
 
@@ -76,11 +75,10 @@ def export_consolidated(engine, out_dir: str | Path) -> Path | None:
     else:
         state = engine.module_state_dict()
     path = out_dir / CONSOLIDATED
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if distributed.is_rank_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(_unshared(state), str(tmp), metadata={KIND_KEY: "consolidated"})
         tmp.replace(path)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
     return path

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from trainer import distributed
 
 LOGGED = ("loss", "ce_loss", "dec_loss", "dec_loss_raw")
 
@@ -34,9 +35,8 @@ class GlobalCounts:
     @classmethod
     def all_reduced(cls, local: list[tuple[int, int]], device: torch.device) -> "GlobalCounts":
         """Sum of (targets, prefix) over this rank's micro-batches, then over ranks."""
-        t = torch.tensor([sum(a for a, _ in local), sum(b for _, b in local)], dtype=torch.float64, device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(t)
+        t = distributed.all_reduce_(torch.tensor([sum(a for a, _ in local), sum(b for _, b in local)],
+                                                 dtype=torch.float64, device=device))
         return cls(targets=int(t[0].item()), prefix=int(t[1].item()))
 
 

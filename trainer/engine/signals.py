@@ -17,8 +17,8 @@ import signal
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from trainer import distributed
 from trainer.helper_signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,4 @@ class StopSignal:
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank if any rank was asked to stop."""
-        flag = torch.tensor([1.0 if self.requested() else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return distributed.any_rank(self.requested(), device)

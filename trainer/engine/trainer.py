@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from trainer import distributed
 from trainer.config import ExperimentConfig
 from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_summary
 from trainer.engine.checkpoint import CheckpointManager
 from trainer.engine.data_stream import TrainStream
 from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
-from trainer.engine.evaluate import EvalInterrupted, evaluate_wer
+from trainer.engine.evaluate import EvalInterrupted, PeriodicEval, evaluate_wer
 from trainer.engine.export import export_consolidated, export_trainable
 from trainer.engine.loss import LOGGED, GlobalCounts, backward, micro_batch_share
 from trainer.engine.schedule import warmup_cosine
@@ -35,6 +35,9 @@ from trainer.engine.tracking import describe_run, shard_datasets, tracker_for_ru
 log = logging.getLogger("trainer")
 FIGURE_DRAIN_AFTER_STOP_S = 10.0     # of SLURM's 30 s KillWait, after the checkpoint
 FINAL_STAGES = "final_stages.json"     # the final export/evaluations completed so far (see _finish)
+# A run ends in MLflow's words: FINISHED, FAILED, or KILLED (stopped early and resumable with the same
+# command); the result dict says what stopped it.
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 
 
 def seed_everything(seed: int) -> None:
@@ -44,10 +47,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _all_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+    return distributed.all_reduce_(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def _all_sum_counts(counts: dict[str, int], device) -> dict[str, int]:
@@ -56,8 +56,7 @@ def _all_sum_counts(counts: dict[str, int], device) -> dict[str, int]:
     unknown = sorted(set(counts) - set(reasons))
     t = torch.tensor([counts.get(r, 0) for r in reasons] + [sum(counts[r] for r in unknown)],
                      dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    distributed.all_reduce_(t)
     out = {r: int(n) for r, n in zip(reasons, t.tolist()) if n}
     if t[-1]:
         out["other"] = out.get("other", 0) + int(t[-1])
@@ -95,8 +94,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.run_dir)
         deepspeed.init_distributed()
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, self.rank, self.world_size)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, self.rank, self.world_size,
+                                      every=cfg.train.save_every)
+        self.periodic_eval = PeriodicEval(every=cfg.train.eval_every, max_steps=cfg.train.max_steps)
         self.ckpt.check_start(cfg.train.resume)       # before anything is built, written or logged
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = self._pick_device()
@@ -139,7 +140,7 @@ class Trainer:
 
     # ---- the story of a run ----------------------------------------------------------------------
     def train(self) -> dict:
-        status = "FAILED"
+        status = FAILED
         try:
             self._check_eval_splits()
             self._resume_or_start()
@@ -157,34 +158,33 @@ class Trainer:
                     self._log_step(stats, meter)
                 if self.monitor is not None and self.monitor.should_run(self.step):
                     self._probe_sinks()
-                if self.cfg.train.eval_every and self.step % self.cfg.train.eval_every == 0 \
-                        and self.step < self.cfg.train.max_steps:
+                if self.periodic_eval.should_run(self.step):
                     self._evaluate(self.cfg.data.eval_split, self.cfg.train.eval_max_samples)
-                if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
+                if self.ckpt.should_run(self.step):
                     self._save()
                 if self.stop.agreed(self.device):
                     self._save()
-                    status = "KILLED"
+                    status = KILLED
                     log.warning("stopped by signal at step %d; resume with the same command", self.step)
-                    return {"step": self.step, "status": status}
+                    return {"step": self.step, "status": status, "stopped_by": "signal"}
                 stop_after = self.cfg.train.stop_after
                 if stop_after and self.step - start >= stop_after and self.step < self.cfg.train.max_steps:
                     self._save()
-                    status = "KILLED"    # MLflow's word for "ended before finishing"; resumable
+                    status = KILLED
                     log.info("stop_after=%d reached at step %d; resume with the same command", stop_after, self.step)
-                    return {"step": self.step, "status": "STOPPED"}
+                    return {"step": self.step, "status": status, "stopped_by": "stop_after"}
             results = self._finish()
-            status = "FINISHED"
-            return results
+            status = FINISHED
+            return {**results, "status": status}
         except EvalInterrupted as stopped:
             # The checkpoint of this step is complete unless we were still before the first save.
             if self.step > 0:
                 self._save()             # returns at once if this step's checkpoint is already written
-            status = "KILLED"
+            status = KILLED
             log.warning("%s; checkpoint at step %d; resume with the same command", stopped, self.step)
-            return {"step": self.step, "status": status}
+            return {"step": self.step, "status": status, "stopped_by": "signal during evaluation"}
         except KeyboardInterrupt:
-            status = "KILLED"
+            status = KILLED
             raise
         finally:
             # The handler stays until the end: a second SIGTERM must not kill the process while it
@@ -231,14 +231,12 @@ class Trainer:
     def _final_stages(self) -> dict:
         """The final stages completed at this step by an earlier, stopped, attempt (rank 0's file,
         broadcast so that every rank skips the same collectives)."""
-        holder = [{}]
+        stages: dict = {}
         path = self.run_dir / FINAL_STAGES
         if self.rank == 0 and path.is_file():
             saved = json.loads(path.read_text())
-            holder = [saved.get("stages", {}) if saved.get("step") == self.step else {}]
-        if self.world_size > 1:
-            dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+            stages = saved.get("stages", {}) if saved.get("step") == self.step else {}
+        return distributed.broadcast_object(stages, src=0)
 
     def _final_stage_done(self, done: dict, name: str, value) -> None:
         done[name] = value
@@ -282,7 +280,7 @@ class Trainer:
             if count.used < count.expected:
                 log.warning("tokenizer: %d of the %d training samples gave no transcript (missing, empty or in "
                             "an unreadable shard)", count.expected - count.used, count.expected)
-        dist.barrier()
+        distributed.barrier()
         return dataclasses.replace(mcfg, tokenizer_path=str(folder))
 
     def _lr_schedule(self):
@@ -328,8 +326,7 @@ class Trainer:
         sources on every start, so a resume checks that those sources did not change."""
         s = frozen_weight_sums(self.model)
         if self.zero3:
-            s = s.to(self.device)
-            dist.all_reduce(s)
+            s = distributed.all_reduce_(s.to(self.device))
         return [float(x) for x in s.cpu()]
 
     def _make_train_loader(self, epoch: int):
@@ -368,10 +365,7 @@ class Trainer:
         batch = None
         if self.rank == 0:
             batch = first_eval_batch(self.cfg.data, self.cfg.data.eval_split, mcfg.probe_batch_size)
-        holder = [batch]
-        if self.world_size > 1:
-            dist.broadcast_object_list(holder, src=0)
-        self.probe_batch = holder[0]
+        self.probe_batch = distributed.broadcast_object(batch, src=0)
 
     def _log_run_setup(self) -> None:
         if self.rank != 0:

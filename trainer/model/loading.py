@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trainer import distributed
+
 
 def is_partitioned(module: nn.Module) -> bool:
     """True when DeepSpeed ZeRO-3 (zero.Init) owns the module's parameters."""
@@ -43,9 +45,8 @@ def load_state_dict_exact(module: nn.Module, state: dict[str, torch.Tensor], wha
         module.load_state_dict(state, strict=True)
         return
     import deepspeed
-    import torch.distributed as dist
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = distributed.rank()
     for prefix, sub in module.named_modules():
         dot = prefix + "." if prefix else ""
         params = list(sub.named_parameters(recurse=False))

@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from trainer import distributed
 from trainer.helper_signals import ignore_stop_signals, stop_signals_blocked
 from trainer.monitor.analysis import LayerMaps, SinkAnalyzer, SinkReport, lengths_from_mask
 from trainer.monitor.capture import capture_layers, find_decoder, probe_forward
@@ -87,10 +87,6 @@ class FigureQueue:
         return done
 
 
-def _is_rank_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 class SinkMonitor:
     """Runs one probe forward every `cfg.every` steps and turns it into a `SinkReport`.
 
@@ -138,7 +134,7 @@ class SinkMonitor:
 
         num_layers = len(find_decoder(llm).layers)
         layers = resolve_layers(cfg.layers, num_layers)
-        writes = out_dir is not None and _is_rank_zero()
+        writes = out_dir is not None and distributed.is_rank_zero()
         figure_layers = set()
         if writes and cfg.figures:
             figure_layers = set(resolve_layers(cfg.figure_layers, num_layers, strict=False)) & set(layers)

@@ -1,0 +1,63 @@
+"""The few collective helpers the trainer needs, each a no-op (or the identity) in a single process.
+
+Every caller used to write its own `dist.is_available() and dist.is_initialized()` guard; a tool run
+without a process group (evaluation, sink analysis, tests) goes through the same code as a rank.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """A process group is up (deepspeed/torchrun launch); False in a plain `python` process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_rank_zero() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over ranks ("sum" or "max"); returns the tensor for chaining."""
+    if is_distributed():
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if `flag` is true on any rank."""
+    return bool(all_reduce_(torch.tensor([1.0 if flag else 0.0], device=device), op="max").item())
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order ([obj] in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int) -> Any:
+    """`obj` as held by rank `src`, on every rank."""
+    if not is_distributed():
+        return obj
+    holder = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
