@@ -38,3 +38,13 @@ def pretrained_models() -> Path:
     prepare_llm(out)
     prepare_whisper(out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (setup.cfg) need a CUDA device: skipped, and said so, without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker: gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -14,7 +14,6 @@ from tests.conftest import KERNEL_DEVICE, TRITON_INTERPRETED
 from trainer.kernels import DecorrelationLoss, decorrelation_loss, resolve_impl
 from trainer.kernels.decorrelation_reference import EPS, decorrelation_loss_reference
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Relative to the largest gradient: the BOS gradient is a difference of near-equal sums, so
 # its small entries carry fp32 roundoff of order 1e-6 of the largest, in the kernel and in an
 # fp32 reference alike. Hence the kernel is compared with the reference run in fp64.
@@ -204,7 +203,7 @@ def test_module_and_dispatch():
 
 # ---------------------------------------------------------------- GPU (compiled kernels)
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("L,B,T,D", [(3, 4, 333, 3072), (2, 8, 129, 2048), (1, 3, 37, 130)])
 def test_cuda_matches_reference(L, B, T, D, dtype):
@@ -214,7 +213,7 @@ def test_cuda_matches_reference(L, B, T, D, dtype):
     assert_matches_reference(list(hidden.unbind(0)), mask, dtype)
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_non_contiguous():
     base = make_hidden(4, 3, 41, 2100, torch.bfloat16, device="cuda")
     hidden = base.permute(1, 0, 2, 3)[:, :3, 2:39, :2048]

@@ -157,7 +157,7 @@ def test_exports_are_non_empty_and_load_with_peft(runs):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from trainer.engine.trainer import seed_everything
+    from trainer.engine.checkpoint import seed_everything
     from trainer.model import build_model
     from trainer.model.config import ModelConfig
 

@@ -50,7 +50,7 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, values: dict, where: str):
+def build_config(cls, values: dict, where: str):
     """Dataclass from a (possibly partial) dict, recursing into nested dataclasses; unknown keys are errors."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
@@ -61,7 +61,7 @@ def _build(cls, values: dict, where: str):
         default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING \
             else None
         if is_dataclass(default) and isinstance(value, dict):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+            kwargs[name] = build_config(type(default), value, f"{where}.{name}")
         elif isinstance(value, list):
             kwargs[name] = tuple(value) if isinstance(default, tuple) else value
         else:
@@ -75,7 +75,7 @@ def load_recipe(path: str | Path, **overrides: Any) -> ExperimentConfig:
         raise ValueError(f"recipe {path} must be a mapping of sections (model, data, train, ...)")
     raw.update(overrides)
     raw["recipe"] = str(path)
-    return _build(ExperimentConfig, raw, f"recipe {path}")
+    return build_config(ExperimentConfig, raw, f"recipe {path}")
 
 
 class ConfigError(ValueError):

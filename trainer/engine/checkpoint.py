@@ -399,7 +399,28 @@ def newest_verified(root: Path) -> tuple[Path | None, list[tuple[Path, list[str]
     return None, rejected
 
 
+# ---- what a resume checks: the frozen base did not change ---------------------------------------------
+def frozen_weight_sums(model: torch.nn.Module) -> torch.Tensor:
+    """float64 [sum, sum of squares] of the frozen weights this process holds (its ZeRO-3 slices,
+    or everything without ZeRO-3): the checkpoint's `frozen_fingerprint` once summed over ranks."""
+    s = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        t = t.detach().double().cpu()
+        s[0] += t.sum()
+        s[1] += (t * t).sum()
+    return s
+
+
 # ---- RNG state as tensors and numbers (loadable with weights_only=True) ---------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict[str, Any]:
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()

@@ -72,7 +72,7 @@ class WeightsSource:
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """Model, data and monitor configs from `run_dir/experiment.json` (written at the start of a run)."""
-    from trainer.config import _build
+    from trainer.config import build_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -82,7 +82,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         raise FileNotFoundError(f"{run_dir} is not a run folder: no experiment.json "
                                 f"(written by launch/train.py)")
     raw = json.loads(path.read_text())
-    model = _build(ModelConfig, raw["model"], f"{path} model")
+    model = build_config(ModelConfig, raw["model"], f"{path} model")
     # The tokenizer the trainer trained lives in the run folder: follow the folder if it moved.
     saved_run_dir = raw.get("train", {}).get("run_dir")
     saved_tokenizer = Path(saved_run_dir) / "tokenizer" if saved_run_dir else None
@@ -94,8 +94,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         logging.getLogger(__name__).warning(
             "%s names a pipe: shard location; not running it (pass the shard location yourself)", path)
         data["shard_dir"] = ""
-    return RunConfig(run_dir=run_dir, model=model, data=_build(DataConfig, data, f"{path} data"),
-                     monitor=_build(MonitorConfig, raw.get("monitor", {}), f"{path} monitor"),
+    return RunConfig(run_dir=run_dir, model=model, data=build_config(DataConfig, data, f"{path} data"),
+                     monitor=build_config(MonitorConfig, raw.get("monitor", {}), f"{path} monitor"),
                      seed=int(raw.get("train", {}).get("seed", 0)),
                      eval_beams=int(raw.get("train", {}).get("eval_beams", 1)),
                      eval_max_new_tokens=int(raw.get("train", {}).get("eval_max_new_tokens", 32)))
@@ -186,7 +186,7 @@ def read_state_dict(src: WeightsSource) -> dict[str, torch.Tensor]:
 
 def load_trained_model(run_dir: str | Path, checkpoint: str = "latest", device: str | torch.device = "cpu"):
     """-> (model in eval mode on `device`, RunConfig, WeightsSource)."""
-    from trainer.engine.trainer import frozen_weight_sums, seed_everything
+    from trainer.engine.checkpoint import frozen_weight_sums, seed_everything
     from trainer.model import build_model
     from trainer.model.loading import load_state_dict_exact
 

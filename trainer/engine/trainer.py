@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from trainer import distributed
 from trainer.config import ExperimentConfig
 from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_summary
-from trainer.engine.checkpoint import CheckpointManager
+from trainer.engine.checkpoint import CheckpointManager, frozen_weight_sums, seed_everything
 from trainer.engine.data_stream import TrainStream
 from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from trainer.engine.evaluate import EvalInterrupted, PeriodicEval, evaluate_wer
@@ -40,12 +39,6 @@ FINAL_STAGES = "final_stages.json"     # the final export/evaluations completed 
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _all_sum(values: list[float], device) -> list[float]:
     return distributed.all_reduce_(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
@@ -61,20 +54,6 @@ def _all_sum_counts(counts: dict[str, int], device) -> dict[str, int]:
     if t[-1]:
         out["other"] = out.get("other", 0) + int(t[-1])
     return out
-
-
-def frozen_weight_sums(model: torch.nn.Module) -> torch.Tensor:
-    """float64 [sum, sum of squares] of the frozen weights this process holds (its ZeRO-3 slices,
-    or everything without ZeRO-3): the checkpoint's `frozen_fingerprint` once summed over ranks."""
-    s = torch.zeros(2, dtype=torch.float64)
-    for p in model.parameters():
-        if p.requires_grad:
-            continue
-        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
-        t = t.detach().double().cpu()
-        s[0] += t.sum()
-        s[1] += (t * t).sum()
-    return s
 
 
 def final_eval_splits(cfg: ExperimentConfig) -> list[str]:
