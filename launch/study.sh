@@ -5,9 +5,10 @@
 # at step 0 and at the end. Writes runs/study/report.md + figures, logged to MLflow as a parent run
 # with the four training runs as its children (runs/study/mlflow.db).
 #
-#   bash launch/study.sh                    # defaults: STEPS=8; on CPU NPROC=1 (ZeRO-3, 1 process, 2 threads:
+#   bash launch/study.sh                    # defaults: STEPS=120 (31 min on 2 CPU cores); on CPU NPROC=1 (ZeRO-3, 1 process, 2 threads:
 #                                           #   2 processes need ~2 x 2.7 GB and were OOM-killed on a shared 24 GB machine)
-#   STEPS=100 STUDY_DIR=runs/study_long bash launch/study.sh
+#   STEPS=8 STUDY_DIR=runs/study_quick bash launch/study.sh      # the sink picture only (~10 min), no recognition yet
+#   RUNS="decorr_high_lambda100:mini_avsr_decorr:16:5:100" STUDY_DIR=runs/study_l100 bash launch/study.sh
 #   mlflow ui --backend-store-uri sqlite:///runs/study/mlflow.db --port 5001
 #
 # Needs the converted models (python -m data_tools pretrained --out models/, run here when missing) and
@@ -16,7 +17,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 STUDY_DIR=${STUDY_DIR:-runs/study}
-STEPS=${STEPS:-8}
+STEPS=${STEPS:-120}
 CORPUS=${CORPUS:-data/synth_study}
 MODELS=${MODELS:-models}
 ORDER=${ORDER:-"audio video"}          # the paper's order; ORDER="video audio" puts video first
@@ -38,10 +39,15 @@ export MLFLOW_TRACKING_URI="sqlite:///$(cd "$STUDY_DIR" && pwd)/mlflow.db" MLFLO
 unset MLFLOW_RUN_ID
 python launch/study_report.py --study-dir "$STUDY_DIR" --init      # the experiment, artefacts inside STUDY_DIR
 
-runs=(baseline_high:mini_avsr:16:5 decorr_high:mini_avsr_decorr:16:5 baseline_low:mini_avsr:4:2 decorr_low:mini_avsr_decorr:4:2)
+# name:recipe:audio_rate:video_rate[:lambda]; RUNS="..." replaces the list (lambda: the recipe's if left out)
+read -r -a runs <<< "${RUNS:-baseline_high:mini_avsr:16:5 decorr_high:mini_avsr_decorr:16:5 baseline_low:mini_avsr:4:2 decorr_low:mini_avsr_decorr:4:2}"
+names=()
 i=0
 for spec in "${runs[@]}"; do
-  IFS=: read -r name recipe arate vrate <<< "$spec"
+  IFS=: read -r name recipe arate vrate lambda <<< "$spec"
+  names+=("$name")
+  extra=()
+  [ -n "${lambda:-}" ] && extra=(--model.decorrelation-weight "$lambda")
   i=$((i + 1))
   say "run $i/${#runs[@]}: $name ($recipe, audio rate $arate, video rate $vrate, order: $ORDER, $STEPS steps)"
   port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
@@ -51,13 +57,13 @@ for spec in "${runs[@]}"; do
     --tracking.experiment mini_study --data.shard-dir "$CORPUS" --model.llm-path "$MODELS/SmolLM2-135M-Instruct" \
     --model.whisper-path "$MODELS/whisper-tiny.en" --model.audio-rate "$arate" --model.video-rate "$vrate" \
     --model.modality-order $ORDER --train.max-steps "$STEPS" --monitor.every "$STEPS" \
-    --train.warmup-steps $(( STEPS / 6 > 1 ? STEPS / 6 : 1 )) "$@" > "$STUDY_DIR/$name.log" 2>&1 &
+    --train.warmup-steps $(( STEPS / 6 > 1 ? STEPS / 6 : 1 )) "${extra[@]}" "$@" > "$STUDY_DIR/$name.log" 2>&1 &
   pid=$!
   tail -n +1 -f "$STUDY_DIR/$name.log" --pid $pid | grep --line-buffered -E "step [0-9]+/[0-9]+ |WER|Error|Traceback" || true
   wait $pid || { echo "run $name failed: see $STUDY_DIR/$name.log" >&2; exit 1; }
   say "run $i done"
 done
 say "writing the report"
-python launch/study_report.py --study-dir "$STUDY_DIR" --runs baseline_high decorr_high baseline_low decorr_low \
+python launch/study_report.py --study-dir "$STUDY_DIR" --runs "${names[@]}" \
   --wall-s $(( $(date +%s) - t0 ))
 say "done: $STUDY_DIR/report.md"
