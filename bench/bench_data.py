@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhe
 
 from trainer.data import DataConfig, build_eval_loader, build_train_loader  # noqa: E402
 from trainer.data.config import FPS  # noqa: E402
-from trainer.data.index import load_index  # noqa: E402
+from trainer.data.shard_format import load_index  # noqa: E402
 
 
 def cpu_seconds() -> float:

@@ -94,7 +94,7 @@ class Bench:
 
     def restart_stream(self) -> None:
         """Data from the start of epoch 0, so two timed phases see the same batches."""
-        from trainer.engine.data_stream import TrainStream
+        from trainer.data.stream import TrainStream
 
         self.t.stream = TrainStream(self.t._make_train_loader)
 
@@ -142,10 +142,10 @@ def main() -> None:
     single_process_env(device)
     work = Path(tempfile.mkdtemp(prefix="bench_monitor_"))
 
+    from data_tools.demo import ensure_demo_corpus
     from trainer.config import ExperimentConfig
-    from trainer.data.config import DataConfig
+    from trainer.data.config import DEMO_SHARD_DIR, DataConfig
     from trainer.engine.config import TrackingConfig, TrainConfig
-    from trainer.engine.demo_data import ensure_demo_corpus
     from trainer.engine.trainer import Trainer
     from trainer.monitor.config import MonitorConfig
 
@@ -159,9 +159,9 @@ def main() -> None:
         train=TrainConfig(run_dir=str(work / "run"), max_steps=total_steps, warmup_steps=1),
         monitor=MonitorConfig(every=args.every, probe_batch_size=args.probe_batch_size),
         tracking=TrackingConfig(experiment="bench_monitor"))
-    if Path(args.shards) == REPO / "data" / "synth":   # the demo corpus, built when missing
+    if Path(args.shards) == REPO / DEMO_SHARD_DIR:     # the demo corpus, built when missing
         os.chdir(REPO)
-        ensure_demo_corpus(dataclasses.replace(cfg.data, shard_dir="data/synth"), rank=0)
+        ensure_demo_corpus(dataclasses.replace(cfg.data, shard_dir=DEMO_SHARD_DIR), rank=0)
     os.chdir(work)                          # MLflow's default artefact folder lands here, not in the repo
 
     trainer = Trainer(cfg)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import build_fixture, run_once  # noqa: E402
 from trainer.data import DataConfig, storage  # noqa: E402
-from trainer.data.index import index_name, load_index  # noqa: E402
+from trainer.data.shard_format import index_name, load_index  # noqa: E402
 
 
 def proc_cpu_s(pid: int) -> float:

@@ -124,9 +124,9 @@ def main(argv=None) -> int:
     import torch
     from trainer import distributed
 
+    from data_tools.demo import ensure_demo_corpus
     from trainer.config import parse_args as parse_experiment
-    from trainer.engine.data_stream import TrainStream
-    from trainer.engine.demo_data import ensure_demo_corpus
+    from trainer.data.stream import TrainStream
     from trainer.engine.trainer import Trainer
 
     rank = int(os.environ.get("RANK", 0))

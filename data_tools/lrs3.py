@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from trainer.data.shard_format import (FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, MediaDecodeError, decode_audio,
+                                       decode_video, fit_length)
 from trainer.data.storage import redact
 
-from .media import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, MediaError, decode_video, decode_wav, encode_wav, \
-    fit_length, load_audio_16k
+from .media import MediaError, encode_wav, load_audio_16k
 from .shards import DEFAULT_MAX_BYTES, Sample, SkipSample, SplitResult, write_split
 
 
@@ -91,7 +92,7 @@ def convert_item(item: LRS3Item) -> Sample:
     mp4 = mp4_path.read_bytes()
     try:
         _, video = decode_video(mp4, read_frames=True)     # every frame: a truncated file fails here
-    except MediaError as err:
+    except MediaDecodeError as err:
         raise SkipSample("video does not decode", f"{mp4_path}: {err}") from err
     if abs(video.fps - FPS) > 0.01:
         raise SkipSample("video not 25 fps", f"{mp4_path}: {video.fps:g} fps")
@@ -99,12 +100,12 @@ def convert_item(item: LRS3Item) -> Sample:
     audio_from = "wav" if wav_path.is_file() else "mp4"
     try:
         if wav_path.is_file():
-            audio, info = decode_wav(wav_path.read_bytes())
+            audio, info = decode_audio(wav_path.read_bytes())
             if info.sample_rate != SAMPLE_RATE or info.channels != 1:
                 audio = load_audio_16k(wav_path)          # resample / downmix with ffmpeg
         else:
             audio = load_audio_16k(mp4_path)
-    except MediaError as err:
+    except (MediaError, MediaDecodeError) as err:
         raise SkipSample(f"audio does not decode ({audio_from})", f"{item.stem}: {err}") from err
     if len(audio) == 0:
         raise SkipSample(f"empty audio ({audio_from})", item.stem)

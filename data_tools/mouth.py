@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainer.data.shard_format import FPS
+
 FRAME_SIZE = 96      # rendered size; the loader random-crops 88x88
 
 
@@ -81,7 +83,7 @@ def parse_phonemes(text: str) -> list[str]:
     return out
 
 
-def frame_envelope(audio: np.ndarray, sample_rate: int, num_frames: int, fps: float = 25.0) -> np.ndarray:
+def frame_envelope(audio: np.ndarray, sample_rate: int, num_frames: int, fps: float = FPS) -> np.ndarray:
     """RMS of the audio in each video frame's window, [num_frames]."""
     hop = sample_rate / fps
     env = np.zeros(num_frames, dtype=np.float32)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from tqdm import tqdm
 
-from trainer.data.index import ShardIndex, ShardInfo, index_name, shard_name
+from trainer.data.shard_format import ShardIndex, ShardInfo, index_name, shard_name
 from trainer.data.storage import OutFolder, redact
 
 DEFAULT_MAX_BYTES = 1_000_000_000        # ~1 GB per shard in real use

@@ -22,11 +22,10 @@ from typing import Sequence
 import numpy as np
 import soundfile as sf
 
-from trainer.data.index import ShardIndex
+from trainer.data.shard_format import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, ShardIndex, fit_length, resample
 from trainer.data.storage import redact
 
-from .media import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, MediaError, encode_mp4, encode_mp4_batch, encode_wav, \
-    fit_length, resample
+from .media import MediaError, encode_mp4, encode_mp4_batch, encode_wav
 from .mouth import Face, align_visemes, frame_envelope, mouth_track, parse_phonemes, render
 from .shards import DEFAULT_MAX_BYTES, Sample, SplitSpec, write_splits
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from trainer.data import storage
-from trainer.data.index import ShardIndex, available_splits, load_index
+from trainer.data.shard_format import (FPS, SAMPLE_RATE, MediaDecodeError, ShardIndex, available_splits, decode_audio,
+                                       decode_video, load_index)
 
-from .media import FPS, SAMPLE_RATE, MediaError, decode_video, decode_wav
 from .shards import SHARD_RE
 
 REQUIRED_META = ("speaker", "duration", "num_frames", "dataset", "split")
@@ -153,7 +153,7 @@ def check_sample(key: str, parts: dict[str, bytes], checks: Checks) -> tuple[flo
     duration, num_samples, num_frames = 0.0, None, None
     if audio_key:
         try:
-            _, info = decode_wav(parts[audio_key])
+            _, info = decode_audio(parts[audio_key])
             num_samples, duration = info.num_samples, info.duration
             if info.sample_rate != checks.sample_rate:
                 errors.append(f"audio sample rate {info.sample_rate}, expected {checks.sample_rate}")
@@ -161,7 +161,7 @@ def check_sample(key: str, parts: dict[str, bytes], checks: Checks) -> tuple[flo
                 errors.append(f"audio has {info.channels} channels, expected mono")
             if info.num_samples == 0:
                 errors.append("audio is empty")
-        except MediaError as err:
+        except MediaDecodeError as err:
             errors.append(str(err))
     if "mp4" in parts:
         try:
@@ -174,7 +174,7 @@ def check_sample(key: str, parts: dict[str, bytes], checks: Checks) -> tuple[flo
             if vinfo.height != vinfo.width or vinfo.height not in checks.frame_sizes:
                 errors.append(f"frame size {vinfo.width}x{vinfo.height}, expected square "
                               f"{' or '.join(str(s) for s in checks.frame_sizes)}")
-        except MediaError as err:
+        except MediaDecodeError as err:
             errors.append(str(err))
     if num_samples is not None and num_frames is not None:
         spf = checks.sample_rate / checks.fps     # 640 at 16 kHz and 25 fps

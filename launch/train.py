@@ -12,8 +12,8 @@ import sys
 
 
 def main() -> int | None:
+    from data_tools.demo import ensure_demo_corpus
     from trainer.config import ConfigError, parse_args
-    from trainer.engine.demo_data import ensure_demo_corpus
     from trainer.engine.tracking import preflight
     from trainer.engine.trainer import Trainer
 

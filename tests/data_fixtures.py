@@ -1,7 +1,7 @@
 """Small, real WebDataset shards for tests and benchmarks.
 
 Video is encoded to mp4 by the ffmpeg binary (H.264, 25 fps), audio written as 16 kHz WAV by
-soundfile, packed with webdataset.TarWriter and indexed with trainer.data.index.ShardIndex,
+soundfile, packed with webdataset.TarWriter and indexed with trainer.data.shard_format.ShardIndex,
 so tests exercise the same decoders as real data. Each clip has a "mouth" whose opening
 follows the loudness of its tone, so the two modalities agree.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 import webdataset as wds
 
-from trainer.data.index import ShardIndex, ShardInfo, shard_name
+from trainer.data.shard_format import ShardIndex, ShardInfo, shard_name
 
 SR, FPS, SPF = 16000, 25, 640
 WORDS = ("place blue at f two now lay green by a one soon set red in b three please "

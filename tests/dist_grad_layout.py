@@ -16,7 +16,7 @@ import numpy as np
 from trainer.config import parse_args
 from trainer.data.batching import collate
 from trainer.data.decode import decode_stream
-from trainer.data.index import load_index
+from trainer.data.shard_format import load_index
 from trainer.data.pipeline import shard_samples
 from trainer.data.skips import SkipCounter
 from trainer.engine.export import export_trainable

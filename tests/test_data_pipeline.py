@@ -19,7 +19,7 @@ import soundfile as sf
 
 from tests.data_fixtures import encode_mp4, have_ffmpeg, make_clip, make_corpus, make_sample, write_shards
 from trainer.data import DataConfig, SkipCounter, UnusableDataError, build_eval_loader, build_train_loader
-from trainer.data.index import load_index
+from trainer.data.shard_format import load_index
 
 pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg binary needed to encode fixture mp4")
 REPO = Path(__file__).resolve().parents[1]

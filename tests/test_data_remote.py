@@ -24,7 +24,7 @@ from tests.data_fixtures import have_ffmpeg, make_sample
 from tests.remote_servers import fault_events, s3_env, set_faults, start_http, start_moto, start_proxy
 from trainer.data import DataConfig, build_eval_loader, build_train_loader
 from trainer.data import storage
-from trainer.data.index import load_index
+from trainer.data.shard_format import load_index
 from trainer.data.skips import SHARD_SHORT, TAR_ERROR, metric_name
 
 pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg binary needed to encode fixture mp4")

@@ -19,7 +19,7 @@ from data_tools.mouth import mouth_opening_from_frames, parse_phonemes
 from data_tools.shards import Sample, SkipSample, check_key, plan_shards, write_split
 from data_tools.synth import GRID_SIZE, GRID_WORDS, build_corpus, grid_sentence, plan_corpus
 from data_tools.validate import iter_samples, validate
-from trainer.data.index import load_index
+from trainer.data.shard_format import load_index
 
 REPO = Path(__file__).resolve().parents[1]
 NUM = 30

@@ -15,7 +15,7 @@ import soundfile as sf
 from data_tools.lrs3 import convert, sample_key
 from data_tools.media import SAMPLES_PER_FRAME, decode_wav, encode_wav, run_ffmpeg
 from data_tools.validate import iter_samples, validate
-from trainer.data.index import load_index
+from trainer.data.shard_format import load_index
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")

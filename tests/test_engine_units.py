@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.engine.data_stream import TrainStream
+from trainer.data.stream import TrainStream
 from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
 from trainer.engine.tracking import MLflowTracker, NullTracker, flatten, make_tracker
 

@@ -27,7 +27,7 @@ def _helpers(pid: int) -> list[psutil.Process]:
 
 def test_loader_workers_survive_stop_signals_and_end_on_close(synth_corpus):
     from trainer.data import DataConfig, build_train_loader
-    from trainer.engine.data_stream import TrainStream
+    from trainer.data.stream import TrainStream
 
     cfg = DataConfig(shard_dir=str(synth_corpus), num_workers=2, max_frames_per_batch=600, max_batch_size=4,
                      batches_per_epoch=40)

@@ -209,7 +209,7 @@ def test_mlflow_run_has_params_metrics_artifacts(runs):
 
 
 def test_mlflow_run_page_has_kind_description_source_and_datasets(runs, synth_corpus):
-    from trainer.data.index import load_index
+    from trainer.data.shard_format import load_index
 
     full, _, _ = runs
     client, run = _mlflow(full)

@@ -118,9 +118,9 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
     """What the run will read, checked on the file system before any process starts training: the
     DeepSpeed JSON parses, pretrained paths hold what they should, the shard set has its indexes.
     Returns the problems (empty: all well)."""
-    from trainer.data.index import index_location, index_path
+    from trainer.data.shard_format import index_location, index_path
     from trainer.data.storage import exists, is_remote, redact
-    from trainer.engine.demo_data import DEMO_SHARD_DIR
+    from trainer.data.config import DEMO_SHARD_DIR
     from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config
 
     problems: list[str] = []

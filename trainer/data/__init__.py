@@ -2,7 +2,7 @@
 
 Public API: DataConfig, build_train_loader, build_eval_loader, train_batches_per_epoch,
 SkipCounter, UnusableDataError, log_mel; the batch schema is in trainer.data.batching.
-Imported lazily so that `trainer.data.index` (used by the corpus tools) stays free of torch/decord.
+Imported lazily so that `trainer.data.shard_format` (used by the corpus tools) stays free of torch/decord.
 """
 from importlib import import_module
 

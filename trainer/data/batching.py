@@ -27,8 +27,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from .config import MELS_PER_FRAME
 from .decode import Clip
+from .features import MELS_PER_FRAME
 from .skips import SkipCounter
 
 

@@ -8,16 +8,14 @@ from . import storage
 MODALITIES = ("asr", "vsr", "avsr")
 NOISE_KINDS = ("none", "white", "babble")
 
-SAMPLE_RATE = 16000
-FPS = 25
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS     # 640 audio samples per video frame
-MEL_HOP = 160
-MELS_PER_FRAME = SAMPLES_PER_FRAME // MEL_HOP   # 4 Whisper mel frames per video frame
+# where the synthetic demo corpus lives: launch/train.py builds it there (data_tools.demo) when the
+# run reads this folder and it has no indexes yet
+DEMO_SHARD_DIR = "data/synth"
 
 
 @dataclass
 class DataConfig:
-    shard_dir: str = "data/synth"
+    shard_dir: str = DEMO_SHARD_DIR
     """Folder with `{split}-NNNNNN.tar` shards and their `{split}.index.json` indexes, or the same
     under `s3://bucket/prefix`, `https://host/prefix` or `pipe:COMMAND` writing `{name}` to stdout
     (streamed; credentials from the environment, ~/.aws or ~/.netrc, never here). The default is the

@@ -1,7 +1,7 @@
 """Decode one WebDataset sample into model-ready tensors, or skip it with a counted reason.
 
 Video: decord reads the in-memory mp4, frames are cropped (center in eval, random in
-training) to `crop_size`, converted to grayscale (torchvision's weights), optionally
+training) to `crop_size`, converted to grayscale (shard_format.to_gray), optionally
 flipped, and normalised as auto_avsr does: x / 255, then (x - 0.421) / 0.165.
 Audio: soundfile reads wav/flac bytes, mixed down to mono, resampled to 16 kHz (or skipped
 when strict), then trimmed or zero-padded to 640 samples per video frame so that the
@@ -10,29 +10,21 @@ log-mel features.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from itertools import chain, islice
 
-import decord
 import numpy as np
-import soundfile as sf
 import torch
 
-from data_tools.media import quiet_stderr, resample
-
 from . import skips as R
-from .config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, DataConfig
+from .config import DataConfig
 from .features import log_mel
+from .shard_format import (AUDIO_KEYS, FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, TEXT_KEY, VIDEO_KEY, MediaDecodeError,
+                           Mp4, decode_audio, fit_length, resample, to_gray)
 from .skips import SkipCounter
 
 VIDEO_MEAN, VIDEO_STD = 0.421, 0.165          # auto_avsr's LRS3 statistics
-GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114], dtype=np.float32)   # torchvision rgb_to_grayscale
-AUDIO_KEYS = ("wav", "flac")
 FPS_TOLERANCE = 0.5
-
-decord.logging.set_level(decord.logging.QUIET)    # broken clips are counted, not printed (but decord's
-# "ERROR opening" line, with the whole input, ignores the level: opening runs under quiet_stderr)
 
 
 class Skip(Exception):
@@ -56,7 +48,7 @@ class Clip:
 
 
 def read_text(sample: dict) -> str:
-    raw = sample.get("txt")
+    raw = sample.get(TEXT_KEY)
     if raw is None:
         raise Skip(R.EMPTY_TEXT, "no txt member")
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
@@ -69,12 +61,10 @@ def read_text(sample: dict) -> str:
 def read_video(data: bytes, cfg: DataConfig) -> np.ndarray:
     """mp4 bytes -> uint8 [T, H, W, 3]; checks length, fps and size before decoding frames."""
     try:
-        with quiet_stderr():
-            vr = decord.VideoReader(io.BytesIO(data), num_threads=1)   # workers are the parallelism
-        n = len(vr)
-        fps = vr.get_avg_fps()
-    except Exception as err:                                      # decord raises DECORDError/RuntimeError
-        raise Skip(R.VIDEO_DECODE, repr(err)) from None
+        video = Mp4(data)
+    except MediaDecodeError as err:
+        raise Skip(R.VIDEO_DECODE, str(err)) from None
+    n, fps = video.num_frames, video.fps
     if n == 0:
         raise Skip(R.VIDEO_EMPTY, "0 frames")
     if n > cfg.max_clip_frames:
@@ -82,11 +72,9 @@ def read_video(data: bytes, cfg: DataConfig) -> np.ndarray:
     if abs(fps - FPS) > FPS_TOLERANCE:
         raise Skip(R.VIDEO_FPS, f"{fps:.2f} fps, expected {FPS}")
     try:
-        frames = vr.get_batch(list(range(n))).asnumpy()
-    except Exception as err:
-        raise Skip(R.VIDEO_DECODE, repr(err)) from None
-    finally:
-        del vr
+        frames = video.rgb()
+    except MediaDecodeError as err:
+        raise Skip(R.VIDEO_DECODE, str(err)) from None
     if frames.shape[1] < cfg.crop_size or frames.shape[2] < cfg.crop_size:
         raise Skip(R.VIDEO_SIZE, f"{frames.shape[1]}x{frames.shape[2]} < crop {cfg.crop_size}")
     return frames
@@ -98,18 +86,17 @@ def read_audio(sample: dict, cfg: DataConfig, counter: SkipCounter) -> np.ndarra
     if data is None:
         raise Skip(R.MISSING_AUDIO, f"none of {AUDIO_KEYS}")
     try:
-        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as err:                                     # soundfile.LibsndfileError, etc.
-        raise Skip(R.AUDIO_DECODE, repr(err)) from None
-    if wav.shape[0] == 0:
+        wav, info = decode_audio(data)
+    except MediaDecodeError as err:
+        raise Skip(R.AUDIO_DECODE, str(err)) from None
+    if info.num_samples == 0:
         raise Skip(R.AUDIO_EMPTY, "0 samples")
-    wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]
+    wav = wav.mean(axis=1) if info.channels > 1 else wav
+    sr = info.sample_rate
     if sr != SAMPLE_RATE:
         if cfg.strict_sample_rate:
             raise Skip(R.AUDIO_SAMPLE_RATE, f"{sr} Hz")
         counter.note(R.RESAMPLED)
-        # polyphase in numpy: torchaudio's kernel grows with the reduced rate ratio (15999 -> 16000 Hz
-        # took 5 GB for 1 s of audio)
         wav = resample(np.ascontiguousarray(wav), sr, SAMPLE_RATE)
     if not np.isfinite(wav).all():
         raise Skip(R.AUDIO_DECODE, "non-finite samples")
@@ -125,18 +112,10 @@ def crop_gray_normalise(frames: np.ndarray, cfg: DataConfig, train: bool,
         top, left = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
     else:   # torchvision CenterCrop's rounding
         top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
-    crop = frames[:, top:top + c, left:left + c, :].astype(np.float32)
-    gray = crop @ GRAY_WEIGHTS / 255.0
+    gray = to_gray(frames[:, top:top + c, left:left + c, :]) / 255.0
     if train and cfg.horizontal_flip and rng.random() < 0.5:
         gray = gray[:, :, ::-1]
     return torch.from_numpy((np.ascontiguousarray(gray) - VIDEO_MEAN) / VIDEO_STD)
-
-
-def fit_length(wav: np.ndarray, n: int) -> np.ndarray:
-    """Trim or zero-pad to n samples (auto_avsr's cut_or_pad)."""
-    if len(wav) >= n:
-        return wav[:n]
-    return np.pad(wav, (0, n - len(wav)))
 
 
 def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
@@ -190,12 +169,12 @@ def decode_clip(sample: dict, cfg: DataConfig, counter: SkipCounter, *, train: b
                 rng: np.random.Generator, noise: NoiseMixer | None) -> Clip:
     """Raises Skip for bad input; the caller counts it."""
     key = str(sample.get("__key__", "?"))
-    if cfg.use_video and "mp4" not in sample:
+    if cfg.use_video and VIDEO_KEY not in sample:
         raise Skip(R.MISSING_VIDEO, "no mp4 member")
     if cfg.use_audio and not any(k in sample for k in AUDIO_KEYS):
         raise Skip(R.MISSING_AUDIO, f"none of {AUDIO_KEYS}")
     text = read_text(sample)
-    frames = read_video(sample["mp4"], cfg) if cfg.use_video else None
+    frames = read_video(sample[VIDEO_KEY], cfg) if cfg.use_video else None
     wav = read_audio(sample, cfg, counter) if cfg.use_audio else None
     n = len(frames) if frames is not None else int(round(len(wav) / SAMPLES_PER_FRAME))
     if n > cfg.max_clip_frames:

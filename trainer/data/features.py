@@ -14,9 +14,11 @@ from functools import lru_cache
 import torch
 from transformers.audio_utils import mel_filter_bank    # the filters WhisperFeatureExtractor itself uses
 
-from .config import MEL_HOP, SAMPLE_RATE
+from .shard_format import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 N_FFT = 400
+MEL_HOP = 160
+MELS_PER_FRAME = SAMPLES_PER_FRAME // MEL_HOP   # 4 Whisper mel frames per video frame
 
 
 @lru_cache(maxsize=4)

@@ -39,7 +39,7 @@ from .cache import ShardCache
 from .batching import budget_batches, collate_stream
 from .config import DataConfig
 from .decode import decode_stream
-from .index import ShardIndex, load_index
+from .shard_format import ShardIndex, load_index
 from .skips import SkipCounter, UnusableDataError
 
 log = logging.getLogger(__name__)

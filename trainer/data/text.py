@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from trainer.data import storage
-from trainer.data.index import load_index
+from trainer.data.shard_format import load_index
 
 
 @contextlib.contextmanager

@@ -102,7 +102,7 @@ def shard_location(shard_dir: str) -> str:
 
 
 def check_split(data: DataConfig, split: str) -> None:
-    from trainer.data.index import check_split as check
+    from trainer.data.shard_format import check_split as check
 
     check(data.shard_dir, split)
 

@@ -327,7 +327,7 @@ def _wrapped_command(args: list[str], width: int = 88) -> list[str]:
 def shard_datasets(data_cfg) -> list[dict]:
     """One MLflow dataset input per split the run reads: name, a digest of its shard index, the
     index's location, and a profile with rows (utterances), shards and hours."""
-    from trainer.data.index import index_path, load_index
+    from trainer.data.shard_format import index_path, load_index
     out = []
     for context, split in (("training", data_cfg.train_split), ("validation", data_cfg.eval_split),
                            ("testing", data_cfg.test_split)):

@@ -19,8 +19,8 @@ import torch
 from trainer import distributed
 from trainer.config import ExperimentConfig
 from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_summary
+from trainer.data.stream import TrainStream
 from trainer.engine.checkpoint import CheckpointManager, frozen_weight_sums, seed_everything
-from trainer.engine.data_stream import TrainStream
 from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from trainer.engine.evaluate import EvalInterrupted, PeriodicEval, evaluate_wer
 from trainer.engine.export import export_consolidated, export_trainable
@@ -435,7 +435,7 @@ class Trainer:
 
     def _check_eval_splits(self) -> None:
         """Fail at the start, not after training, when a split evaluated at the end has no index."""
-        from trainer.data.index import index_location, index_name
+        from trainer.data.shard_format import index_location, index_name
         from trainer.data.storage import exists, redact
         shard_dir = self.cfg.data.shard_dir
         missing = [s for s in final_eval_splits(self.cfg) if not exists(index_location(shard_dir, s))]
