@@ -3,7 +3,8 @@
 Reports clips per second (wall), clips per second per CPU core used, and audio seconds decoded
 per CPU second (a real-time factor: 100 means one core prepares 100 s of audio-visual speech per
 second). CPU time counts the main process and its DataLoader workers (reaped children).
-Without --shard-dir, it first writes fixture shards (ffmpeg H.264 mouth clips + WAV) to a temp dir.
+Without --shard-dir, it first writes a tone corpus (data_tools/tones.py: H.264 mouth clips + WAV) to a
+temp dir.
 
   PYTHONPATH=. python bench/bench_data.py --workers 0,1,2 --csv bench_data.csv
 """
@@ -23,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere in the checkout
 
+from data_tools.tones import build_tone_corpus  # noqa: E402
 from trainer.data import DataConfig, build_eval_loader, build_train_loader  # noqa: E402
-from trainer.data.config import FPS  # noqa: E402
-from trainer.data.shard_format import load_index  # noqa: E402
+from trainer.data.shard_format import FPS, load_index  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -55,9 +56,8 @@ def run_once(cfg: DataConfig, mode: str, split: str, repeat: int) -> dict:
 
 
 def build_fixture(folder: Path, shards: int, per_shard: int, min_frames: int, max_frames: int) -> None:
-    from tests.data_fixtures import make_corpus
     t0 = time.perf_counter()
-    make_corpus(folder, {"bench": (shards, per_shard)}, min_frames=min_frames, max_frames=max_frames)
+    build_tone_corpus(folder, {"bench": (shards, per_shard)}, min_frames=min_frames, max_frames=max_frames)
     print(f"# wrote {shards} x {per_shard} fixture clips ({min_frames}-{max_frames} frames) to {folder} "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 

@@ -11,9 +11,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from trainer.data.storage import RemoteError
-
 from . import lrs3, pretrained, synth, validate
+from .command import run_command
 
 COMMANDS = {
     "synth": (synth, "synthesise the GRID-style corpus into train/val/test shards"),
@@ -31,15 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return p
-
-
-def run_command(module, args: argparse.Namespace) -> int:
-    try:
-        return module.run(args)
-    except (FileExistsError, FileNotFoundError, PermissionError, RemoteError, ValueError) as err:
-        # expected user errors: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

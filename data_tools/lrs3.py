@@ -21,6 +21,7 @@ from trainer.data.shard_format import (FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, Medi
                                        decode_video, fit_length)
 from trainer.data.storage import redact
 
+from .command import run_command
 from .media import MediaError, encode_wav, load_audio_16k
 from .shards import DEFAULT_MAX_BYTES, Sample, SkipSample, SplitResult, write_split
 
@@ -185,7 +186,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avsr-lrs3", description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    from .cli import run_command      # late: cli imports this module
     return run_command(sys.modules[__name__], p.parse_args(argv))
 
 

@@ -25,6 +25,7 @@ import soundfile as sf
 from trainer.data.shard_format import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, ShardIndex, fit_length, resample
 from trainer.data.storage import redact
 
+from .command import run_command
 from .media import MediaError, encode_mp4, encode_mp4_batch, encode_wav
 from .mouth import Face, align_visemes, frame_envelope, mouth_track, parse_phonemes, render
 from .shards import DEFAULT_MAX_BYTES, Sample, SplitSpec, write_splits
@@ -269,7 +270,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avsr-synth", description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    from .cli import run_command      # late: cli imports this module
     return run_command(sys.modules[__name__], p.parse_args(argv))
 
 

@@ -22,6 +22,7 @@ from trainer.data import storage
 from trainer.data.shard_format import (FPS, SAMPLE_RATE, MediaDecodeError, ShardIndex, available_splits, decode_audio,
                                        decode_video, load_index)
 
+from .command import run_command
 from .shards import SHARD_RE
 
 REQUIRED_META = ("speaker", "duration", "num_frames", "dataset", "split")
@@ -349,7 +350,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avsr-validate", description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    from .cli import run_command      # late: cli imports this module
     return run_command(sys.modules[__name__], p.parse_args(argv))
 
 

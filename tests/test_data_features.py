@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.data_fixtures import encode_mp4, encode_wav, have_ffmpeg, make_clip, make_sample
+from data_tools.media import encode_mp4, encode_wav
+from tests.data_fixtures import have_ffmpeg, make_clip, make_sample
 from trainer.data.config import DataConfig
-from trainer.data.decode import VIDEO_MEAN, VIDEO_STD, decode_clip, fit_length, mix_at_snr
+from trainer.data.decode import VIDEO_MEAN, VIDEO_STD, decode_clip, mix_at_snr
 from trainer.data.features import log_mel
+from trainer.data.shard_format import fit_length
 from trainer.data.skips import SkipCounter
 
 pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg binary needed to encode fixture mp4")

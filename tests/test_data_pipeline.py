@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.data_fixtures import encode_mp4, have_ffmpeg, make_clip, make_corpus, make_sample, write_shards
+from data_tools.media import encode_mp4
+from tests.data_fixtures import have_ffmpeg, make_clip, make_corpus, make_sample, write_shards
 from trainer.data import DataConfig, SkipCounter, UnusableDataError, build_eval_loader, build_train_loader
 from trainer.data.shard_format import load_index
 

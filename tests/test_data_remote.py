@@ -19,8 +19,9 @@ import boto3
 import pytest
 
 from data_tools.shards import Sample, write_split
+from data_tools.tones import tone_sample
 from data_tools.validate import validate
-from tests.data_fixtures import have_ffmpeg, make_sample
+from tests.data_fixtures import have_ffmpeg
 from tests.remote_servers import fault_events, s3_env, set_faults, start_http, start_moto, start_proxy
 from trainer.data import DataConfig, build_eval_loader, build_train_loader
 from trainer.data import storage
@@ -44,9 +45,7 @@ class Clip:
 def make_clip_sample(item: Clip) -> Sample:
     if item.key == "boom":
         raise RuntimeError("producer bug")
-    s = make_sample(item.key, item.frames, seed=item.seed, size=88 if item.seed % 2 else 96)
-    meta = json.loads(s["json"])
-    return Sample(key=item.key, wav=s["wav"], mp4=s["mp4"], txt=s["txt"].decode(), meta=meta)
+    return tone_sample(item.key, item.frames, seed=item.seed, size=88 if item.seed % 2 else 96)
 
 
 def clips(split: str) -> list[Clip]:

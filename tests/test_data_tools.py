@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from data_tools import cli
-from data_tools.media import SAMPLES_PER_FRAME, decode_video, decode_wav, encode_wav, resample
+from data_tools.media import encode_wav
 from data_tools.mouth import mouth_opening_from_frames, parse_phonemes
 from data_tools.shards import Sample, SkipSample, check_key, plan_shards, write_split
 from data_tools.synth import GRID_SIZE, GRID_WORDS, build_corpus, grid_sentence, plan_corpus
 from data_tools.validate import iter_samples, validate
-from trainer.data.shard_format import load_index
+from trainer.data.shard_format import SAMPLES_PER_FRAME, decode_audio, decode_video, load_index, resample
 
 REPO = Path(__file__).resolve().parents[1]
 NUM = 30
@@ -122,7 +122,7 @@ def test_samples_are_complete_and_aligned(corpus):
             assert set(parts) == {"wav", "mp4", "txt", "json"}
             meta = json.loads(parts["json"])
             assert meta["split"] == split and meta["dataset"] == "synth" and meta["fps"] == 25
-            audio, ainfo = decode_wav(parts["wav"])
+            audio, ainfo = decode_audio(parts["wav"])
             frames, vinfo = decode_video(parts["mp4"])
             assert (ainfo.sample_rate, ainfo.channels) == (16000, 1)
             assert (vinfo.height, vinfo.width, vinfo.fps) == (96, 96, 25.0)
@@ -184,7 +184,7 @@ def test_mouth_follows_the_audio(corpus):
     """The rendered opening (dark cavity pixels) tracks the speech envelope, frame by frame, in time."""
     corrs, shifted = [], []
     for _, parts in read_split(corpus, "train")[:12]:
-        audio, _ = decode_wav(parts["wav"])
+        audio, _ = decode_audio(parts["wav"])
         frames, _ = decode_video(parts["mp4"])
         envelope = np.sqrt((audio.reshape(-1, SAMPLES_PER_FRAME) ** 2).mean(axis=1))
         opening = mouth_opening_from_frames(frames)
@@ -242,7 +242,7 @@ def test_validate_flags_corruption(corpus, tmp_path):
         if key == keys[0]:
             parts["mp4"] = parts["mp4"][: len(parts["mp4"]) // 2]               # truncated video
         elif key == keys[1]:
-            audio, _ = decode_wav(parts["wav"])
+            audio, _ = decode_audio(parts["wav"])
             parts["wav"] = encode_wav(audio[::2], 8000)                         # wrong sample rate
         elif key == keys[2]:
             parts["txt"] = b"  \n"                                              # empty transcript
@@ -365,7 +365,7 @@ def test_webdataset_reads_the_shards(corpus):
     for s in samples:
         assert {"__key__", "wav", "mp4", "txt", "json"} <= set(s)
         assert isinstance(s["txt"], str) and isinstance(s["json"], dict) and isinstance(s["mp4"], bytes)
-        assert s["json"]["num_frames"] * SAMPLES_PER_FRAME == decode_wav(s["wav"])[1].num_samples
+        assert s["json"]["num_frames"] * SAMPLES_PER_FRAME == decode_audio(s["wav"])[1].num_samples
 
 
 def test_worker_error_in_the_pool_leaves_nothing(tmp_path):

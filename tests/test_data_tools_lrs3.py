@@ -13,9 +13,9 @@ import pytest
 import soundfile as sf
 
 from data_tools.lrs3 import convert, sample_key
-from data_tools.media import SAMPLES_PER_FRAME, decode_wav, encode_wav, run_ffmpeg
+from data_tools.media import encode_wav, run_ffmpeg
 from data_tools.validate import iter_samples, validate
-from trainer.data.shard_format import load_index
+from trainer.data.shard_format import SAMPLES_PER_FRAME, decode_audio, load_index
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
@@ -80,7 +80,7 @@ def test_convert_lrs3_tree(lrs3_tree, tmp_path):
     assert texts == {"spkA_00001": "HELLO WORLD", "spkA_00002": "NO WAV HERE", "spkB_00001": "PLAIN FIRST LINE"}
     for key, parts in samples.items():
         meta = json.loads(parts["json"])
-        audio, info = decode_wav(parts["wav"])
+        audio, info = decode_audio(parts["wav"])
         assert (info.sample_rate, info.channels) == (16000, 1)
         assert info.num_samples == meta["num_frames"] * SAMPLES_PER_FRAME
         assert meta["speaker"] == key.split("_")[0] and meta["dataset"] == "lrs3" and meta["split"] == "train"
