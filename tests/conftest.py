@@ -1,20 +1,10 @@
-"""Shared fixtures: one small synthetic corpus per test session, built with the real tools."""
-import os
+"""Shared fixtures: one small synthetic corpus per test session, built with the real tools.
+Shared constants (and the Triton interpreter switch, set on import) are in tests/constants.py."""
 from pathlib import Path
 
 import pytest
-import torch
 
-# Triton kernels: compiled on a GPU; elsewhere interpreted on CPU tensors. Triton reads this when
-# a kernel is decorated, so it is decided here, before any test module imports the kernels.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-KERNEL_DEVICE = "cpu" if TRITON_INTERPRETED else "cuda"   # where tests run the Triton kernels
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
+import tests.constants  # noqa: F401  (first: sets TRITON_INTERPRET before any kernel is imported)
 
 
 @pytest.fixture(scope="session")

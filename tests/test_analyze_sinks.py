@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from test_monitor import J, MASSIVE_LAYER, R, S, plant_sink, tiny_llama
-from tests.conftest import REPO
+from tests.constants import REPO
 
 SCRIPT = REPO / "launch" / "analyze_sinks.py"
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "the", "cat", "sat", "on", "mat", ".", "a", "dog", "ran", "home"]

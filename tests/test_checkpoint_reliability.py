@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.constants import REPO
 from tests.untrusted import RunsCode
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]   # 2-process runs; slow on a loaded 2-core machine

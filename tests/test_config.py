@@ -1,7 +1,7 @@
 """The experiment config from the command line and recipes: precedence, validation, clear errors."""
 import pytest
 
-from tests.conftest import REPO
+from tests.constants import REPO
 from trainer.config import ExperimentConfig, load_recipe, parse_args
 
 

@@ -308,10 +308,8 @@ def test_eval_exactly_once_under_torchrun_2_ranks_x_2_workers(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_reads_the_corpus_tools_shards(request):
+def test_reads_the_corpus_tools_shards(synth_corpus):
     """The shards written by data_tools (espeak-ng speech) decode and batch here."""
-    pytest.importorskip("data_tools.synth", reason="corpus tools not built yet")
-    synth_corpus = request.getfixturevalue("synth_corpus")
     counter = SkipCounter()
     cfg = _cfg(synth_corpus, max_frames_per_batch=3000, max_clip_frames=750, num_workers=0)
     index = load_index(synth_corpus, "train")

@@ -1,6 +1,6 @@
 """Decorrelation loss: Triton kernel vs the PyTorch reference, and the reference vs the formula.
 
-Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (tests/constants.py sets it
 before anything imports triton); on a GPU the same tests run the compiled kernels on CUDA tensors,
 and the tests marked by CUDA add larger shapes.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import KERNEL_DEVICE, TRITON_INTERPRETED
+from tests.constants import KERNEL_DEVICE, TRITON_INTERPRETED
 from trainer.kernels import DecorrelationLoss, decorrelation_loss, resolve_impl
 from trainer.kernels.decorrelation_reference import EPS, decorrelation_loss_reference
 

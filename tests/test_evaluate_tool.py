@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.constants import REPO
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "launch" / "evaluate.py"

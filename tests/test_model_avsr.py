@@ -3,7 +3,7 @@ decoding, and loading pretrained parts from local folders."""
 import pytest
 import torch
 
-from tests.conftest import KERNEL_DEVICE
+from tests.constants import KERNEL_DEVICE
 from trainer.model.avsr import build_model
 from trainer.model.config import ModelConfig
 from trainer.model.roles import TokenRole, prefix_mask
@@ -226,7 +226,7 @@ def test_decorrelation_loss_matches_reference():
 
 def test_training_loss_is_the_same_with_the_triton_kernel_and_the_reference():
     """The model's loss and every trainable gradient agree between decorrelation implementations
-    (the Triton kernel runs on CPU under TRITON_INTERPRET=1, or compiled on a GPU: tests/conftest.py)."""
+    (the Triton kernel runs on CPU under TRITON_INTERPRET=1, or compiled on a GPU: tests/constants.py)."""
     results = {}
     for impl in ("torch", "triton"):
         torch.manual_seed(0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.constants import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.constants import REPO
 
 from data_tools.ctranslate2_whisper import read_ctranslate2, whisper_state_dict
 from data_tools.pretrained import (LLM_NAME, SMOLLM2, WHISPER_NAME, WHISPER_TINY_EN, build_atomically,

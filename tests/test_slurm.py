@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.constants import REPO
 
 sys.path.insert(0, str(REPO / "launch" / "slurm"))
 import plan  # noqa: E402

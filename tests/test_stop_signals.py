@@ -18,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.constants import REPO
 
 
 def _helpers(pid: int) -> list[psutil.Process]:

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.constants import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.constants import REPO
 from trainer.engine.config import TrackingConfig
 from trainer.engine.tracking import MLflowTracker, preflight
 from trainer.engine.tracking_courier import SPILL_NAME

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.constants import REPO
 
 pytestmark = pytest.mark.slow
 STEPS = 6
