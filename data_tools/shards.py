@@ -31,7 +31,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 from tqdm import tqdm
 
-from trainer.data.shard_format import ShardIndex, ShardInfo, index_name, shard_name
+from trainer.data.shard_format import (AUDIO_KEYS, META_KEY, TEXT_KEY, VIDEO_KEY, ShardIndex, ShardInfo, index_name,
+                                       shard_name)
 from trainer.data.storage import OutFolder, redact
 
 DEFAULT_MAX_BYTES = 1_000_000_000        # ~1 GB per shard in real use
@@ -59,8 +60,8 @@ class Sample:
 
     def to_wds(self) -> dict[str, Any]:
         check_key(self.key)
-        return {"__key__": self.key, "wav": self.wav, "mp4": self.mp4, "txt": self.txt.encode("utf-8"),
-                "json": json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+        return {"__key__": self.key, AUDIO_KEYS[0]: self.wav, VIDEO_KEY: self.mp4, TEXT_KEY: self.txt.encode("utf-8"),
+                META_KEY: json.dumps(self.meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
 
 
 class Item(Protocol):

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from trainer.data import storage
-from trainer.data.shard_format import (FPS, SAMPLE_RATE, MediaDecodeError, ShardIndex, available_splits, decode_audio,
-                                       decode_video, load_index)
+from trainer.data.shard_format import (AUDIO_KEYS, FPS, META_KEY, SAMPLE_RATE, TEXT_KEY, VIDEO_KEY, MediaDecodeError,
+                                       ShardIndex, available_splits, decode_audio, decode_video, load_index)
 
 from .command import run_command
 from .shards import SHARD_RE
@@ -147,8 +147,8 @@ def iter_samples(path: Path | str) -> Iterator[tuple[str, dict[str, bytes]]]:
 def check_sample(key: str, parts: dict[str, bytes], checks: Checks) -> tuple[float, list[str]]:
     """(audio seconds, problems) for one sample."""
     errors: list[str] = []
-    audio_key = "wav" if "wav" in parts else "flac" if "flac" in parts else None
-    missing = [k for k in ("mp4", "txt", "json") if k not in parts] + ([] if audio_key else ["wav"])
+    audio_key = next((k for k in AUDIO_KEYS if k in parts), None)
+    missing = [k for k in (VIDEO_KEY, TEXT_KEY, META_KEY) if k not in parts] + ([] if audio_key else [AUDIO_KEYS[0]])
     if missing:
         errors.append(f"missing {', '.join(missing)} (has {', '.join(sorted(parts)) or 'nothing'})")
     duration, num_samples, num_frames = 0.0, None, None
@@ -164,9 +164,9 @@ def check_sample(key: str, parts: dict[str, bytes], checks: Checks) -> tuple[flo
                 errors.append("audio is empty")
         except MediaDecodeError as err:
             errors.append(str(err))
-    if "mp4" in parts:
+    if VIDEO_KEY in parts:
         try:
-            frames, vinfo = decode_video(parts["mp4"], read_frames=checks.decode_frames)
+            frames, vinfo = decode_video(parts[VIDEO_KEY], read_frames=checks.decode_frames)
             num_frames = vinfo.num_frames
             if frames is not None and len(frames) != vinfo.num_frames:
                 errors.append(f"video decodes {len(frames)} of {vinfo.num_frames} frames")
@@ -183,15 +183,15 @@ def check_sample(key: str, parts: dict[str, bytes], checks: Checks) -> tuple[flo
         if abs(gap) > checks.tolerance_frames * spf:
             errors.append(f"audio {num_samples} samples vs video {num_frames} frames x {spf:g} "
                           f"(off by {gap / spf:+.2f} frames)")
-    if "txt" in parts:
+    if TEXT_KEY in parts:
         try:
-            if not parts["txt"].decode("utf-8").strip():
+            if not parts[TEXT_KEY].decode("utf-8").strip():
                 errors.append("empty transcript")
         except UnicodeDecodeError as err:
             errors.append(f"transcript is not UTF-8: {err}")
-    if "json" in parts:
+    if META_KEY in parts:
         try:
-            meta = json.loads(parts["json"].decode("utf-8"))
+            meta = json.loads(parts[META_KEY].decode("utf-8"))
             if not isinstance(meta, dict):
                 raise ValueError("not an object")
             absent = [k for k in REQUIRED_META if k not in meta]
