@@ -3,6 +3,7 @@ Shared constants (and the Triton interpreter switch, set on import) are in tests
 from pathlib import Path
 
 import pytest
+import torch
 
 import tests.constants  # noqa: F401  (first: sets TRITON_INTERPRET before any kernel is imported)
 

@@ -44,8 +44,6 @@ KNOWN_EXCEPTIONS: dict[str, str] = {
     # violation (as printed after "path:line: ") -> who removes it
     "trainer.engine.offline imports trainer.config (upward: layer 6 trainer.config above layer 5 trainer.engine)":
         "coordinator / config reshape: the run-folder loader reads experiment.json without trainer.config",
-    "trainer.engine.offline imports trainer.config (private names _build)":
-        "coordinator / config reshape: a public config builder",
     "trainer.engine.trainer imports trainer.config (upward: layer 6 trainer.config above layer 5 trainer.engine)":
         "coordinator / config reshape: ExperimentConfig below the engine, or the Trainer at the top layer",
     "bench.bench_shard_read imports trainer.data.pipeline (private names _index)":
