@@ -210,6 +210,7 @@ def main(argv=None) -> int:
                         w.writeheader()
                     w.writerow(row)
     finally:
+        trainer.stream.close()      # its DataLoader workers ignore SIGTERM: left to exit, they hang it
         trainer.stop.uninstall()
         trainer.tracker.finish("FINISHED")
         distributed.barrier()
