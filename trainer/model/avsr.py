@@ -82,9 +82,7 @@ class LlamaAVSR(nn.Module):
     def input_streams(self) -> Streams:
         """What the data pipeline decodes for this model: its modality's streams, and the mel bins of
         its Whisper (the checkpoint's, or --model.tiny.n-mels)."""
-        audio = self.audio_encoder
-        return Streams(audio=audio is not None, video=self.video_encoder is not None,
-                       n_mels=audio.n_mels if audio is not None else 0)
+        return self.cfg.streams(self.audio_encoder.n_mels if self.audio_encoder is not None else None)
 
     # ----------------------------------------------------------------- parts of the LLM
     @property

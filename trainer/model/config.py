@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from trainer.config_checks import Problems
+from trainer.data.config import Streams
 
 MODALITIES = ("asr", "vsr", "avsr")
 DOWNSAMPLE_MODES = ("stack", "avgpool")
@@ -203,6 +204,12 @@ class ModelConfig:
     @property
     def uses_video(self) -> bool:
         return self.modality in ("vsr", "avsr")
+
+    def streams(self, n_mels: int | None = None) -> Streams:
+        """What the data pipeline decodes for this model. n_mels: its Whisper's mel bins (a pretrained
+        checkpoint's num_mel_bins, which `LlamaAVSR.input_streams` passes); None: the tiny Whisper's."""
+        return Streams(audio=self.uses_audio, video=self.uses_video,
+                       n_mels=self.tiny.n_mels if n_mels is None else n_mels)
 
     @property
     def enabled_modalities(self) -> tuple[str, ...]:
