@@ -26,7 +26,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 disables)."""
     seed: int = 1234
-    """Seed for model init, data order and dropout."""
+    """Seed for model init and dropout (the data order has its own: --data.seed)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on a GPU that supports it, fp32 on CPU."""
     log_every: int = 10

@@ -33,6 +33,7 @@ import torch
 
 from trainer.data.config import DataConfig
 from trainer.engine.checkpoint import LATEST, MANIFEST, newest_verified, verify
+from trainer.engine.config import TrainConfig
 from trainer.engine.export import CONSOLIDATED, KIND_KEY
 from trainer.config_checks import build_config
 from trainer.model.config import FLAT_TINY_NAMES, ModelConfig
@@ -50,9 +51,10 @@ class RunConfig:
     data: DataConfig
     monitor: MonitorConfig
     seed: int
-    eval_beams: int = 1
+    """The run's train.seed."""
+    eval_beams: int
     """The run's evaluation beam width (train.eval_beams)."""
-    eval_max_new_tokens: int = 32
+    eval_max_new_tokens: int
     """The run's longest generated transcript (train.eval_max_new_tokens)."""
 
 
@@ -101,7 +103,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     raw = upgrade_saved_config(json.loads(path.read_text()))
     model = build_config(ModelConfig, raw["model"], f"{path} model", "model")
     # The tokenizer the trainer trained lives in the run folder: follow the folder if it moved.
-    saved_run_dir = raw.get("train", {}).get("run_dir")
+    train = raw.get("train", {})        # read for a few values only: the rest is the training's business
+    saved_run_dir = train.get("run_dir")
     saved_tokenizer = Path(saved_run_dir) / "tokenizer" if saved_run_dir else None
     if model.tokenizer_path and Path(model.tokenizer_path) == saved_tokenizer:
         model.tokenizer_path = str(run_dir / "tokenizer")
@@ -113,9 +116,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         data["shard_dir"] = ""
     return RunConfig(run_dir=run_dir, model=model, data=build_config(DataConfig, data, f"{path} data", "data"),
                      monitor=build_config(MonitorConfig, raw.get("monitor", {}), f"{path} monitor", "monitor"),
-                     seed=int(raw.get("train", {}).get("seed", 0)),
-                     eval_beams=int(raw.get("train", {}).get("eval_beams", 1)),
-                     eval_max_new_tokens=int(raw.get("train", {}).get("eval_max_new_tokens", 32)))
+                     **{name: int(train.get(name, getattr(TrainConfig, name)))
+                        for name in ("seed", "eval_beams", "eval_max_new_tokens")})
 
 
 def _checkpoint_folder(path: Path) -> Path | None:
