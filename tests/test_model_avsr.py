@@ -5,13 +5,13 @@ import torch
 
 from tests.conftest import KERNEL_DEVICE
 from trainer.model.avsr import build_model
-from trainer.model.config import ModelConfig
+from trainer.model.config import ModelConfig, TinyModelConfig
 from trainer.model.roles import TokenRole, prefix_mask
 
-TINY = dict(projector_hidden=32, tiny_llm_layers=3, tiny_llm_width=64, tiny_llm_heads=4, tiny_llm_ffn=128,
-            tiny_whisper_width=32, tiny_whisper_heads=2, tiny_whisper_max_source_positions=40,
-            tiny_avhubert_width=32, tiny_avhubert_heads=2, tiny_avhubert_ffn=64, tiny_avhubert_resnet_channels=4,
-            measure_decorrelation_when_off=False)
+TINY = dict(projector_hidden=32, measure_decorrelation_when_off=False,
+            tiny=TinyModelConfig(llm_layers=3, llm_width=64, llm_heads=4, llm_ffn=128,
+                                 whisper_width=32, whisper_heads=2, whisper_max_source_positions=40,
+                                 avhubert_width=32, avhubert_heads=2, avhubert_ffn=64, avhubert_resnet_channels=4))
 
 
 def tiny_config(**overrides) -> ModelConfig:
