@@ -48,7 +48,8 @@ def main() -> None:
                           str(len(layout[0]))])
         trainer = Trainer(cfg)
         assert trainer.world_size == len(layout), (trainer.world_size, len(layout))
-        pool = clips(cfg.data, trainer.model.input_streams, cfg.data.train_split, 1 + max(j for rank in layout for mb in rank for j in mb))
+        pool = clips(cfg.data, trainer.model.input_streams, cfg.data.train_split,
+                     1 + max(j for rank in layout for mb in rank for j in mb))
         trainer.stream = iter([collate([pool[j] for j in mb], {}) for mb in layout[trainer.rank]])
         export_trainable(trainer.model, out / "before", trainer.rank)
         stats = trainer._train_step(ThroughputMeter(trainer.world_size))

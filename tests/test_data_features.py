@@ -88,8 +88,8 @@ def test_audio_trimmed_or_padded_to_video_length():
 def test_asr_only_uses_audio_length_and_skips_video():
     _, audio = make_clip(15, seed=2)
     s = {"__key__": "k", "txt": b"x", "wav": encode_wav(audio)}      # no mp4 at all: fine for ASR
-    clip = decode_clip(s, _cfg(), ModelConfig(modality="asr").streams(), SkipCounter(), train=False, rng=np.random.default_rng(0),
-                       noise=None)
+    asr = ModelConfig(modality="asr").streams()
+    clip = decode_clip(s, _cfg(), asr, SkipCounter(), train=False, rng=np.random.default_rng(0), noise=None)
     assert clip.video is None and clip.frames == 15 and clip.audio.shape == (80, 60)
 
 

@@ -139,7 +139,8 @@ def test_s3_and_http_and_pipe_stream_the_same_clips_as_local_files(servers):
         assert _eval(_cfg(where)) == local, where
     # training streams too, the same batches as from local files (same seed, same shard order)
     train_local = [b["keys"] for b in build_train_loader(_cfg(servers["local"], batches_per_epoch=5), STREAMS, 0, 1)]
-    train_s3 = [b["keys"] for b in build_train_loader(_cfg(f"s3://{BUCKET}/corpus", batches_per_epoch=5), STREAMS, 0, 1)]
+    train_s3 = [b["keys"]
+                for b in build_train_loader(_cfg(f"s3://{BUCKET}/corpus", batches_per_epoch=5), STREAMS, 0, 1)]
     assert train_s3 == train_local
 
 

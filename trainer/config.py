@@ -4,7 +4,8 @@
         --recipe launch/recipes/lrs3_avsr.yaml --train.lr 1e-3 --model.modality asr
 
 Precedence: command line > recipe (YAML with sections model/data/train/monitor/tracking)
-> defaults (the CPU demo). Everything is validated here, before any process group starts.
+> defaults (the CPU demo). Every section validates itself when built (trainer/config_checks.py), all
+before any process group starts.
 """
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ RENAMED = {
 
 
 def _renamed_in_recipe(old: str) -> str:
+    """"model.tiny.llm_layers (--model.tiny.llm-layers; in a recipe: model: {tiny: {llm_layers: ...}})"."""
     new, why = RENAMED[old]
-    section, name = new.rsplit(".", 1)
-    nested = name
-    for part in reversed(section.split(".")):
-        nested = f"{{{part}: {{{nested}: ...}}}}" if nested == name else f"{{{part}: {nested}}}"
-    return f"{new} ({flag('', new)}; in a recipe: {nested[1:-1]}){'; ' + why if why else ''}"
+    *sections, name = new.split(".")
+    nested = f"{name}: ..."
+    for section in reversed(sections):
+        nested = f"{section}: {{{nested}}}"
+    return f"{new} ({flag('', new)}; in a recipe: {nested}){'; ' + why if why else ''}"
 
 
 @dataclass
@@ -56,7 +58,9 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
-        # Each section validated itself; what involves the file system or two sections is checked here.
+        # Each section has validated itself; what involves the file system or more than one section is
+        # checked here, in one place (nothing spans sections today: the modality was the one such fact,
+        # and now has a single field).
         p = Problems("")
         path = Path(self.config)
         if not path.is_file() and not path.is_absolute() and (CHECKOUT / path).is_file():
@@ -76,7 +80,7 @@ def load_recipe(path: str | Path, **overrides: Any) -> ExperimentConfig:
     raw.update(overrides)
     raw["recipe"] = str(path)
     return build_config(ExperimentConfig, raw, f"recipe {path}",
-                 renamed={old: _renamed_in_recipe(old) for old in RENAMED})
+                        renamed={old: _renamed_in_recipe(old) for old in RENAMED})
 
 
 class ConfigError(ValueError):

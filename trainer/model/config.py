@@ -69,15 +69,15 @@ class TinyModelConfig:
     def __post_init__(self) -> None:
         p = Problems("model.tiny")
         p.one_of(self, "tokenizer", TINY_TOKENIZERS)
-        p.at_least(self, [f.name for f in fields(self) if f.type == "int"], 1, integer=True)
+        p.at_least(self, [f.name for f in fields(self) if f.type in ("int", int)], 1, integer=True)
         for width, heads in (("llm_width", "llm_heads"), ("whisper_width", "whisper_heads"),
                              ("avhubert_width", "avhubert_heads")):
             w, h = getattr(self, width), getattr(self, heads)
             if isinstance(w, int) and isinstance(h, int) and h > 0:
                 p.check(w % h == 0, width, f"({w}) must be divisible by {p.flag(heads)} ({h})")
         if isinstance(self.avhubert_width, int):
-            p.check(self.avhubert_width % 4 == 0, "avhubert_width",
-                    f"({self.avhubert_width}) must be divisible by 4 (groups of its convolutional positional embedding)")
+            p.check(self.avhubert_width % 4 == 0, "avhubert_width", f"({self.avhubert_width}) must be divisible "
+                    "by 4 (groups of its convolutional positional embedding)")
         p.check(self.llm_init_std > 0, "llm_init_std", f"must be > 0, got {self.llm_init_std}")
         p.check(self.whisper_init_std > 0, "whisper_init_std", f"must be > 0, got {self.whisper_init_std}")
         p.raise_any()
@@ -185,7 +185,8 @@ class ModelConfig:
         p.at_least(self, ("audio_rate", "video_rate", "projector_hidden", "lora_r"), 1, integer=True)
         p.check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         p.check(bool(self.lora_targets), "lora_targets", "is empty: the LLM would have no trainable adapters")
-        p.check(self.decorrelation_weight >= 0, "decorrelation_weight", f"must be >= 0, got {self.decorrelation_weight}")
+        p.check(self.decorrelation_weight >= 0, "decorrelation_weight",
+                f"must be >= 0, got {self.decorrelation_weight}")
         layers = self.decorrelation_layers
         if layers is not None:
             p.check(bool(layers), "decorrelation_layers", "is empty (leave it out for the default 1 .. L-1)")
