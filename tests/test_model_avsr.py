@@ -295,3 +295,21 @@ def test_pretrained_parts_load_from_local_folders(tmp_path):
     assert len(model.generate(batch, num_beams=2, max_new_tokens=3)) == 2
     model.llm.save_pretrained(tmp_path / "adapters")                    # what the trainer exports
     assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+
+
+def test_the_pipeline_decodes_what_the_model_reads(tmp_path):
+    """The model alone decides the streams: its modality, and the mel bins of its Whisper (a pretrained
+    one's num_mel_bins, e.g. 128 as in large-v3, whatever --model.tiny.n-mels says)."""
+    from transformers import WhisperConfig, WhisperModel
+
+    from trainer.data.config import Streams
+
+    WhisperModel(WhisperConfig(num_mel_bins=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, max_source_positions=40)).save_pretrained(tmp_path / "whisper")
+    model = build_model(tiny_config(modality="asr", whisper_path=str(tmp_path / "whisper")))
+    assert model.input_streams == Streams(audio=True, video=False, n_mels=128)
+    assert model.cfg.tiny.n_mels == 80
+    out = model(make_batch(n_mels=128))                          # the bins it asked for are the bins it reads
+    assert torch.isfinite(out.loss)
+    assert build_model(tiny_config(modality="vsr")).input_streams == Streams(audio=False, video=True, n_mels=80)
