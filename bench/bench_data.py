@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhe
 from data_tools.tones import build_tone_corpus  # noqa: E402
 from trainer.data import DataConfig, build_eval_loader, build_train_loader  # noqa: E402
 from trainer.data.shard_format import FPS, load_index  # noqa: E402
+from trainer.model.config import MODALITIES, ModelConfig  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -34,12 +35,13 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_once(cfg: DataConfig, mode: str, split: str, repeat: int) -> dict:
+def run_once(cfg: DataConfig, modality: str, mode: str, split: str, repeat: int) -> dict:
+    streams = ModelConfig(modality=modality).streams()     # what the tiny model of that modality reads
     clips = frames = batches = 0
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     for _ in range(repeat if mode == "eval" else 1):
-        loader = (build_eval_loader(cfg, split, 0, 1) if mode == "eval"
-                  else build_train_loader(cfg, 0, 1, epoch=0))
+        loader = (build_eval_loader(cfg, streams, split, 0, 1) if mode == "eval"
+                  else build_train_loader(cfg, streams, 0, 1, epoch=0))
         for b in loader:
             clips += len(b["keys"])
             frames += int(b["frames"].sum())
@@ -48,7 +50,7 @@ def run_once(cfg: DataConfig, mode: str, split: str, repeat: int) -> dict:
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     cores = min(max(1, cfg.num_workers), os.cpu_count() or 1)
     audio_s = frames / FPS
-    return {"mode": mode, "modality": cfg.modality, "workers": cfg.num_workers, "clips": clips,
+    return {"mode": mode, "modality": modality, "workers": cfg.num_workers, "clips": clips,
             "batches": batches, "audio_s": round(audio_s, 2), "wall_s": round(wall, 3),
             "cpu_s": round(cpu, 3),
             "clips_per_s": round(clips / wall, 2), "clips_per_s_per_core": round(clips / wall / cores, 2),
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts to measure")
     p.add_argument("--modes", default="eval,train",
                    help="eval (single ordered pass) and/or train (shuffle + augment)")
-    p.add_argument("--modality", default="avsr", choices=["asr", "vsr", "avsr"],
+    p.add_argument("--modality", default="avsr", choices=MODALITIES,
                    help="which streams to decode")
     p.add_argument("--noise", default="none", choices=["none", "white", "babble"], help="training noise")
     p.add_argument("--repeat", type=int, default=2, help="eval: passes over the split per measurement")
@@ -104,14 +106,14 @@ def main(argv: list[str] | None = None) -> None:
             # only the measured split is read; the other split names just have to differ
             cfg = DataConfig(shard_dir=str(folder), train_split=split if mode == "train" else "-",
                              eval_split=split if mode == "eval" else "--", test_split="---",
-                             modality=args.modality, noise=args.noise, num_workers=workers,
+                             noise=args.noise, num_workers=workers,
                              max_frames_per_batch=args.max_frames_per_batch,
                              samples_per_epoch=args.train_clips,
                              max_clip_frames=min(600, args.max_frames_per_batch))
             if mode == "eval" and workers > len(index.shards):
                 print(f"# skip eval with {workers} workers: only {len(index.shards)} shards", file=sys.stderr)
                 continue
-            rows.append(run_once(cfg, mode, split, args.repeat))
+            rows.append(run_once(cfg, args.modality, mode, split, args.repeat))
             print(f"# {rows[-1]}", file=sys.stderr)
 
     cols = ["mode", "modality", "workers", "clips", "audio_s", "wall_s", "cpu_s", "clips_per_s",

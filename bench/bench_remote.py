@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import build_fixture, run_once  # noqa: E402
 from trainer.data import DataConfig, storage  # noqa: E402
 from trainer.data.shard_format import index_name, load_index  # noqa: E402
+from trainer.model.config import MODALITIES  # noqa: E402
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per setting (medians reported)")
     p.add_argument("--repeat", type=int, default=1, help="eval passes over the split per measurement")
-    p.add_argument("--modality", default="avsr", choices=["asr", "vsr", "avsr"], help="which streams to decode")
+    p.add_argument("--modality", default="avsr", choices=MODALITIES, help="which streams to decode")
     p.add_argument("--endpoint", help="an S3 endpoint already running (default: start moto's server here)")
     p.add_argument("--fixture-shards", type=int, default=4, help="fixture: number of shards")
     p.add_argument("--fixture-clips", type=int, default=12, help="fixture: clips per shard")
@@ -119,9 +120,9 @@ def main(argv: list[str] | None = None) -> None:
             for workers in (int(w) for w in args.workers.split(",")):
                 for source, where in (("local", str(folder)), ("s3", remote)):
                     cfg = DataConfig(shard_dir=where, train_split="-", eval_split=split, test_split="--",
-                                     modality=args.modality, num_workers=workers, max_clip_frames=600)
+                                     num_workers=workers, max_clip_frames=600)
                     server0 = proc_cpu_s(proc.pid) if proc else 0.0
-                    row = run_once(cfg, "eval", split, args.repeat)
+                    row = run_once(cfg, args.modality, "eval", split, args.repeat)
                     row.update(source=source, round=rnd,
                                server_cpu_s=round(proc_cpu_s(proc.pid) - server0, 3) if proc else float("nan"))
                     rows.append(row)

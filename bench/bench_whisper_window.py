@@ -45,13 +45,13 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         speech = synth_check_speech(Path(tmp))
-    mels = [log_mel(torch.from_numpy(w))[0] for w, _ in speech]
+    transcriber = WhisperTranscriber(args.whisper)
+    encoder = transcriber.model.model.encoder
+    mels = [log_mel(torch.from_numpy(w), encoder.config.num_mel_bins)[0] for w, _ in speech]
     lengths = torch.tensor([m.shape[1] for m in mels])
     mel = torch.zeros(len(mels), mels[0].shape[0], int(lengths.max()))
     for i, m in enumerate(mels):
         mel[i, :, :m.shape[1]] = m
-    transcriber = WhisperTranscriber(args.whisper)
-    encoder = transcriber.model.model.encoder
     modes = {"30 s window": WhisperAudioEncoder(encoder, pad_to_window=True),
              "clip frames": WhisperAudioEncoder(encoder, pad_to_window=False)}
     out, times = {}, {}

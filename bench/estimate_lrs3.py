@@ -463,7 +463,7 @@ def estimate(args: argparse.Namespace) -> dict:
     clip_s = args.hours * 3600.0 / args.clips
     shape = SampleShape.from_duration(clip_s, instr, args.words_per_s, args.tokens_per_word)
     llm_config = llama32_3b_config()
-    whisper_config = whisper_medium_config(exp.data.n_mels) if cfg.uses_audio else None
+    whisper_config = whisper_medium_config() if cfg.uses_audio else None
     av_config = AVHubertConfig.large() if cfg.uses_video else None
     res = count_sample_flops(cfg, shape, llm_config, whisper_config, av_config)
     f, p, lay = res["flops"], res["params"], res["layout"]

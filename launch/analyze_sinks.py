@@ -115,7 +115,7 @@ def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
     model, cfg, src = load_trained_model(args.run_dir, args.checkpoint, device)
     rows = args.num_samples or cfg.monitor.probe_batch_size
     monitor = SinkMonitor(monitor_config(cfg.monitor, args, rows))
-    batch = first_eval_batch(data, split, rows)
+    batch = first_eval_batch(data, model.input_streams, split, rows)
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     report, _ = run_probe(monitor, model, batch, step=src.step or 0, out_dir=out, step_subdir=False)
     labels = report.token_labels

@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trainer.model.config import ModelConfig  # noqa: E402
 from trainer.model.roles import ROLE_NAMES  # noqa: E402
 
 COS_ROLES = ("delimiter", "audio", "video", "instruction", "transcript")
@@ -52,8 +53,7 @@ def load_run(run_dir: Path) -> dict:
         raise FileNotFoundError(f"{run_dir}: no sink reports (sinks/step_*/report.json): was the monitor on?")
     reports.sort(key=lambda r: r["step"])
     model = exp["model"]
-    enabled = [m for m in model["modality_order"]
-               if (m == "audio" and model["modality"] in ("asr", "avsr")) or (m == "video" and model["modality"] in ("vsr", "avsr"))]
+    enabled = list(ModelConfig(modality=model["modality"], modality_order=model["modality_order"]).enabled_modalities)
     return {"name": run_dir.name, "dir": run_dir, "exp": exp, "results": results, "first": reports[0],
             "last": reports[-1], "enabled": enabled}
 

@@ -7,6 +7,9 @@ import os
 import torch.distributed as dist
 
 from trainer.data import DataConfig, build_eval_loader
+from trainer.model.config import ModelConfig
+
+STREAMS = ModelConfig().streams()          # what the default (tiny, avsr) model reads
 
 
 def main() -> None:
@@ -21,7 +24,7 @@ def main() -> None:
     assert rank == int(os.environ["RANK"])
     cfg = DataConfig(shard_dir=args.shard_dir, num_workers=args.workers, max_frames_per_batch=120,
                      max_clip_frames=100)
-    keys = [k for b in build_eval_loader(cfg, args.split, rank, world) for k in b["keys"]]
+    keys = [k for b in build_eval_loader(cfg, STREAMS, args.split, rank, world) for k in b["keys"]]
     gathered = [None] * world
     dist.all_gather_object(gathered, keys)
     if rank == 0:

@@ -24,13 +24,13 @@ from trainer.engine.throughput import ThroughputMeter
 from trainer.engine.trainer import Trainer
 
 
-def clips(cfg, split: str, n: int):
+def clips(cfg, streams, split: str, n: int):
     """The first n clips of a split, decoded as for evaluation (centre crop, no noise): deterministic."""
     index = load_index(cfg.shard_dir, split)
     counter = SkipCounter()
     shards = iter([(url, info.samples) for url, info in zip(index.urls, index.shards)])
     rng = np.random.default_rng(0)
-    return list(islice(decode_stream(shard_samples(shards, counter), cfg, counter, train=False, rng=rng,
+    return list(islice(decode_stream(shard_samples(shards, counter), cfg, streams, counter, train=False, rng=rng,
                                      noise_rng=rng), n))
 
 
@@ -48,7 +48,8 @@ def main() -> None:
                           str(len(layout[0]))])
         trainer = Trainer(cfg)
         assert trainer.world_size == len(layout), (trainer.world_size, len(layout))
-        pool = clips(cfg.data, cfg.data.train_split, 1 + max(j for rank in layout for mb in rank for j in mb))
+        pool = clips(cfg.data, trainer.model.input_streams, cfg.data.train_split,
+                     1 + max(j for rank in layout for mb in rank for j in mb))
         trainer.stream = iter([collate([pool[j] for j in mb], {}) for mb in layout[trainer.rank]])
         export_trainable(trainer.model, out / "before", trainer.rank)
         stats = trainer._train_step(ThroughputMeter(trainer.world_size))

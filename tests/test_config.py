@@ -17,7 +17,7 @@ def test_command_line_beats_recipe_beats_defaults(tmp_path):
     cfg = parse_args(["--recipe", str(recipe), "--train.lr", "0.005", "--local_rank=0"])
     assert cfg.train.lr == 0.005                     # command line
     assert cfg.train.max_steps == 50 and cfg.model.lora_r == 4 and cfg.model.modality == "asr"   # recipe
-    assert cfg.data.modality == "asr"                # the pipeline follows the model's modality
+    assert not cfg.model.streams().video             # the pipeline decodes what the model reads
     assert cfg.recipe == str(recipe)
 
 
@@ -28,9 +28,9 @@ def test_the_ds_config_is_found_from_another_directory(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("model: {modality: speech}", "modality"),
-    ("train: {lr: -1}", "train.lr must be > 0"),
-    ("train: {warmup_steps: 500, max_steps: 100}", "warmup_steps"),
+    ("model: {modality: speech}", "--model.modality must be one of"),
+    ("train: {lr: -1}", "--train.lr must be > 0"),
+    ("train: {warmup_steps: 500, max_steps: 100}", "--train.warmup-steps must be in [0, --train.max-steps]"),
     ("train: {learning_rate: 0.1}", "unknown option(s) ['learning_rate']"),
     ("optimizer: {lr: 0.1}", "unknown option(s) ['optimizer']"),
     ("- just a list", "must be a mapping"),
@@ -63,6 +63,138 @@ def test_to_dict_round_trips_through_a_recipe(tmp_path):
     assert again.model == cfg.model and again.train == cfg.train and again.data == cfg.data
 
 
+def _sections(cls=ExperimentConfig, prefix=""):
+    """(dotted section, dataclass) for every config section, nested ones included."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            yield f"{prefix}{f.name}", type(default)
+            yield from _sections(type(default), f"{prefix}{f.name}.")
+
+
+def test_one_field_per_fact():
+    """No option is spelled in two sections (the old data.modality, data.n_mels, a flat tiny_* beside
+    tiny.*), except the two seeds, which seed different things (model init and dropout; data order)."""
+    import dataclasses
+
+    homes: dict[str, list[str]] = {}
+    for section, cls in _sections():
+        for f in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                            else None):
+                homes.setdefault(f.name, []).append(section)
+    twice = {name: where for name, where in homes.items() if len(where) > 1}
+    assert twice == {"seed": ["data", "train"]}, twice
+    assert not any(name.startswith("tiny_") for name in homes)
+    from trainer.data.config import DataConfig
+    assert not any(hasattr(DataConfig, a) for a in ("use_audio", "use_video", "modality", "n_mels"))
+
+
+def test_the_tiny_model_sizes_are_nested_on_the_command_line_and_in_recipes(tmp_path):
+    cfg = parse_args(["--model.tiny.llm-layers", "2", "--model.tiny.whisper-width", "32"])
+    assert (cfg.model.tiny.llm_layers, cfg.model.tiny.whisper_width, cfg.model.tiny.llm_width) == (2, 32, 128)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {tiny: {avhubert_layers: 3, n_mels: 128}}\n")
+    cfg = load_recipe(recipe)
+    assert cfg.model.tiny.avhubert_layers == 3 and cfg.model.streams().n_mels == 128
+    assert cfg.model.tiny.llm_layers == 4                     # the rest of tiny keeps its defaults
+
+
+@pytest.mark.parametrize("old, new", [
+    ("model.tiny_llm_layers", "--model.tiny.llm-layers"),
+    ("model.tiny_tokenizer", "--model.tiny.tokenizer"),
+    ("model.n_mels", "--model.tiny.n-mels"),
+    ("data.n_mels", "--model.tiny.n-mels"),
+    ("data.modality", "--model.modality"),
+])
+def test_renamed_options_say_their_new_name(tmp_path, old, new):
+    from trainer.config import ConfigError
+
+    section, name = old.split(".")
+    value = "asr" if name == "modality" else "bpe" if name == "tiny_tokenizer" else 2
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text(f"{section}: {{{name}: {value}}}\n")
+    with pytest.raises(ValueError, match="renamed option") as err:
+        load_recipe(recipe)
+    assert new in str(err.value) and old in str(err.value)
+    flag = f"--{old.replace('_', '-')}"
+    for args in ([flag, str(value)], [f"{flag}={value}"], [f"--{old}", str(value)]):
+        with pytest.raises(ConfigError, match=f"{flag} is now {new}"):
+            parse_args(args)
+
+
+# Each config check broken once: every problem must start with the flag a user sets to fix it.
+BAD_VALUES = {
+    "model": dict(modality="lip", downsample="max", decorrelation_impl="cuda", load_dtype="int8",
+                  modality_order=("audio",), audio_rate=0, video_rate=0, projector_hidden=0, lora_r=0,
+                  lora_dropout=1.0, lora_targets=(), decorrelation_weight=-1.0, decorrelation_layers=(-1, -1)),
+    "model.tiny": dict(tokenizer="word", tokenizer_vocab=0, llm_layers=0, llm_width=30, llm_ffn=0,
+                       llm_init_std=0.0, n_mels=0, whisper_layers=0, whisper_width=30,
+                       whisper_init_std=0.0, whisper_max_source_positions=0, avhubert_layers=0,
+                       avhubert_width=30, avhubert_ffn=0, avhubert_resnet_channels=0),
+    "data": dict(shard_dir="ftp://host/x", cache_max_gb=0, remote_attempts=0, remote_timeout_s=0, noise="pink",
+                 max_frames_per_batch=0, max_batch_size=0, crop_size=0, prefetch_factor=0, max_initial_failures=0,
+                 sort_buffer=-1, shuffle_buffer=-1, num_workers=-1, samples_per_epoch=-1, batches_per_epoch=-1,
+                 noise_prob=2.0, train_split="val"),
+    "train": dict(max_steps=0, grad_accum=0, log_every=0, keep_last=0, eval_beams=0, eval_every=-1, save_every=-1,
+                  lr=0, warmup_steps=-1, min_lr_ratio=2, grad_clip=-1, final_eval_beams=0, eval_max_samples=0,
+                  final_eval_max_samples=0, stop_after=0, final_eval_splits=("",)),
+    "tracking": dict(connect_timeout_s=0, exit_timeout_s=-1, system_metrics_every_s=-1, max_queue=0),
+    "monitor": dict(every=-1, sink_epsilon=1.0, sink_min_queries=0, top_k=0, probe_batch_size=0,
+                    max_massive_entries=0, massive_abs=-1, massive_ratio=0.5, layers=(), figure_head=-1),
+}
+BAD_WITH = {"model.tiny": dict(llm_heads=4, whisper_heads=4, avhubert_heads=3)}    # valid, but not with those
+# (bad values, the valid values they are bad with): checks that the first set hides
+MORE_BAD_VALUES = {
+    "model": (dict(video_lora=True, decorrelation_layers=()), dict(freeze_video_encoder=False, modality="asr")),
+    "data": (dict(min_clip_frames=800, babble_speakers=0), dict(max_clip_frames=700, noise="babble")),
+}
+
+
+@pytest.mark.parametrize("section", sorted(BAD_VALUES))
+def test_every_validation_message_names_its_flag(section):
+    import dataclasses
+
+    classes = dict(_sections())
+    cls = classes[section]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for bad, context in ((BAD_VALUES[section], BAD_WITH.get(section, {})),
+                         MORE_BAD_VALUES.get(section, ({}, {}))):
+        if not bad:
+            continue
+        with pytest.raises(ValueError) as err:
+            cls(**bad, **context)
+        problems = str(err.value).split("; ")
+        named = set()
+        for problem in problems:
+            flag = problem.split()[0]
+            assert flag.startswith(f"--{section}."), problem
+            named.add(flag[len(section) + 3:].replace("-", "_"))
+        assert named <= fields, named - fields
+        assert named >= set(bad), set(bad) - named         # every broken value is reported
+
+
+def test_a_run_folder_of_the_previous_shape_still_loads(tmp_path):
+    """Run folders written before the tiny sizes were grouped and before data lost modality and n_mels."""
+    import json
+
+    from trainer.engine.offline import load_run_config
+    from trainer.model.config import FLAT_TINY_NAMES
+
+    cfg = parse_args(["--model.modality", "asr", "--model.tiny.llm-layers", "3"]).to_dict()
+    old = {**cfg, "model": {k: v for k, v in cfg["model"].items() if k != "tiny"},
+           "data": {**cfg["data"], "modality": "asr", "n_mels": 80}}
+    for flat, name in FLAT_TINY_NAMES.items():
+        old["model"][flat] = cfg["model"]["tiny"][name]
+    (tmp_path / "experiment.json").write_text(json.dumps(old))
+    run = load_run_config(tmp_path)
+    assert run.model.tiny.llm_layers == 3 and run.model.modality == "asr"
+    assert run.model == parse_args(["--model.modality", "asr", "--model.tiny.llm-layers", "3"]).model
+    assert (run.seed, run.eval_beams, run.eval_max_new_tokens) == (1234, 1, 32)
+
+
 def test_final_evaluation_splits_cap_beams_and_off():
     from trainer.engine.trainer import final_eval_splits
 
@@ -76,7 +208,7 @@ def test_final_evaluation_splits_cap_beams_and_off():
     assert (cfg.final_eval_max_samples, cfg.final_eval_beams) == (5, 3)
     from trainer.engine.config import TrainConfig
     for bad in ({"final_eval_max_samples": 0}, {"final_eval_beams": 0}):
-        with pytest.raises(ValueError, match="final_eval"):
+        with pytest.raises(ValueError, match="--train.final-eval"):
             TrainConfig(**bad)
         with pytest.raises(SystemExit):
             parse_args([f"--train.{next(iter(bad)).replace('_', '-')}", "0"])

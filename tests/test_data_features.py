@@ -12,6 +12,9 @@ from trainer.data.decode import VIDEO_MEAN, VIDEO_STD, decode_clip, mix_at_snr
 from trainer.data.features import log_mel
 from trainer.data.shard_format import fit_length
 from trainer.data.skips import SkipCounter
+from trainer.model.config import ModelConfig
+
+STREAMS = ModelConfig().streams()          # what the default (tiny, avsr) model reads
 
 pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg binary needed to encode fixture mp4")
 
@@ -39,7 +42,7 @@ def _cfg(**kw):
 
 def test_decode_shapes_and_normalisation():
     sample = make_sample("k", 20, size=96, rgb=True, seed=3)
-    clip = decode_clip(sample, _cfg(), SkipCounter(), train=False, rng=np.random.default_rng(0), noise=None)
+    clip = decode_clip(sample, _cfg(), STREAMS, SkipCounter(), train=False, rng=np.random.default_rng(0), noise=None)
     assert clip.frames == 20 and clip.key == "k" and clip.text
     assert clip.video.shape == (20, 88, 88) and clip.video.dtype == torch.float32
     assert clip.audio.shape == (80, 80)
@@ -48,7 +51,7 @@ def test_decode_shapes_and_normalisation():
     rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
     rgb[:, :4], rgb[:, -4:], rgb[:, :, :4], rgb[:, :, -4:] = 255, 255, 255, 255   # border outside the crop
     s = dict(sample, mp4=encode_mp4(rgb), wav=encode_wav(np.zeros(5 * 640, np.float32) + 0.1))
-    clip = decode_clip(s, _cfg(), SkipCounter(), train=False, rng=np.random.default_rng(0), noise=None)
+    clip = decode_clip(s, _cfg(), STREAMS, SkipCounter(), train=False, rng=np.random.default_rng(0), noise=None)
     expected = ((0.2989 * 200 + 0.587 * 100 + 0.114 * 50) / 255 - VIDEO_MEAN) / VIDEO_STD
     center = clip.video[:, 8:-8, 8:-8]          # away from the crop edge (codec ringing at the border)
     assert abs(float(center.mean()) - expected) < 0.06, (float(center.mean()), expected)
@@ -58,14 +61,14 @@ def test_decode_shapes_and_normalisation():
 def test_train_crop_is_random_and_flip_flips():
     sample = make_sample("k", 10, size=96, seed=5)
     cfg = _cfg(horizontal_flip=False)
-    crops = {tuple(decode_clip(sample, cfg, SkipCounter(), train=True, rng=np.random.default_rng(i),
+    crops = {tuple(decode_clip(sample, cfg, STREAMS, SkipCounter(), train=True, rng=np.random.default_rng(i),
                                noise=None).video[0, :2, :2].flatten().tolist()) for i in range(6)}
     assert len(crops) > 1
     # 88x88 input leaves no crop freedom: a train clip is the eval clip or its mirror image
     small = make_sample("k", 6, size=88, seed=6)
 
     def video(train, seed):
-        return decode_clip(small, _cfg(), SkipCounter(), train=train, rng=np.random.default_rng(seed),
+        return decode_clip(small, _cfg(), STREAMS, SkipCounter(), train=train, rng=np.random.default_rng(seed),
                            noise=None).video
 
     ev = video(False, 0)
@@ -79,7 +82,7 @@ def test_audio_trimmed_or_padded_to_video_length():
     for n_audio in (12 * 640 - 900, 12 * 640 + 3000):
         s = {"__key__": "k", "txt": b"a b", "mp4": encode_mp4(video),
              "wav": encode_wav(fit_length(audio, n_audio))}
-        clip = decode_clip(s, _cfg(), SkipCounter(), train=False, rng=np.random.default_rng(0), noise=None)
+        clip = decode_clip(s, _cfg(), STREAMS, SkipCounter(), train=False, rng=np.random.default_rng(0), noise=None)
         assert clip.frames == 12 and clip.audio.shape == (80, 48) and len(clip.wave) == 12 * 640
     assert np.array_equal(fit_length(np.ones(3, np.float32), 5), [1, 1, 1, 0, 0])
 
@@ -87,8 +90,8 @@ def test_audio_trimmed_or_padded_to_video_length():
 def test_asr_only_uses_audio_length_and_skips_video():
     _, audio = make_clip(15, seed=2)
     s = {"__key__": "k", "txt": b"x", "wav": encode_wav(audio)}      # no mp4 at all: fine for ASR
-    clip = decode_clip(s, _cfg(modality="asr"), SkipCounter(), train=False, rng=np.random.default_rng(0),
-                       noise=None)
+    asr = ModelConfig(modality="asr").streams()
+    clip = decode_clip(s, _cfg(), asr, SkipCounter(), train=False, rng=np.random.default_rng(0), noise=None)
     assert clip.video is None and clip.frames == 15 and clip.audio.shape == (80, 60)
 
 
@@ -100,7 +103,7 @@ def test_resample_non_16k_audio_and_count_it():
     sf.write(buf, audio8k, 8000, format="WAV")
     s = {"__key__": "k", "txt": b"x", "mp4": encode_mp4(video), "wav": buf.getvalue()}
     counter = SkipCounter()
-    clip = decode_clip(s, _cfg(), counter, train=False, rng=np.random.default_rng(0), noise=None)
+    clip = decode_clip(s, _cfg(), STREAMS, counter, train=False, rng=np.random.default_rng(0), noise=None)
     assert clip.audio.shape == (80, 40) and counter.counts["resampled_audio"] == 1 and counter.total == 0
 
 

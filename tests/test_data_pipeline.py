@@ -21,6 +21,9 @@ from data_tools.media import encode_mp4
 from tests.data_fixtures import have_ffmpeg, make_clip, make_corpus, make_sample, write_shards
 from trainer.data import DataConfig, SkipCounter, UnusableDataError, build_eval_loader, build_train_loader
 from trainer.data.shard_format import load_index
+from trainer.model.config import ModelConfig
+
+STREAMS = ModelConfig().streams()          # what the default (tiny, avsr) model reads
 
 pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg binary needed to encode fixture mp4")
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +52,7 @@ def _keys(loader, counter=None):
 
 
 def test_eval_batches_have_the_documented_schema(corpus):
-    batches = list(build_eval_loader(_cfg(corpus.folder), "val", 0, 1))
+    batches = list(build_eval_loader(_cfg(corpus.folder), STREAMS, "val", 0, 1))
     for b in batches:
         n = len(b["keys"])
         assert len(b["text"]) == n and all(b["text"])
@@ -68,8 +71,8 @@ def test_eval_sees_every_sample_exactly_once(corpus, world_size, workers):
     cfg = _cfg(corpus.folder, num_workers=workers)
     keys = []
     for rank in range(world_size):
-        run1 = _keys(build_eval_loader(cfg, "val", rank, world_size))
-        assert run1 == _keys(build_eval_loader(cfg, "val", rank, world_size))    # stable order
+        run1 = _keys(build_eval_loader(cfg, STREAMS, "val", rank, world_size))
+        assert run1 == _keys(build_eval_loader(cfg, STREAMS, "val", rank, world_size))    # stable order
         keys.extend(run1)
     assert Counter(keys) == Counter(corpus.keys["val"])
 
@@ -78,7 +81,7 @@ def test_eval_sees_every_sample_exactly_once(corpus, world_size, workers):
 def test_eval_with_fewer_shards_than_ranks_splits_by_sample(corpus, world_size):
     # 4 val shards, more ranks: every rank reads all shards and keeps the keys hashed to it
     cfg = _cfg(corpus.folder, num_workers=2)
-    per_rank = [_keys(build_eval_loader(cfg, "val", rank, world_size)) for rank in range(world_size)]
+    per_rank = [_keys(build_eval_loader(cfg, STREAMS, "val", rank, world_size)) for rank in range(world_size)]
     keys = [k for part in per_rank for k in part]
     assert Counter(keys) == Counter(corpus.keys["val"])
     assert sum(1 for part in per_rank if part) > 1          # the work really is spread
@@ -87,23 +90,23 @@ def test_eval_with_fewer_shards_than_ranks_splits_by_sample(corpus, world_size):
 def test_eval_with_fewer_shards_than_ranks_x_workers_reduces_workers(corpus, caplog):
     cfg = _cfg(corpus.folder, num_workers=4)
     with caplog.at_level(logging.WARNING, logger="trainer.data.pipeline"):
-        loader = build_eval_loader(cfg, "val", 1, 2)       # rank 1 owns 2 of the 4 shards
+        loader = build_eval_loader(cfg, STREAMS, "val", 1, 2)       # rank 1 owns 2 of the 4 shards
     assert loader.num_workers == 2 and "2 shard(s) for 4 workers" in caplog.text
     assert Counter(_keys(loader)) == Counter(corpus.keys["val"][3:6] + corpus.keys["val"][9:12])
 
 
 def test_missing_index_or_shard_is_a_clear_error(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match="no shard index for split 'nope'"):
-        build_eval_loader(_cfg(corpus.folder), "nope", 0, 1)
+        build_eval_loader(_cfg(corpus.folder), STREAMS, "nope", 0, 1)
     index = load_index(corpus.folder, "val")
     index.root = None
     index.save(tmp_path)                                      # an index whose shards are elsewhere
     with pytest.raises(FileNotFoundError, match="4 of 4 shards listed in the 'val' index are missing"):
-        build_eval_loader(_cfg(tmp_path), "val", 0, 1)
+        build_eval_loader(_cfg(tmp_path), STREAMS, "val", 0, 1)
 
 
 def _train_keys(cfg, rank=0, world_size=1, epoch=0):
-    loader = build_train_loader(cfg, rank, world_size, epoch)
+    loader = build_train_loader(cfg, STREAMS, rank, world_size, epoch)
     batches = [b["keys"] for b in loader]
     assert len(batches) == len(loader)
     return batches
@@ -126,8 +129,8 @@ def test_loaders_leave_the_global_torch_rng_alone(corpus):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    for loader in (build_train_loader(_cfg(corpus.folder, batches_per_epoch=2, num_workers=1), 0, 1),
-                   build_eval_loader(_cfg(corpus.folder), "val", 0, 1)):
+    for loader in (build_train_loader(_cfg(corpus.folder, batches_per_epoch=2, num_workers=1), STREAMS, 0, 1),
+                   build_eval_loader(_cfg(corpus.folder), STREAMS, "val", 0, 1)):
         next(iter(loader))
     assert torch.equal(torch.rand(3), expected)
 
@@ -143,18 +146,18 @@ def test_training_epoch_length_is_the_same_on_every_rank(corpus):
 
 @pytest.mark.parametrize("modality", ["asr", "vsr"])
 def test_single_modality_batches_omit_the_other(corpus, modality):
-    b = next(iter(build_eval_loader(_cfg(corpus.folder, modality=modality), "val", 0, 1)))
+    b = next(iter(build_eval_loader(_cfg(corpus.folder), ModelConfig(modality=modality).streams(), "val", 0, 1)))
     assert ("video" in b) == (modality == "vsr") and ("audio" in b) == (modality == "asr")
     assert b["frames"].tolist() and len(b["keys"]) == len(b["text"])
 
 
 def test_babble_and_white_noise_change_audio_deterministically(corpus):
-    clean = next(iter(build_train_loader(_cfg(corpus.folder, batches_per_epoch=3), 0, 1)))
+    clean = next(iter(build_train_loader(_cfg(corpus.folder, batches_per_epoch=3), STREAMS, 0, 1)))
     outs = {}
     for kind in ("white", "babble"):
         cfg = _cfg(corpus.folder, batches_per_epoch=3, noise=kind, noise_prob=1.0, snr_db=0.0)
-        b1 = list(build_train_loader(cfg, 0, 1))
-        b2 = list(build_train_loader(cfg, 0, 1))
+        b1 = list(build_train_loader(cfg, STREAMS, 0, 1))
+        b2 = list(build_train_loader(cfg, STREAMS, 0, 1))
         assert all((x["audio"] == y["audio"]).all() for x, y in zip(b1, b2))
         assert b1[0]["keys"] == clean["keys"]                      # noise does not change the order
         outs[kind] = b1
@@ -167,9 +170,9 @@ def test_babble_and_white_noise_change_audio_deterministically(corpus):
 def test_eval_babble_reaches_every_clip_from_the_first(corpus):
     """Evaluation under babble (launch/evaluate.py --snr): the reservoir is filled before mixing, so
     the first clip of each stream is noisy too; the clips and their order stay those of the clean pass."""
-    clean = list(build_eval_loader(_cfg(corpus.folder), "val", 0, 1))
+    clean = list(build_eval_loader(_cfg(corpus.folder), STREAMS, "val", 0, 1))
     cfg = _cfg(corpus.folder, noise="babble", noise_prob=1.0, snr_db=0.0, noise_in_eval=True)
-    noisy = list(build_eval_loader(cfg, "val", 0, 1))
+    noisy = list(build_eval_loader(cfg, STREAMS, "val", 0, 1))
     assert [b["keys"] for b in noisy] == [b["keys"] for b in clean]
     for c, n in zip(clean, noisy):
         for i in range(len(c["keys"])):
@@ -225,7 +228,7 @@ def bad_shards(tmp_path_factory):
 def test_bad_samples_are_skipped_and_counted_by_reason(bad_shards):
     counter = SkipCounter()
     cfg = _cfg(bad_shards, max_clip_frames=50, strict_sample_rate=True, num_workers=0)
-    keys = _keys(build_eval_loader(cfg, "bad", 0, 1), counter)
+    keys = _keys(build_eval_loader(cfg, STREAMS, "bad", 0, 1), counter)
     assert keys == ["good0", "good1", "good2", "s1_0", "s1_1", "s2_0"]
     assert counter.counts["video_decode"] == 2            # truncated and garbage mp4
     assert counter.counts["audio_sample_rate"] == 1
@@ -242,7 +245,7 @@ def test_bad_samples_are_skipped_and_counted_by_reason(bad_shards):
 
 def test_non_strict_resamples_8k_audio_and_notes_it(bad_shards):
     counter = SkipCounter()
-    keys = _keys(build_eval_loader(_cfg(bad_shards, max_clip_frames=50), "bad", 0, 1), counter)
+    keys = _keys(build_eval_loader(_cfg(bad_shards, max_clip_frames=50), STREAMS, "bad", 0, 1), counter)
     assert "wav_8k" in keys and counter.counts["resampled_audio"] == 1
     assert "audio_sample_rate" not in counter.counts
 
@@ -250,7 +253,7 @@ def test_non_strict_resamples_8k_audio_and_notes_it(bad_shards):
 def test_training_survives_bad_shards_and_reports_skips(bad_shards):
     counter = SkipCounter()
     cfg = _cfg(bad_shards, train_split="bad", max_clip_frames=50, batches_per_epoch=6, num_workers=2)
-    keys = _keys(build_train_loader(cfg, 0, 1), counter)
+    keys = _keys(build_train_loader(cfg, STREAMS, 0, 1), counter)
     assert keys and not {"trunc_mp4", "garbage_mp4", "no_mp4", "empty_txt", "too_long"} & set(keys)
     assert counter.total > 0 and counter.counts["video_decode"] > 0
 
@@ -260,7 +263,7 @@ def test_unusable_shard_set_is_a_clear_error(tmp_path):
     write_shards(tmp_path, "train", [samples, samples])
     cfg = _cfg(tmp_path, max_initial_failures=6, batches_per_epoch=2)
     with pytest.raises(UnusableDataError, match="6 samples failed before any decoded.*video_decode"):
-        next(iter(build_train_loader(cfg, 0, 1)))      # resampled: would loop forever without the check
+        next(iter(build_train_loader(cfg, STREAMS, 0, 1)))      # resampled: would loop forever without the check
 
 
 def test_one_corrupt_shard_does_not_stop_training(tmp_path):
@@ -275,7 +278,7 @@ def test_one_corrupt_shard_does_not_stop_training(tmp_path):
     shard0.write_bytes(bytes(raw))
     counter = SkipCounter()
     cfg = _cfg(tmp_path, max_initial_failures=6, batches_per_epoch=3, shuffle_shards=False)
-    keys = _keys(build_train_loader(cfg, 0, 1), counter)
+    keys = _keys(build_train_loader(cfg, STREAMS, 0, 1), counter)
     assert keys and all(k.startswith("g") for k in keys)
     assert counter.counts["shard_short"] >= 12 and counter.sample_failures == 0
 
@@ -286,7 +289,7 @@ def test_a_shard_set_of_non_tars_is_a_clear_error(tmp_path):
         tar.write_bytes(b"this is not a tar file" * 100)
     cfg = _cfg(tmp_path, batches_per_epoch=2)
     with pytest.raises(UnusableDataError, match="none of the 3 shards delivered a sample"):
-        next(iter(build_train_loader(cfg, 0, 1)))      # resampled: would loop forever without the check
+        next(iter(build_train_loader(cfg, STREAMS, 0, 1)))      # resampled: would loop forever without the check
 
 
 # ---------------------------------------------------------------- real multi-process runs
@@ -313,5 +316,5 @@ def test_reads_the_corpus_tools_shards(synth_corpus):
     counter = SkipCounter()
     cfg = _cfg(synth_corpus, max_frames_per_batch=3000, max_clip_frames=750, num_workers=0)
     index = load_index(synth_corpus, "train")
-    keys = _keys(build_eval_loader(cfg, "train", 0, 1), counter)
+    keys = _keys(build_eval_loader(cfg, STREAMS, "train", 0, 1), counter)
     assert len(keys) == index.num_samples and counter.total == 0, counter.report()

@@ -27,6 +27,9 @@ from trainer.data import DataConfig, build_eval_loader, build_train_loader
 from trainer.data import storage
 from trainer.data.shard_format import load_index
 from trainer.data.skips import SHARD_SHORT, TAR_ERROR, metric_name
+from trainer.model.config import ModelConfig
+
+STREAMS = ModelConfig().streams()          # what the default (tiny, avsr) model reads
 
 pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg binary needed to encode fixture mp4")
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +112,7 @@ def _cfg(shard_dir, **kw):
 def _eval(cfg, split="val"):
     """(keys, texts, video sums, counts) of one eval pass: what the model would see, and the counts."""
     keys, texts, sums, counts = [], [], [], Counter()
-    for b in build_eval_loader(cfg, split, 0, 1):
+    for b in build_eval_loader(cfg, STREAMS, split, 0, 1):
         keys += b["keys"]
         texts += b["text"]
         sums += [float(v) for v in b["video"].float().sum(dim=(1, 2, 3))]
@@ -134,8 +137,9 @@ def test_s3_and_http_and_pipe_stream_the_same_clips_as_local_files(servers):
     for where in (f"s3://{BUCKET}/corpus", servers["web"].url, f"pipe:cat {servers['local']}/{{name}}"):
         assert _eval(_cfg(where)) == local, where
     # training streams too, the same batches as from local files (same seed, same shard order)
-    train_local = [b["keys"] for b in build_train_loader(_cfg(servers["local"], batches_per_epoch=5), 0, 1)]
-    train_s3 = [b["keys"] for b in build_train_loader(_cfg(f"s3://{BUCKET}/corpus", batches_per_epoch=5), 0, 1)]
+    train_local = [b["keys"] for b in build_train_loader(_cfg(servers["local"], batches_per_epoch=5), STREAMS, 0, 1)]
+    train_s3 = [b["keys"]
+                for b in build_train_loader(_cfg(f"s3://{BUCKET}/corpus", batches_per_epoch=5), STREAMS, 0, 1)]
     assert train_s3 == train_local
 
 
@@ -207,7 +211,7 @@ def test_an_unreachable_split_is_one_clear_error_at_start(servers, monkeypatch):
               "--train.test-at-end", "False", "--train.eval-untrained", "False"]     # train and val only
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")      # nothing listens there
     with pytest.raises(storage.RemoteError, match=r"cannot read the 'val' shard index s3://avsr-test/corpus/val"):
-        build_eval_loader(_cfg(f"s3://{BUCKET}/corpus", remote_attempts=2), "val", 0, 1)
+        build_eval_loader(_cfg(f"s3://{BUCKET}/corpus", remote_attempts=2), STREAMS, "val", 0, 1)
     # the trainer's parse step, before any process starts: one line
     with pytest.raises(ConfigError, match=r"--data.shard-dir s3://avsr-test/corpus: .*gave up after 2 attempts"):
         parse_args([*config, "--data.shard-dir", f"s3://{BUCKET}/corpus"])
@@ -216,12 +220,12 @@ def test_an_unreachable_split_is_one_clear_error_at_start(servers, monkeypatch):
         parse_args([*config, "--data.shard-dir", f"s3://{BUCKET}/corpus", "--data.eval-split", "nope"])
     assert parse_args([*config, "--data.shard-dir", f"s3://{BUCKET}/corpus"]).data.shard_dir.startswith("s3://")
     with pytest.raises(FileNotFoundError, match=r"no shard index for split 'val' at s3://avsr-test/nothing"):
-        build_eval_loader(_cfg(f"s3://{BUCKET}/nothing"), "val", 0, 1)
+        build_eval_loader(_cfg(f"s3://{BUCKET}/nothing"), STREAMS, "val", 0, 1)
     # an index whose shards are not all there: named at start, not found shard by shard later
     s3 = boto3.client("s3")
     s3.copy_object(Bucket=BUCKET, Key="partial/val.index.json", CopySource=f"{BUCKET}/corpus/val.index.json")
     with pytest.raises(FileNotFoundError, match="3 of 3 shards listed in the 'val' index are missing"):
-        build_eval_loader(_cfg(f"s3://{BUCKET}/partial"), "val", 0, 1)
+        build_eval_loader(_cfg(f"s3://{BUCKET}/partial"), STREAMS, "val", 0, 1)
 
 
 def test_the_cache_keeps_shards_read_again(servers, tmp_path):

@@ -5,13 +5,13 @@ import torch
 
 from tests.constants import KERNEL_DEVICE
 from trainer.model.avsr import build_model
-from trainer.model.config import ModelConfig
+from trainer.model.config import ModelConfig, TinyModelConfig
 from trainer.model.roles import TokenRole, prefix_mask
 
-TINY = dict(projector_hidden=32, tiny_llm_layers=3, tiny_llm_width=64, tiny_llm_heads=4, tiny_llm_ffn=128,
-            tiny_whisper_width=32, tiny_whisper_heads=2, tiny_whisper_max_source_positions=40,
-            tiny_avhubert_width=32, tiny_avhubert_heads=2, tiny_avhubert_ffn=64, tiny_avhubert_resnet_channels=4,
-            measure_decorrelation_when_off=False)
+TINY = dict(projector_hidden=32, measure_decorrelation_when_off=False,
+            tiny=TinyModelConfig(llm_layers=3, llm_width=64, llm_heads=4, llm_ffn=128,
+                                 whisper_width=32, whisper_heads=2, whisper_max_source_positions=40,
+                                 avhubert_width=32, avhubert_heads=2, avhubert_ffn=64, avhubert_resnet_channels=4))
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -295,3 +295,21 @@ def test_pretrained_parts_load_from_local_folders(tmp_path):
     assert len(model.generate(batch, num_beams=2, max_new_tokens=3)) == 2
     model.llm.save_pretrained(tmp_path / "adapters")                    # what the trainer exports
     assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+
+
+def test_the_pipeline_decodes_what_the_model_reads(tmp_path):
+    """The model alone decides the streams: its modality, and the mel bins of its Whisper (a pretrained
+    one's num_mel_bins, e.g. 128 as in large-v3, whatever --model.tiny.n-mels says)."""
+    from transformers import WhisperConfig, WhisperModel
+
+    from trainer.data.config import Streams
+
+    WhisperModel(WhisperConfig(num_mel_bins=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, max_source_positions=40)).save_pretrained(tmp_path / "whisper")
+    model = build_model(tiny_config(modality="asr", whisper_path=str(tmp_path / "whisper")))
+    assert model.input_streams == Streams(audio=True, video=False, n_mels=128)
+    assert model.cfg.tiny.n_mels == 80
+    out = model(make_batch(n_mels=128))                          # the bins it asked for are the bins it reads
+    assert torch.isfinite(out.loss)
+    assert build_model(tiny_config(modality="vsr")).input_streams == Streams(audio=False, video=True, n_mels=80)

@@ -118,15 +118,17 @@ def test_text_normalisation_and_error_counts():
     assert ErrorCounts.from_tensor(total.to_tensor()) == total
 
 
-def test_config_validation_names_the_problem():
-    with pytest.raises(ValueError, match="modality must be one of"):
+def test_config_validation_names_the_flag():
+    with pytest.raises(ValueError, match="--model.modality must be one of"):
         ModelConfig(modality="audio")
-    with pytest.raises(ValueError, match="modality_order"):
+    with pytest.raises(ValueError, match="--model.modality-order"):
         ModelConfig(modality_order=("video", "video"))
-    with pytest.raises(ValueError, match="video_lora"):
+    with pytest.raises(ValueError, match="--model.video-lora needs video"):
         ModelConfig(modality="asr", video_lora=True)
-    with pytest.raises(ValueError, match="audio_rate"):
+    with pytest.raises(ValueError, match="--model.audio-rate"):
         ModelConfig(audio_rate=0)
+    with pytest.raises(ValueError, match=r"--model.tiny.llm-width \(100\) must be divisible by --model.tiny.llm-heads"):
+        ModelConfig(tiny={"llm_width": 100, "llm_heads": 3})
     assert ModelConfig(modality="vsr").enabled_modalities == ("video",)
     assert ModelConfig(modality_order=["video", "audio"]).enabled_modalities == ("video", "audio")
     assert ModelConfig().enabled_modalities == ("audio", "video")        # the paper's order by default

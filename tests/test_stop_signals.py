@@ -28,11 +28,12 @@ def _helpers(pid: int) -> list[psutil.Process]:
 def test_loader_workers_survive_stop_signals_and_end_on_close(synth_corpus):
     from trainer.data import DataConfig, build_train_loader
     from trainer.data.stream import TrainStream
+    from trainer.model.config import ModelConfig
 
     cfg = DataConfig(shard_dir=str(synth_corpus), num_workers=2, max_frames_per_batch=600, max_batch_size=4,
                      batches_per_epoch=40)
     before = {p.pid for p in _helpers(os.getpid())}
-    stream = TrainStream(lambda epoch: build_train_loader(cfg, 0, 1, epoch))
+    stream = TrainStream(lambda epoch: build_train_loader(cfg, ModelConfig().streams(), 0, 1, epoch))
     first = next(stream)
     workers = [p for p in _helpers(os.getpid()) if p.pid not in before]
     assert len(workers) == 2, [p.cmdline() for p in workers]

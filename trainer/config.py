@@ -4,24 +4,45 @@
         --recipe launch/recipes/lrs3_avsr.yaml --train.lr 1e-3 --model.modality asr
 
 Precedence: command line > recipe (YAML with sections model/data/train/monitor/tracking)
-> defaults (the CPU demo). Everything is validated here, before any process group starts.
+> defaults (the CPU demo). Every section validates itself when built (trainer/config_checks.py), all
+before any process group starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 
+from trainer.config_checks import Problems, build_config, flag
 from trainer.data.config import DataConfig
 from trainer.engine.config import TrackingConfig, TrainConfig
-from trainer.model.config import ModelConfig
+from trainer.model.config import FLAT_TINY_NAMES, ModelConfig
 from trainer.monitor.config import MonitorConfig
 
 CHECKOUT = Path(__file__).resolve().parents[1]
+
+# Options that moved (dotted recipe path -> new path, and why when it is more than a rename). A recipe or
+# flag that still uses the old name fails with the new one (README: "Renamed options").
+RENAMED = {
+    **{f"model.{old}": (f"model.tiny.{new}", "") for old, new in FLAT_TINY_NAMES.items()},
+    "data.modality": ("model.modality", "the data pipeline decodes what the model reads"),
+    "data.n_mels": ("model.tiny.n_mels", "for the tiny Whisper; a pretrained Whisper's mel bins are its "
+                    "checkpoint's, and the data pipeline computes what the model's Whisper expects"),
+}
+
+
+def _renamed_in_recipe(old: str) -> str:
+    """"model.tiny.llm_layers (--model.tiny.llm-layers; in a recipe: model: {tiny: {llm_layers: ...}})"."""
+    new, why = RENAMED[old]
+    *sections, name = new.split(".")
+    nested = f"{name}: ..."
+    for section in reversed(sections):
+        nested = f"{section}: {{{nested}}}"
+    return f"{new} ({flag('', new)}; in a recipe: {nested}){'; ' + why if why else ''}"
 
 
 @dataclass
@@ -37,36 +58,19 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
+        # Each section has validated itself; what involves the file system or more than one section is
+        # checked here, in one place (nothing spans sections today: the modality was the one such fact,
+        # and now has a single field).
+        p = Problems("")
         path = Path(self.config)
         if not path.is_file() and not path.is_absolute() and (CHECKOUT / path).is_file():
             self.config = str(CHECKOUT / path)     # run from elsewhere: the checkout's ds_configs/
-        elif not path.is_file():
-            raise ValueError(f"--config {self.config}: no such DeepSpeed JSON (see ds_configs/)")
-        # The data pipeline decodes only what the model consumes.
-        if self.data.modality != self.model.modality:
-            self.data = dataclasses.replace(self.data, modality=self.model.modality)
+        else:
+            p.check(path.is_file(), "config", f"{self.config}: no such DeepSpeed JSON (see ds_configs/)")
+        p.raise_any()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def build_config(cls, values: dict, where: str):
-    """Dataclass from a (possibly partial) dict, recursing into nested dataclasses; unknown keys are errors."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} in {where}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING \
-            else None
-        if is_dataclass(default) and isinstance(value, dict):
-            kwargs[name] = build_config(type(default), value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value) if isinstance(default, tuple) else value
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
 
 
 def load_recipe(path: str | Path, **overrides: Any) -> ExperimentConfig:
@@ -75,7 +79,8 @@ def load_recipe(path: str | Path, **overrides: Any) -> ExperimentConfig:
         raise ValueError(f"recipe {path} must be a mapping of sections (model, data, train, ...)")
     raw.update(overrides)
     raw["recipe"] = str(path)
-    return build_config(ExperimentConfig, raw, f"recipe {path}")
+    return build_config(ExperimentConfig, raw, f"recipe {path}",
+                        renamed={old: _renamed_in_recipe(old) for old in RENAMED})
 
 
 class ConfigError(ValueError):
@@ -90,6 +95,7 @@ def parse_args(argv: Sequence[str] | None = None, check: bool = True) -> Experim
 
     args = list(sys.argv[1:] if argv is None else argv)
     args = [a for a in args if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    _refuse_renamed_flags(args)
     default = ExperimentConfig()
     if "--recipe" in args:
         i = args.index("--recipe")
@@ -108,6 +114,14 @@ def parse_args(argv: Sequence[str] | None = None, check: bool = True) -> Experim
         if problems:
             raise ConfigError("; ".join(problems))
     return cfg
+
+
+def _refuse_renamed_flags(args: Sequence[str]) -> None:
+    for arg in args:
+        old = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else ""
+        if old in RENAMED:
+            new, why = RENAMED[old]
+            raise ConfigError(f"{flag('', old)} is now {flag('', new)}{' (' + why + ')' if why else ''}")
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,13 +1,13 @@
 """Streaming audio-visual data: WebDataset shards -> decoded, batched tensors.
 
-Public API: DataConfig, build_train_loader, build_eval_loader, train_batches_per_epoch,
+Public API: DataConfig, Streams, build_train_loader, build_eval_loader, train_batches_per_epoch,
 SkipCounter, UnusableDataError, log_mel; the batch schema is in trainer.data.batching.
 Imported lazily so that `trainer.data.shard_format` (used by the corpus tools) stays free of torch/decord.
 """
 from importlib import import_module
 
 _EXPORTS = {
-    "DataConfig": "config", "build_train_loader": "pipeline", "build_eval_loader": "pipeline",
+    "DataConfig": "config", "Streams": "config", "build_train_loader": "pipeline", "build_eval_loader": "pipeline",
     "train_batches_per_epoch": "pipeline", "SkipCounter": "skips", "UnusableDataError": "skips",
     "log_mel": "features",
 }

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.config_checks import Problems
+
 from . import storage
 
-MODALITIES = ("asr", "vsr", "avsr")
 NOISE_KINDS = ("none", "white", "babble")
 
 # where the synthetic demo corpus lives: launch/train.py builds it there (data_tools.demo) when the
@@ -30,8 +31,6 @@ class DataConfig:
     shard is given up and skipped (counted as tar_error); retries are counted as data/retried/<reason>."""
     remote_timeout_s: float = 60.0
     """Remote shards only: connect and read timeout of one request, in seconds."""
-    modality: str = "avsr"
-    """"asr" (audio only), "vsr" (video only) or "avsr"; only the used modalities are decoded."""
     train_split: str = "train"
     """Split name of the training shards."""
     eval_split: str = "val"
@@ -85,8 +84,6 @@ class DataConfig:
     babble_reservoir: int = 32
     """Babble noise: clips kept in the per-worker reservoir of earlier audio."""
 
-    n_mels: int = 80
-    """Log-mel bins: 80 for Whisper up to large-v2, 128 for large-v3."""
     strict_sample_rate: bool = False
     """Skip audio that is not 16 kHz (reason "audio_sample_rate") instead of resampling it."""
     max_initial_failures: int = 200
@@ -97,41 +94,49 @@ class DataConfig:
     def retry_policy(self) -> storage.RetryPolicy:
         return storage.RetryPolicy(attempts=self.remote_attempts, timeout_s=self.remote_timeout_s)
 
-    @property
-    def use_audio(self) -> bool:
-        return self.modality in ("asr", "avsr")
-
-    @property
-    def use_video(self) -> bool:
-        return self.modality in ("vsr", "avsr")
-
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"DataConfig: {msg}")
-
+        p = Problems("data")
         try:
             storage.check_location(self.shard_dir)
         except ValueError as err:
-            need(False, f"shard_dir: {err}")
-        need(self.cache_max_gb > 0, f"cache_max_gb must be > 0, got {self.cache_max_gb}")
-        need(self.remote_attempts >= 1, f"remote_attempts must be >= 1, got {self.remote_attempts}")
-        need(self.remote_timeout_s > 0, f"remote_timeout_s must be > 0, got {self.remote_timeout_s}")
-        need(self.modality in MODALITIES, f"modality must be one of {MODALITIES}, got {self.modality!r}")
-        need(self.noise in NOISE_KINDS, f"noise must be one of {NOISE_KINDS}, got {self.noise!r}")
-        for name in ("max_frames_per_batch", "max_batch_size", "max_clip_frames", "min_clip_frames",
-                     "crop_size", "n_mels", "prefetch_factor", "max_initial_failures"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sort_buffer", "shuffle_buffer", "num_workers", "samples_per_epoch",
-                     "batches_per_epoch", "babble_reservoir"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.max_clip_frames <= self.max_frames_per_batch,
-             f"max_clip_frames ({self.max_clip_frames}) must be <= max_frames_per_batch "
-             f"({self.max_frames_per_batch}), or the longest allowed clip could not form a batch")
-        need(self.min_clip_frames <= self.max_clip_frames,
-             f"min_clip_frames ({self.min_clip_frames}) > max_clip_frames ({self.max_clip_frames})")
-        need(0.0 <= self.noise_prob <= 1.0, f"noise_prob must be in [0, 1], got {self.noise_prob}")
-        need(self.noise != "babble" or (self.babble_speakers >= 1 and self.babble_reservoir >= 1),
-             "babble noise needs babble_speakers >= 1 and babble_reservoir >= 1")
-        need(self.train_split not in (self.eval_split, self.test_split),
-             f"train_split {self.train_split!r} must differ from the eval and test splits")
+            p.check(False, "shard_dir", str(err))
+        p.check(self.cache_max_gb > 0, "cache_max_gb", f"must be > 0, got {self.cache_max_gb}")
+        p.at_least(self, ("remote_attempts",), 1, integer=True)
+        p.check(self.remote_timeout_s > 0, "remote_timeout_s", f"must be > 0, got {self.remote_timeout_s}")
+        p.one_of(self, "noise", NOISE_KINDS)
+        p.at_least(self, ("max_frames_per_batch", "max_batch_size", "max_clip_frames", "min_clip_frames",
+                          "crop_size", "prefetch_factor", "max_initial_failures"), 1, integer=True)
+        p.at_least(self, ("sort_buffer", "shuffle_buffer", "num_workers", "samples_per_epoch",
+                          "batches_per_epoch", "babble_reservoir"), 0, integer=True)
+        if not p.found:                # the relations below assume numbers
+            p.check(self.max_clip_frames <= self.max_frames_per_batch, "max_clip_frames",
+                    f"({self.max_clip_frames}) must be <= {p.flag('max_frames_per_batch')} "
+                    f"({self.max_frames_per_batch}), or the longest allowed clip could not form a batch")
+            p.check(self.min_clip_frames <= self.max_clip_frames, "min_clip_frames",
+                    f"({self.min_clip_frames}) must be <= {p.flag('max_clip_frames')} ({self.max_clip_frames})")
+        p.check(0.0 <= self.noise_prob <= 1.0, "noise_prob", f"must be in [0, 1], got {self.noise_prob}")
+        if self.noise == "babble":
+            p.at_least(self, ("babble_speakers", "babble_reservoir"), 1, integer=True)
+        p.check(self.train_split not in (self.eval_split, self.test_split), "train_split",
+                f"{self.train_split!r} must differ from {p.flag('eval_split')} and {p.flag('test_split')}")
+        p.raise_any()
+
+
+@dataclass(frozen=True)
+class Streams:
+    """What the model reads, hence what the pipeline decodes. It is not a data option: the caller
+    takes it from the model (`LlamaAVSR.input_streams`: its modality and its Whisper's mel bins),
+    so the two can never disagree."""
+
+    audio: bool
+    """Decode audio into log-mels (modality asr or avsr)."""
+    video: bool
+    """Decode the mouth-crop video (modality vsr or avsr)."""
+    n_mels: int = 0
+    """Log-mel bins (the Whisper encoder's num_mel_bins); unused without audio."""
+
+    def __post_init__(self) -> None:
+        if not (self.audio or self.video):
+            raise ValueError("Streams: neither audio nor video to decode")
+        if self.audio and self.n_mels < 1:
+            raise ValueError(f"Streams: audio needs n_mels >= 1, got {self.n_mels}")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import skips as R
-from .config import DataConfig
+from .config import DataConfig, Streams
 from .features import log_mel
 from .shard_format import (AUDIO_KEYS, FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, TEXT_KEY, VIDEO_KEY, MediaDecodeError,
                            Mp4, decode_audio, fit_length, resample, to_gray)
@@ -165,17 +165,17 @@ class NoiseMixer:
         return mix_at_snr(wav, noise, cfg.snr_db)
 
 
-def decode_clip(sample: dict, cfg: DataConfig, counter: SkipCounter, *, train: bool,
+def decode_clip(sample: dict, cfg: DataConfig, streams: Streams, counter: SkipCounter, *, train: bool,
                 rng: np.random.Generator, noise: NoiseMixer | None) -> Clip:
-    """Raises Skip for bad input; the caller counts it."""
+    """Decodes the streams the model reads; raises Skip for bad input (the caller counts it)."""
     key = str(sample.get("__key__", "?"))
-    if cfg.use_video and VIDEO_KEY not in sample:
+    if streams.video and VIDEO_KEY not in sample:
         raise Skip(R.MISSING_VIDEO, "no mp4 member")
-    if cfg.use_audio and not any(k in sample for k in AUDIO_KEYS):
+    if streams.audio and not any(k in sample for k in AUDIO_KEYS):
         raise Skip(R.MISSING_AUDIO, f"none of {AUDIO_KEYS}")
     text = read_text(sample)
-    frames = read_video(sample[VIDEO_KEY], cfg) if cfg.use_video else None
-    wav = read_audio(sample, cfg, counter) if cfg.use_audio else None
+    frames = read_video(sample[VIDEO_KEY], cfg) if streams.video else None
+    wav = read_audio(sample, cfg, counter) if streams.audio else None
     n = len(frames) if frames is not None else int(round(len(wav) / SAMPLES_PER_FRAME))
     if n > cfg.max_clip_frames:
         raise Skip(R.TOO_LONG, f"{n} frames > {cfg.max_clip_frames}")
@@ -186,21 +186,21 @@ def decode_clip(sample: dict, cfg: DataConfig, counter: SkipCounter, *, train: b
     if wav is not None:
         clean = fit_length(wav, n * SAMPLES_PER_FRAME)
         noisy = noise(clean) if noise is not None else clean
-        audio, pad = log_mel(torch.from_numpy(noisy), cfg.n_mels)
+        audio, pad = log_mel(torch.from_numpy(noisy), streams.n_mels)
     return Clip(key=key, text=text, frames=n, video=video, audio=audio, audio_pad=pad, wave=clean)
 
 
-def decode_stream(samples, cfg: DataConfig, counter: SkipCounter, *, train: bool,
+def decode_stream(samples, cfg: DataConfig, streams: Streams, counter: SkipCounter, *, train: bool,
                   rng: np.random.Generator, noise_rng: np.random.Generator):
     """Generator stage: raw samples in, Clips out; every bad sample is counted and dropped.
     Noise draws from its own generator, so switching noise on leaves crops and order unchanged."""
-    use_noise = cfg.use_audio and cfg.noise != "none" and (train or cfg.noise_in_eval)
+    use_noise = streams.audio and cfg.noise != "none" and (train or cfg.noise_in_eval)
     noise = NoiseMixer(cfg, noise_rng) if use_noise else None
     if noise is not None and not train and cfg.noise == "babble":
         samples = _prime_babble(samples, cfg, noise)
     for sample in samples:
         try:
-            clip = decode_clip(sample, cfg, counter, train=train, rng=rng, noise=noise)
+            clip = decode_clip(sample, cfg, streams, counter, train=train, rng=rng, noise=noise)
         except Skip as s:
             counter.skip(s.reason, f"{sample.get('__key__')}: {s.detail}")
             continue

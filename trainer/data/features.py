@@ -33,7 +33,7 @@ def _window() -> torch.Tensor:
     return torch.hann_window(N_FFT)
 
 
-def log_mel(wav: torch.Tensor, n_mels: int = 80) -> tuple[torch.Tensor, float]:
+def log_mel(wav: torch.Tensor, n_mels: int) -> tuple[torch.Tensor, float]:
     """wav: float32 [N] at 16 kHz -> (log-mel [n_mels, N // 160], silence level).
 
     The silence level is what an all-zero frame maps to for this clip ((max(max - 8, -10) + 4) / 4):

@@ -37,7 +37,7 @@ from . import skips as R
 from . import storage
 from .cache import ShardCache
 from .batching import budget_batches, collate_stream
-from .config import DataConfig
+from .config import DataConfig, Streams
 from .decode import decode_stream
 from .shard_format import ShardIndex, load_index
 from .skips import SkipCounter, UnusableDataError
@@ -152,12 +152,12 @@ def endless_shards(shards: list[tuple[str, int]], rng: random.Random, shuffle: b
 class AVSRStream(IterableDataset):
     """Batches of decoded clips (schema in batching.py); see the module docstring."""
 
-    def __init__(self, cfg: DataConfig, shards: list[tuple[str, int]], *, train: bool, rank: int,
+    def __init__(self, cfg: DataConfig, streams: Streams, shards: list[tuple[str, int]], *, train: bool, rank: int,
                  world_size: int, epoch: int = 0, batches: int = 0, split_by_sample: bool = False,
                  opener: RemoteOpener | None = None):
         super().__init__()
         self.opener = opener
-        self.cfg, self.shards, self.train = cfg, list(shards), train
+        self.cfg, self.streams, self.shards, self.train = cfg, streams, list(shards), train
         self.rank, self.world_size, self.epoch, self.batches = rank, world_size, epoch, batches
         self.split_by_sample = split_by_sample
 
@@ -188,7 +188,7 @@ class AVSRStream(IterableDataset):
         if self.train and cfg.shuffle_buffer > 1:
             shuffle = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=random.Random(seed + 1))
             samples = shuffle(samples)
-        clips = decode_stream(samples, cfg, counter, train=self.train, rng=aug_rng, noise_rng=noise_rng)
+        clips = decode_stream(samples, cfg, self.streams, counter, train=self.train, rng=aug_rng, noise_rng=noise_rng)
         batches = budget_batches(clips, cfg.max_frames_per_batch, cfg.max_batch_size,
                                  cfg.sort_buffer if self.train else 0, batch_rng if self.train else None)
         out = collate_stream(batches, counter)
@@ -273,13 +273,14 @@ def _loader(dataset: AVSRStream, num_workers: int, cfg: DataConfig) -> DataLoade
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def build_train_loader(cfg: DataConfig, rank: int, world_size: int, epoch: int = 0) -> DataLoader:
-    """One training epoch for this rank: len(loader) batches, identical on every rank."""
+def build_train_loader(cfg: DataConfig, streams: Streams, rank: int, world_size: int, epoch: int = 0) -> DataLoader:
+    """One training epoch for this rank: len(loader) batches, identical on every rank. `streams`: what
+    the model reads (`LlamaAVSR.input_streams`)."""
     _check_rank(rank, world_size)
     index = _index(cfg, cfg.train_split)
     n = train_batches_per_epoch(cfg, index, world_size)
     workers = min(cfg.num_workers, n)      # a worker with no batches to make would only cost startup
-    ds = AVSRStream(cfg, _shard_list(index), train=True, rank=rank, world_size=world_size, epoch=epoch,
+    ds = AVSRStream(cfg, streams, _shard_list(index), train=True, rank=rank, world_size=world_size, epoch=epoch,
                     batches=n, opener=RemoteOpener.for_index(cfg, index))
     return _loader(ds, workers, cfg)
 
@@ -303,8 +304,8 @@ def eval_workers(cfg: DataConfig, num_shards: int, rank: int, world_size: int) -
     return cfg.num_workers
 
 
-def build_eval_loader(cfg: DataConfig, split: str | None, rank: int, world_size: int) -> DataLoader:
-    """A single deterministic pass over `split` (default cfg.eval_split) for this rank."""
+def build_eval_loader(cfg: DataConfig, streams: Streams, split: str | None, rank: int, world_size: int) -> DataLoader:
+    """A single deterministic pass over `split` (default cfg.eval_split) for this rank, decoding `streams`."""
     _check_rank(rank, world_size)
     split = split or cfg.eval_split
     index = _index(cfg, split)
@@ -313,11 +314,11 @@ def build_eval_loader(cfg: DataConfig, split: str | None, rank: int, world_size:
         # the samples whose key hashes to it. Reads world_size times the bytes, so only for small sets.
         log.info("eval split %r has %d shard(s) for %d ranks: splitting by sample key",
                  split, len(index.urls), world_size)
-        ds = AVSRStream(cfg, _shard_list(index), train=False, rank=rank, world_size=world_size,
+        ds = AVSRStream(cfg, streams, _shard_list(index), train=False, rank=rank, world_size=world_size,
                         split_by_sample=True, opener=RemoteOpener.for_index(cfg, index))
         return _loader(ds, min(cfg.num_workers, len(index.urls)), cfg)
     workers = eval_workers(cfg, len(index.urls), rank, world_size)
-    ds = AVSRStream(cfg, _shard_list(index), train=False, rank=rank, world_size=world_size,
+    ds = AVSRStream(cfg, streams, _shard_list(index), train=False, rank=rank, world_size=world_size,
                     opener=RemoteOpener.for_index(cfg, index))
     return _loader(ds, workers, cfg)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from trainer.config_checks import Problems
+
 
 @dataclass
 class TrainConfig:
@@ -24,7 +26,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 disables)."""
     seed: int = 1234
-    """Seed for model init, data order and dropout."""
+    """Seed for model init and dropout (the data order has its own: --data.seed)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on a GPU that supports it, fp32 on CPU."""
     log_every: int = 10
@@ -67,28 +69,20 @@ class TrainConfig:
     """Write the LoRA adapters (peft format), the projector weights and a consolidated model at the end."""
 
     def __post_init__(self):
-        checks = [
-            (self.max_steps > 0, "train.max_steps must be > 0"),
-            (self.grad_accum >= 1, "train.grad_accum must be >= 1"),
-            (self.lr > 0, "train.lr must be > 0"),
-            (0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps must be in [0, max_steps]"),
-            (0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]"),
-            (self.grad_clip >= 0, "train.grad_clip must be >= 0"),
-            (self.log_every >= 1, "train.log_every must be >= 1"),
-            (self.eval_every >= 0 and self.save_every >= 0, "train.eval_every/save_every must be >= 0"),
-            (self.keep_last >= 1, "train.keep_last must be >= 1"),
-            (self.eval_beams >= 1, "train.eval_beams must be >= 1"),
-            (self.final_eval_beams is None or self.final_eval_beams >= 1, "train.final_eval_beams must be >= 1"),
-            (self.eval_max_samples is None or self.eval_max_samples >= 1, "train.eval_max_samples must be >= 1"),
-            (self.final_eval_max_samples is None or self.final_eval_max_samples >= 1,
-             "train.final_eval_max_samples must be >= 1"),
-            (self.final_eval_splits is None or all(self.final_eval_splits),
-             "train.final_eval_splits: empty split name"),
-            (self.stop_after is None or self.stop_after >= 1, "train.stop_after must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        p = Problems("train")
+        p.at_least(self, ("max_steps", "grad_accum", "log_every", "keep_last", "eval_beams"), 1, integer=True)
+        p.at_least(self, ("eval_every", "save_every"), 0, integer=True)
+        p.check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        p.check(0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
+                f"must be in [0, {p.flag('max_steps')}] = [0, {self.max_steps}], got {self.warmup_steps}")
+        p.check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        p.check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        for name in ("final_eval_beams", "eval_max_samples", "final_eval_max_samples", "stop_after"):
+            if getattr(self, name) is not None:
+                p.at_least(self, (name,), 1, integer=True)
+        p.check(self.final_eval_splits is None or all(self.final_eval_splits), "final_eval_splits",
+                f"has an empty split name: {self.final_eval_splits}")
+        p.raise_any()
         if self.final_eval_splits is not None:
             self.final_eval_splits = tuple(dict.fromkeys(self.final_eval_splits))    # a recipe's list; no repeats
 
@@ -118,7 +112,8 @@ class TrackingConfig:
     machine; 0 = off. Needs psutil (off with a note without it)."""
 
     def __post_init__(self):
-        if self.connect_timeout_s <= 0 or self.exit_timeout_s < 0:
-            raise ValueError("tracking.connect_timeout_s must be > 0 and tracking.exit_timeout_s >= 0")
-        if self.max_queue < 1 or self.system_metrics_every_s < 0:
-            raise ValueError("tracking.max_queue must be >= 1 and tracking.system_metrics_every_s >= 0")
+        p = Problems("tracking")
+        p.check(self.connect_timeout_s > 0, "connect_timeout_s", f"must be > 0, got {self.connect_timeout_s}")
+        p.at_least(self, ("exit_timeout_s", "system_metrics_every_s"), 0)
+        p.at_least(self, ("max_queue",), 1, integer=True)
+        p.raise_any()

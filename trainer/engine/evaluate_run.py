@@ -116,8 +116,8 @@ def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.
     data = dataclasses.replace(cfg.data, shard_dir=req.shards or cfg.data.shard_dir,
                                num_workers=cfg.data.num_workers if req.workers is None else req.workers)
     check_split(data, req.split)
-    if any(c.snr_db is not None for c in req.conditions) and not data.use_audio:
-        raise ValueError(f"--snr: the run is {data.modality} (no audio): noise conditions need audio")
+    if any(c.snr_db is not None for c in req.conditions) and not cfg.model.uses_audio:
+        raise ValueError(f"--snr: the run is {cfg.model.modality} (no audio): noise conditions need audio")
     model, cfg, src = load_trained_model(req.run_dir, req.checkpoint, device)
     beams = req.beams or cfg.eval_beams
     max_new_tokens = req.max_new_tokens or cfg.eval_max_new_tokens
@@ -131,8 +131,8 @@ def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.
                "noise": req.noise if any(c.snr_db is not None for c in req.conditions) else None,
                "world_size": world_size, "conditions": {}}
     for condition in req.conditions:
-        loader = build_eval_loader(condition_data(data, condition, req.noise), req.split, rank=rank,
-                                   world_size=world_size)
+        loader = build_eval_loader(condition_data(data, condition, req.noise), model.input_streams, req.split,
+                                   rank=rank, world_size=world_size)
         results["conditions"][condition.name] = evaluate_wer(
             model, loader, device=device, to_device=to_device, num_beams=beams, max_new_tokens=max_new_tokens,
             synced_gpus=False, max_samples=req.max_samples, rank=rank, desc=f"{req.split} {condition.name}",

@@ -33,8 +33,10 @@ import torch
 
 from trainer.data.config import DataConfig
 from trainer.engine.checkpoint import LATEST, MANIFEST, newest_verified, verify
+from trainer.engine.config import TrainConfig
 from trainer.engine.export import CONSOLIDATED, KIND_KEY
-from trainer.model.config import ModelConfig
+from trainer.config_checks import build_config
+from trainer.model.config import FLAT_TINY_NAMES, ModelConfig
 from trainer.monitor.config import MonitorConfig
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,10 @@ class RunConfig:
     data: DataConfig
     monitor: MonitorConfig
     seed: int
-    eval_beams: int = 1
+    """The run's train.seed."""
+    eval_beams: int
     """The run's evaluation beam width (train.eval_beams)."""
-    eval_max_new_tokens: int = 32
+    eval_max_new_tokens: int
     """The run's longest generated transcript (train.eval_max_new_tokens)."""
 
 
@@ -70,10 +73,26 @@ class WeightsSource:
         return f"{self.kind} {self.path}{at}"
 
 
+def upgrade_saved_config(raw: dict) -> dict:
+    """A saved experiment.json in today's shape. Run folders written before the tiny sizes were grouped
+    (`model.tiny_llm_layers`, `model.n_mels` -> `model.tiny.*`) and before the data section lost its
+    copies of the model's facts (`data.modality`, `data.n_mels`) must still evaluate and probe: their
+    flat keys are moved, and the data copies dropped (the old trainer overwrote data.modality with the
+    model's, and the model's Whisper decides the mel bins now)."""
+    model, data = dict(raw.get("model", {})), dict(raw.get("data", {}))
+    tiny = dict(model.get("tiny", {}))
+    for old, new in FLAT_TINY_NAMES.items():
+        if old in model:
+            tiny.setdefault(new, model.pop(old))
+    if tiny:
+        model["tiny"] = tiny
+    data.pop("modality", None)
+    data.pop("n_mels", None)
+    return {**raw, "model": model, "data": data}
+
+
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """Model, data and monitor configs from `run_dir/experiment.json` (written at the start of a run)."""
-    from trainer.config import build_config
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
@@ -81,10 +100,11 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: no experiment.json "
                                 f"(written by launch/train.py)")
-    raw = json.loads(path.read_text())
-    model = build_config(ModelConfig, raw["model"], f"{path} model")
+    raw = upgrade_saved_config(json.loads(path.read_text()))
+    model = build_config(ModelConfig, raw["model"], f"{path} model", "model")
     # The tokenizer the trainer trained lives in the run folder: follow the folder if it moved.
-    saved_run_dir = raw.get("train", {}).get("run_dir")
+    train = raw.get("train", {})        # read for a few values only: the rest is the training's business
+    saved_run_dir = train.get("run_dir")
     saved_tokenizer = Path(saved_run_dir) / "tokenizer" if saved_run_dir else None
     if model.tokenizer_path and Path(model.tokenizer_path) == saved_tokenizer:
         model.tokenizer_path = str(run_dir / "tokenizer")
@@ -94,11 +114,10 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         logging.getLogger(__name__).warning(
             "%s names a pipe: shard location; not running it (pass the shard location yourself)", path)
         data["shard_dir"] = ""
-    return RunConfig(run_dir=run_dir, model=model, data=build_config(DataConfig, data, f"{path} data"),
-                     monitor=build_config(MonitorConfig, raw.get("monitor", {}), f"{path} monitor"),
-                     seed=int(raw.get("train", {}).get("seed", 0)),
-                     eval_beams=int(raw.get("train", {}).get("eval_beams", 1)),
-                     eval_max_new_tokens=int(raw.get("train", {}).get("eval_max_new_tokens", 32)))
+    return RunConfig(run_dir=run_dir, model=model, data=build_config(DataConfig, data, f"{path} data", "data"),
+                     monitor=build_config(MonitorConfig, raw.get("monitor", {}), f"{path} monitor", "monitor"),
+                     **{name: int(train.get(name, getattr(TrainConfig, name)))
+                        for name in ("seed", "eval_beams", "eval_max_new_tokens")})
 
 
 def _checkpoint_folder(path: Path) -> Path | None:

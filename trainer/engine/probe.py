@@ -9,19 +9,19 @@ from pathlib import Path
 
 import torch
 
-from trainer.data.config import DataConfig
+from trainer.data.config import DataConfig, Streams
 from trainer.model.prompt import AssembledInputs
 from trainer.monitor.analysis import SinkReport
 from trainer.monitor.labels import token_labels
 from trainer.monitor.monitor import FigureQueue, SinkMonitor
 
 
-def first_eval_batch(data_cfg: DataConfig, split: str, size: int) -> dict:
+def first_eval_batch(data_cfg: DataConfig, streams: Streams, split: str, size: int) -> dict:
     """The probe batch: the first `size` clips of the first batch of a single-rank, deterministic
     pass over `split` (fewer when that batch is smaller). The skip counters are dropped."""
     from trainer.data.pipeline import build_eval_loader
 
-    batch = next(iter(build_eval_loader(data_cfg, split, rank=0, world_size=1)), None)
+    batch = next(iter(build_eval_loader(data_cfg, streams, split, rank=0, world_size=1)), None)
     if batch is None:
         raise RuntimeError(f"split {split!r} of {data_cfg.shard_dir} gave no batch for the sink probe")
     return {k: (v[:size] if isinstance(v, (torch.Tensor, list)) else v)

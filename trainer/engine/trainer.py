@@ -238,7 +238,7 @@ class Trainer:
         """The tiny LLM's BPE tokenizer, trained on the training transcripts by rank 0 and saved in the
         run folder (reused on resume, so token ids never change under a checkpoint)."""
         mcfg = cfg.model
-        if mcfg.llm_path or mcfg.tokenizer_path or mcfg.tiny_tokenizer != "bpe":
+        if mcfg.llm_path or mcfg.tokenizer_path or mcfg.tiny.tokenizer != "bpe":
             return mcfg
         folder = self.run_dir / "tokenizer"
         if self.rank == 0 and not (folder / "tokenizer.json").is_file():
@@ -250,12 +250,12 @@ class Trainer:
                 raise RuntimeError(f"no transcripts in {cfg.data.shard_dir} split {cfg.data.train_split} "
                                    f"({count.describe()})")
             tmp = folder.with_name("tokenizer.tmp")
-            train_bpe_tokenizer(texts, vocab_size=mcfg.tiny_tokenizer_vocab).save_pretrained(str(tmp))
+            train_bpe_tokenizer(texts, vocab_size=mcfg.tiny.tokenizer_vocab).save_pretrained(str(tmp))
             if folder.exists():                 # debris of an interrupted earlier attempt
                 shutil.rmtree(folder)
             os.replace(tmp, folder)
             log.info("trained a %d-token BPE tokenizer on %s of split %s -> %s",
-                     mcfg.tiny_tokenizer_vocab, count.describe(), cfg.data.train_split, folder)
+                     mcfg.tiny.tokenizer_vocab, count.describe(), cfg.data.train_split, folder)
             if count.used < count.expected:
                 log.warning("tokenizer: %d of the %d training samples gave no transcript (missing, empty or in "
                             "an unreadable shard)", count.expected - count.used, count.expected)
@@ -310,7 +310,8 @@ class Trainer:
 
     def _make_train_loader(self, epoch: int):
         from trainer.data.pipeline import build_train_loader
-        return build_train_loader(self.cfg.data, rank=self.rank, world_size=self.world_size, epoch=epoch)
+        return build_train_loader(self.cfg.data, self.model.input_streams, rank=self.rank, world_size=self.world_size,
+                                  epoch=epoch)
 
     def _resume_or_start(self) -> None:
         cfg = self.cfg
@@ -343,7 +344,8 @@ class Trainer:
         # rank runs the identical probe forward (ZeRO-3 needs all ranks in it anyway).
         batch = None
         if self.rank == 0:
-            batch = first_eval_batch(self.cfg.data, self.cfg.data.eval_split, mcfg.probe_batch_size)
+            batch = first_eval_batch(self.cfg.data, self.model.input_streams, self.cfg.data.eval_split,
+                                     mcfg.probe_batch_size)
         self.probe_batch = distributed.broadcast_object(batch, src=0)
 
     def _log_run_setup(self) -> None:
@@ -445,7 +447,8 @@ class Trainer:
 
     def _evaluate(self, split: str, max_samples: int | None, tag: str = "", num_beams: int | None = None) -> dict:
         from trainer.data.pipeline import build_eval_loader
-        loader = build_eval_loader(self.cfg.data, split, rank=self.rank, world_size=self.world_size)
+        loader = build_eval_loader(self.cfg.data, self.model.input_streams, split, rank=self.rank,
+                                   world_size=self.world_size)
         name = f"{split}_{tag}" if tag else f"{split}_step{self.step:08d}"
         result = evaluate_wer(
             self.model, loader, device=self.device, to_device=self.to_device,

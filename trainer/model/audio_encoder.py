@@ -47,7 +47,7 @@ class WhisperAudioEncoder(nn.Module):
         B, n_mels, Tm = mel.shape
         if n_mels != self.n_mels:
             raise ValueError(f"audio has {n_mels} mel bins but the Whisper encoder expects {self.n_mels} "
-                             "(set the data pipeline's n_mels to match the checkpoint)")
+                             "(the data pipeline decodes for the model's input_streams, which carry these)")
         if Tm > self.window_frames:
             raise ValueError(f"audio of {Tm} mel frames is longer than the Whisper window of {self.window_frames} "
                              f"frames ({self.window_frames / 100:.1f} s); filter or split longer clips")

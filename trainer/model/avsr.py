@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from trainer.data.config import Streams
+
 from .audio_encoder import WhisperAudioEncoder, whisper_output_lengths
 from .avhubert import AVHubertConfig, AVHubertVideoEncoder
 from .config import ModelConfig
@@ -75,6 +77,12 @@ class LlamaAVSR(nn.Module):
             raise ValueError(f"decorrelation_layers {self.decorrelation_layers} out of range: the LLM has "
                              f"{num_layers} layers, so hidden_states indices go 0..{num_layers}")
         self.train()
+
+    @property
+    def input_streams(self) -> Streams:
+        """What the data pipeline decodes for this model: its modality's streams, and the mel bins of
+        its Whisper (the checkpoint's, or --model.tiny.n-mels)."""
+        return self.cfg.streams(self.audio_encoder.n_mels if self.audio_encoder is not None else None)
 
     # ----------------------------------------------------------------- parts of the LLM
     @property
@@ -224,12 +232,12 @@ def build_audio_encoder(cfg: ModelConfig, ds_config: dict | None = None) -> Whis
     from .loading import load_state_dict_exact
 
     if cfg.whisper_path is None:
-        w = cfg.tiny_whisper_width
-        config = WhisperConfig(num_mel_bins=cfg.n_mels, d_model=w, encoder_layers=cfg.tiny_whisper_layers,
-                               encoder_attention_heads=cfg.tiny_whisper_heads, encoder_ffn_dim=4 * w,
-                               decoder_layers=1, decoder_attention_heads=cfg.tiny_whisper_heads, decoder_ffn_dim=4 * w,
-                               max_source_positions=cfg.tiny_whisper_max_source_positions,
-                               init_std=cfg.tiny_whisper_init_std)
+        w = cfg.tiny.whisper_width
+        config = WhisperConfig(num_mel_bins=cfg.tiny.n_mels, d_model=w, encoder_layers=cfg.tiny.whisper_layers,
+                               encoder_attention_heads=cfg.tiny.whisper_heads, encoder_ffn_dim=4 * w,
+                               decoder_layers=1, decoder_attention_heads=cfg.tiny.whisper_heads, decoder_ffn_dim=4 * w,
+                               max_source_positions=cfg.tiny.whisper_max_source_positions,
+                               init_std=cfg.tiny.whisper_init_std)
         encoder = WhisperEncoder(config)
     else:
         config = WhisperConfig.from_pretrained(cfg.whisper_path, local_files_only=True)
@@ -251,9 +259,9 @@ def build_video_encoder(cfg: ModelConfig, init_ctx=nullcontext) -> AVHubertVideo
     from .loading import load_state_dict_exact
 
     if cfg.avhubert_path is None:
-        av_cfg = AVHubertConfig(layers=cfg.tiny_avhubert_layers, width=cfg.tiny_avhubert_width,
-                                heads=cfg.tiny_avhubert_heads, ffn=cfg.tiny_avhubert_ffn,
-                                resnet_channels=cfg.tiny_avhubert_resnet_channels, conv_pos=16, conv_pos_groups=4,
+        av_cfg = AVHubertConfig(layers=cfg.tiny.avhubert_layers, width=cfg.tiny.avhubert_width,
+                                heads=cfg.tiny.avhubert_heads, ffn=cfg.tiny.avhubert_ffn,
+                                resnet_channels=cfg.tiny.avhubert_resnet_channels, conv_pos=16, conv_pos_groups=4,
                                 layer_norm_first=cfg.avhubert_layer_norm_first)
         with init_ctx():
             return AVHubertVideoEncoder(av_cfg)

@@ -1,22 +1,97 @@
 """Configuration of the Llama-AVSR model (encoders, projectors, LLM, LoRA, decorrelation loss).
 
 Every pretrained part is optional: a `None` path builds a tiny, randomly initialised stand-in
-from the `tiny_*` sizes, so the whole model runs on a CPU in tests and the demo.
+with the sizes in `ModelConfig.tiny` (`--model.tiny.llm-layers`, ...), so the whole model runs on a
+CPU in tests and the demo.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+
+from trainer.config_checks import Problems
+from trainer.data.config import Streams
 
 MODALITIES = ("asr", "vsr", "avsr")
 DOWNSAMPLE_MODES = ("stack", "avgpool")
 DECORRELATION_IMPLS = ("auto", "triton", "torch")
 LOAD_DTYPES = ("float32", "bfloat16", "float16")
+TINY_TOKENIZERS = ("bpe", "char")
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the tiny stand-ins, each used only when the matching pretrained path is None."""
+
+    tokenizer: str = "bpe"
+    """Tokenizer for the tiny LLM when no tokenizer_path is given: "bpe" (trained by the trainer on
+    the training transcripts, saved in the run folder) or "char" (character level, no corpus needed)."""
+    tokenizer_vocab: int = 400
+    """Vocabulary size of the corpus BPE tokenizer."""
+    llm_layers: int = 4
+    """Decoder layers of the tiny Llama."""
+    llm_width: int = 128
+    """Hidden size of the tiny Llama."""
+    llm_heads: int = 4
+    """Attention heads of the tiny Llama (2 key/value heads when divisible: grouped-query attention as in Llama 3)."""
+    llm_ffn: int = 256
+    """MLP intermediate size of the tiny Llama."""
+    llm_init_std: float = 0.1
+    """Init std of the tiny Llama (transformers' default is 0.02). The LLM stays frozen, and with 0.02
+    a random RMS-normed output head caps logits near +-1, so the LoRA model could barely learn."""
+    n_mels: int = 80
+    """Mel bins of the tiny Whisper, and so of the log-mels the data pipeline computes for it (a
+    pretrained Whisper uses its own num_mel_bins: 80, or 128 for large-v3)."""
+    whisper_layers: int = 2
+    """Encoder layers of the tiny Whisper."""
+    whisper_width: int = 64
+    """d_model of the tiny Whisper."""
+    whisper_heads: int = 2
+    """Attention heads of the tiny Whisper."""
+    whisper_init_std: float = 0.3
+    """Init std of the tiny Whisper's weights. With transformers' default (0.02) its frozen random
+    convolutions pass on a speech signal ~1.5% of the sinusoidal position table, so the projector
+    sees mostly position and the demo model never learns to listen; at 0.3 the content is ~60%."""
+    whisper_max_source_positions: int = 500
+    """Encoder frames of the tiny Whisper (x2 mel frames = its fixed input window; 500 -> 10 s).
+    Longer clips raise: filter them in the data pipeline."""
+    avhubert_layers: int = 2
+    """Transformer layers of the tiny AV-HuBERT."""
+    avhubert_width: int = 64
+    """Transformer width of the tiny AV-HuBERT."""
+    avhubert_heads: int = 2
+    """Attention heads of the tiny AV-HuBERT."""
+    avhubert_ffn: int = 128
+    """FFN size of the tiny AV-HuBERT."""
+    avhubert_resnet_channels: int = 4
+    """First ResNet stage width of the tiny AV-HuBERT (official: 64; stages are x1, x2, x4, x8).
+    The frozen video front end is most of a CPU step: 4 channels cost ~0.8 s per 1500 frames, 8 ~1.4 s."""
+
+    def __post_init__(self) -> None:
+        p = Problems("model.tiny")
+        p.one_of(self, "tokenizer", TINY_TOKENIZERS)
+        p.at_least(self, [f.name for f in fields(self) if f.type in ("int", int)], 1, integer=True)
+        for width, heads in (("llm_width", "llm_heads"), ("whisper_width", "whisper_heads"),
+                             ("avhubert_width", "avhubert_heads")):
+            w, h = getattr(self, width), getattr(self, heads)
+            if isinstance(w, int) and isinstance(h, int) and h > 0:
+                p.check(w % h == 0, width, f"({w}) must be divisible by {p.flag(heads)} ({h})")
+        if isinstance(self.avhubert_width, int):
+            p.check(self.avhubert_width % 4 == 0, "avhubert_width", f"({self.avhubert_width}) must be divisible "
+                    "by 4 (groups of its convolutional positional embedding)")
+        p.check(self.llm_init_std > 0, "llm_init_std", f"must be > 0, got {self.llm_init_std}")
+        p.check(self.whisper_init_std > 0, "whisper_init_std", f"must be > 0, got {self.whisper_init_std}")
+        p.raise_any()
+
+
+# The flat names these sizes had before they were grouped under `tiny` (README: "Renamed options").
+FLAT_TINY_NAMES = {("n_mels" if f.name == "n_mels" else f"tiny_{f.name}"): f.name for f in fields(TinyModelConfig)}
 
 
 @dataclass
 class ModelConfig:
     modality: str = "avsr"
-    """"asr" (audio only: Whisper), "vsr" (video only: AV-HuBERT) or "avsr" (both)."""
+    """"asr" (audio only: Whisper), "vsr" (video only: AV-HuBERT) or "avsr" (both). The data pipeline
+    decodes what this needs (`input_streams`): there is no data-side modality."""
 
     # --- pretrained parts (local only: nothing is ever downloaded) ---
     llm_path: str | None = None
@@ -24,11 +99,6 @@ class ModelConfig:
     tokenizer_path: str | None = None
     """Local tokenizer folder; None -> the LLM folder's tokenizer, or (tiny LLM) a character-level
     tokenizer built in code. `trainer.model.tokenizer.train_bpe_tokenizer` writes a corpus BPE one."""
-    tiny_tokenizer: str = "bpe"
-    """Tokenizer for the tiny LLM when no tokenizer_path is given: "bpe" (trained by the trainer on
-    the training transcripts, saved in the run folder) or "char" (character level, no corpus needed)."""
-    tiny_tokenizer_vocab: int = 400
-    """Vocabulary size of the corpus BPE tokenizer."""
     whisper_path: str | None = None
     """Local folder of a Whisper checkpoint (WhisperModel / WhisperForConditionalGeneration);
     None -> tiny WhisperConfig built in code."""
@@ -41,46 +111,11 @@ class ModelConfig:
     llm_gradient_checkpointing: bool = False
     """Recompute LLM decoder blocks in the backward pass (saves activation memory)."""
 
-    # --- tiny stand-ins (used only when the matching path is None) ---
-    n_mels: int = 80
-    """Mel bins of the tiny Whisper (a pretrained Whisper uses its own num_mel_bins: 80, or 128 for large-v3)."""
-    tiny_llm_layers: int = 4
-    """Decoder layers of the tiny Llama."""
-    tiny_llm_width: int = 128
-    """Hidden size of the tiny Llama."""
-    tiny_llm_heads: int = 4
-    """Attention heads of the tiny Llama (2 key/value heads when divisible: grouped-query attention as in Llama 3)."""
-    tiny_llm_ffn: int = 256
-    """MLP intermediate size of the tiny Llama."""
-    tiny_llm_init_std: float = 0.1
-    """Init std of the tiny Llama (transformers' default is 0.02). The LLM stays frozen, and with 0.02
-    a random RMS-normed output head caps logits near +-1, so the LoRA model could barely learn."""
-    tiny_whisper_layers: int = 2
-    """Encoder layers of the tiny Whisper."""
-    tiny_whisper_width: int = 64
-    """d_model of the tiny Whisper."""
-    tiny_whisper_heads: int = 2
-    """Attention heads of the tiny Whisper."""
-    tiny_whisper_init_std: float = 0.3
-    """Init std of the tiny Whisper's weights. With transformers' default (0.02) its frozen random
-    convolutions pass on a speech signal ~1.5% of the sinusoidal position table, so the projector
-    sees mostly position and the demo model never learns to listen; at 0.3 the content is ~60%."""
-    tiny_whisper_max_source_positions: int = 500
-    """Encoder frames of the tiny Whisper (x2 mel frames = its fixed input window; 500 -> 10 s).
-    Longer clips raise: filter them in the data pipeline."""
-    tiny_avhubert_layers: int = 2
-    """Transformer layers of the tiny AV-HuBERT."""
-    tiny_avhubert_width: int = 64
-    """Transformer width of the tiny AV-HuBERT."""
-    tiny_avhubert_heads: int = 2
-    """Attention heads of the tiny AV-HuBERT."""
-    tiny_avhubert_ffn: int = 128
-    """FFN size of the tiny AV-HuBERT."""
-    tiny_avhubert_resnet_channels: int = 4
-    """First ResNet stage width of the tiny AV-HuBERT (official: 64; stages are x1, x2, x4, x8).
-    The frozen video front end is most of a CPU step: 4 channels cost ~0.8 s per 1500 frames, 8 ~1.4 s."""
     avhubert_layer_norm_first: bool = True
     """Pre-LN Transformer layers (True for the released AV-HuBERT Base and Large checkpoints)."""
+
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Sizes of the tiny stand-ins (`--model.tiny.llm-layers 2`; recipe `model: {tiny: {llm_layers: 2}}`)."""
 
     # --- projectors ---
     audio_rate: int = 3
@@ -134,64 +169,34 @@ class ModelConfig:
     batch's own length (re-implemented forward; faster, but off the pretraining distribution)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.tiny, dict):                 # a recipe or a saved run's JSON
+            self.tiny = TinyModelConfig(**self.tiny)
         self.lora_targets = tuple(self.lora_targets)
         self.modality_order = tuple(self.modality_order)
         if self.decorrelation_layers is not None:
             self.decorrelation_layers = tuple(int(i) for i in self.decorrelation_layers)
-        errors = self.validation_errors()
-        if errors:
-            raise ValueError("invalid ModelConfig:\n  - " + "\n  - ".join(errors))
-
-    def validation_errors(self) -> list[str]:
-        errors: list[str] = []
-        if self.modality not in MODALITIES:
-            errors.append(f"modality must be one of {MODALITIES}, got {self.modality!r}")
-        if self.tiny_tokenizer not in ("bpe", "char"):
-            errors.append(f"tiny_tokenizer must be 'bpe' or 'char', got {self.tiny_tokenizer!r}")
-        if self.downsample not in DOWNSAMPLE_MODES:
-            errors.append(f"downsample must be one of {DOWNSAMPLE_MODES}, got {self.downsample!r}")
-        if self.decorrelation_impl not in DECORRELATION_IMPLS:
-            errors.append(f"decorrelation_impl must be one of {DECORRELATION_IMPLS}, got {self.decorrelation_impl!r}")
-        if self.load_dtype not in LOAD_DTYPES:
-            errors.append(f"load_dtype must be one of {LOAD_DTYPES}, got {self.load_dtype!r}")
-        if sorted(self.modality_order) != ["audio", "video"]:
-            errors.append(f"modality_order must be a permutation of ('video', 'audio'), got {self.modality_order}")
-        for name in ("audio_rate", "video_rate", "projector_hidden", "lora_r", "n_mels",
-                     "tiny_llm_layers", "tiny_llm_width", "tiny_llm_heads", "tiny_llm_ffn",
-                     "tiny_whisper_layers", "tiny_whisper_width", "tiny_whisper_heads",
-                     "tiny_whisper_max_source_positions", "tiny_avhubert_layers", "tiny_avhubert_width",
-                     "tiny_avhubert_heads", "tiny_avhubert_ffn", "tiny_avhubert_resnet_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                errors.append(f"{name} must be a positive int, got {value!r}")
-        for width, heads in (("tiny_llm_width", "tiny_llm_heads"), ("tiny_whisper_width", "tiny_whisper_heads"),
-                             ("tiny_avhubert_width", "tiny_avhubert_heads")):
-            w, h = getattr(self, width), getattr(self, heads)
-            if isinstance(w, int) and isinstance(h, int) and h > 0 and w % h:
-                errors.append(f"{width}={w} is not divisible by {heads}={h}")
-        if isinstance(self.tiny_avhubert_width, int) and self.tiny_avhubert_width % 4:
-            errors.append(f"tiny_avhubert_width={self.tiny_avhubert_width} must be divisible by 4 "
-                          "(groups of its convolutional positional embedding)")
-        if not self.tiny_llm_init_std > 0:
-            errors.append(f"tiny_llm_init_std must be > 0, got {self.tiny_llm_init_std}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            errors.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.lora_targets:
-            errors.append("lora_targets is empty: the LLM would have no trainable adapters")
-        if self.decorrelation_weight < 0:
-            errors.append(f"decorrelation_weight must be >= 0, got {self.decorrelation_weight}")
-        if self.decorrelation_layers is not None:
-            if not self.decorrelation_layers:
-                errors.append("decorrelation_layers is empty (use None for the default 1 .. L-1)")
-            if any(i < 0 for i in self.decorrelation_layers):
-                errors.append(f"decorrelation_layers must be non-negative, got {self.decorrelation_layers}")
-            if len(set(self.decorrelation_layers)) != len(self.decorrelation_layers):
-                errors.append(f"decorrelation_layers has duplicates: {self.decorrelation_layers}")
-        if self.video_lora and not self.freeze_video_encoder:
-            errors.append("video_lora=True needs freeze_video_encoder=True (LoRA adapts a frozen encoder)")
-        if self.video_lora and not self.uses_video:
-            errors.append("video_lora=True but modality is 'asr' (no video encoder)")
-        return errors
+        p = Problems("model")
+        p.one_of(self, "modality", MODALITIES)
+        p.one_of(self, "downsample", DOWNSAMPLE_MODES)
+        p.one_of(self, "decorrelation_impl", DECORRELATION_IMPLS)
+        p.one_of(self, "load_dtype", LOAD_DTYPES)
+        p.check(sorted(self.modality_order) == ["audio", "video"], "modality_order",
+                f"must be a permutation of (audio, video), got {self.modality_order}")
+        p.at_least(self, ("audio_rate", "video_rate", "projector_hidden", "lora_r"), 1, integer=True)
+        p.check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        p.check(bool(self.lora_targets), "lora_targets", "is empty: the LLM would have no trainable adapters")
+        p.check(self.decorrelation_weight >= 0, "decorrelation_weight",
+                f"must be >= 0, got {self.decorrelation_weight}")
+        layers = self.decorrelation_layers
+        if layers is not None:
+            p.check(bool(layers), "decorrelation_layers", "is empty (leave it out for the default 1 .. L-1)")
+            p.check(all(i >= 0 for i in layers), "decorrelation_layers", f"must be non-negative, got {layers}")
+            p.check(len(set(layers)) == len(layers), "decorrelation_layers", f"has duplicates: {layers}")
+        if self.video_lora:
+            p.check(self.freeze_video_encoder, "video_lora",
+                    f"needs {p.flag('freeze_video_encoder')} True (LoRA adapts a frozen encoder)")
+            p.check(self.uses_video, "video_lora", f"needs video, but {p.flag('modality')} is {self.modality!r}")
+        p.raise_any()
 
     @property
     def uses_audio(self) -> bool:
@@ -200,6 +205,12 @@ class ModelConfig:
     @property
     def uses_video(self) -> bool:
         return self.modality in ("vsr", "avsr")
+
+    def streams(self, n_mels: int | None = None) -> Streams:
+        """What the data pipeline decodes for this model. n_mels: its Whisper's mel bins (a pretrained
+        checkpoint's num_mel_bins, which `LlamaAVSR.input_streams` passes); None: the tiny Whisper's."""
+        return Streams(audio=self.uses_audio, video=self.uses_video,
+                       n_mels=self.tiny.n_mels if n_mels is None else n_mels)
 
     @property
     def enabled_modalities(self) -> tuple[str, ...]:

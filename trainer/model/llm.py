@@ -15,13 +15,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def tiny_llama_config(cfg: ModelConfig, vocab_size: int, specials: SpecialTokenIds) -> LlamaConfig:
-    heads = cfg.tiny_llm_heads
+    heads = cfg.tiny.llm_heads
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=cfg.tiny_llm_width, intermediate_size=cfg.tiny_llm_ffn,
-        num_hidden_layers=cfg.tiny_llm_layers, num_attention_heads=heads,
+        vocab_size=vocab_size, hidden_size=cfg.tiny.llm_width, intermediate_size=cfg.tiny.llm_ffn,
+        num_hidden_layers=cfg.tiny.llm_layers, num_attention_heads=heads,
         num_key_value_heads=2 if heads % 2 == 0 else heads, max_position_embeddings=4096,
         bos_token_id=specials.bos, eos_token_id=specials.eos, pad_token_id=specials.pad,
-        tie_word_embeddings=False, initializer_range=cfg.tiny_llm_init_std,
+        tie_word_embeddings=False, initializer_range=cfg.tiny.llm_init_std,
     )
 
 
@@ -84,7 +84,7 @@ def add_lora(model: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
 def llm_hidden_size(cfg) -> int:
     """The LLM width, without building it (the DeepSpeed bucket sizes depend on it)."""
     if cfg.llm_path is None:
-        return cfg.tiny_llm_width
+        return cfg.tiny.llm_width
     import json
     from pathlib import Path
     config_file = Path(cfg.llm_path) / "config.json"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.config_checks import Problems
+
 
 @dataclass
 class MonitorConfig:
@@ -47,30 +49,20 @@ class MonitorConfig:
     """Cap on the massive (batch, token, feature) entries kept per layer (the largest ones are kept)."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"every must be >= 0 (0 = off), got {self.every}")
-        if not 0.0 < self.sink_epsilon < 1.0:
-            raise ValueError(f"sink_epsilon must be in (0, 1), got {self.sink_epsilon}")
-        if self.sink_min_queries < 1:
-            raise ValueError(f"sink_min_queries must be >= 1, got {self.sink_min_queries}")
-        if self.massive_abs < 0:
-            raise ValueError(f"massive_abs must be >= 0, got {self.massive_abs}")
-        if self.massive_ratio < 1.0:
-            raise ValueError(f"massive_ratio (tau) must be >= 1, got {self.massive_ratio}")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.probe_batch_size < 1:
-            raise ValueError(f"probe_batch_size must be >= 1, got {self.probe_batch_size}")
-        if self.max_massive_entries < 1:
-            raise ValueError(f"max_massive_entries must be >= 1, got {self.max_massive_entries}")
-        # YAML/JSON configs give lists: normalise to tuples so the dataclass stays hashable-ish and typed.
+        # YAML/JSON configs give lists: normalise to tuples so the dataclass stays typed.
         if self.layers is not None:
             self.layers = tuple(int(x) for x in self.layers)
-            if not self.layers:
-                raise ValueError("layers must be None (all) or a non-empty list")
         self.figure_layers = tuple(int(x) for x in self.figure_layers)
-        if self.figure_head is not None and self.figure_head < 0:
-            raise ValueError(f"figure_head must be >= 0 or None, got {self.figure_head}")
+        p = Problems("monitor")
+        p.at_least(self, ("every",), 0, integer=True)
+        p.check(0.0 < self.sink_epsilon < 1.0, "sink_epsilon", f"must be in (0, 1), got {self.sink_epsilon}")
+        p.at_least(self, ("sink_min_queries", "top_k", "probe_batch_size", "max_massive_entries"), 1, integer=True)
+        p.at_least(self, ("massive_abs",), 0)
+        p.at_least(self, ("massive_ratio",), 1)
+        p.check(self.layers is None or len(self.layers) > 0, "layers", "must be left out (all layers) or non-empty")
+        if self.figure_head is not None:
+            p.at_least(self, ("figure_head",), 0, integer=True)
+        p.raise_any()
 
     @property
     def enabled(self) -> bool:
