@@ -376,8 +376,11 @@ def estimate(args: argparse.Namespace) -> dict:
     if args.instruction_tokens is not None:
         instr, instr_source = args.instruction_tokens, "--instruction-tokens"
     elif args.tokenizer:
-        from trainer.model.tokenizer import load_tokenizer
-        instr = len(load_tokenizer(args.tokenizer)(instr_text, add_special_tokens=False)["input_ids"])
+        from trainer.model.avsr import build_tokenizer
+        from trainer.model.prompt_text import prompt_ids
+
+        tokenizer = build_tokenizer(dataclasses.replace(cfg, tokenizer_path=str(args.tokenizer)))
+        instr = len(prompt_ids(tokenizer, cfg.modality).instruction)      # as the trainer tokenizes it
         instr_source = f"measured with {args.tokenizer}"
     else:
         instr, instr_source = estimate_instruction_tokens(instr_text), "estimated (no Llama-3 tokenizer offline)"
