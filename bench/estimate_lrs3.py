@@ -254,9 +254,10 @@ PARTS = {"audio_encoder": "whisper", "video_encoder": "avhubert", "audio_project
          "video_projector": "projectors"}
 
 
-def _forward_by_part(mode: FlopCounterMode, model) -> dict[str, float]:
-    """FlopCounterMode's per-module forward counts -> whisper / avhubert / projectors / llm (the rest:
-    decoder, LM head, losses; the decoder is called directly, so the counter does not name it)."""
+def _by_part(mode: FlopCounterMode, model) -> dict[str, float]:
+    """FlopCounterMode's per-module counts -> whisper / avhubert / projectors, and llm: the rest
+    (decoder, LM head, losses; LlamaAVSR calls its decoder directly, so the counter names it apart).
+    The counter follows modules into the backward too (not the root's, hence the rest)."""
     root = type(model).__name__
     by_module = {k: sum(v.values()) for k, v in mode.get_flop_counts().items()}
     parts = {"whisper": 0.0, "avhubert": 0.0, "projectors": 0.0}
@@ -295,25 +296,26 @@ def _shapes(model, saved: "_SavedBytes | None" = None) -> tuple[dict, list]:
 
 def count_step(model, batch: dict, *, backward: bool = True, measure_memory: bool = False) -> dict:
     """LlamaAVSR.forward (and the loss's backward) on `batch` under FlopCounterMode.
-    -> {"flops": {llm, whisper, avhubert, projectors: forward; backward}, "layout": token counts of the
-    run, per clip, and with measure_memory the bytes autograd saved}."""
+    -> {"flops": {part_fwd, part_bwd for llm, whisper, avhubert, projectors (parts that run)}, "layout":
+    token counts of the run, per clip, and with measure_memory the bytes autograd saved}."""
     saved = _SavedBytes(list(model.parameters()), seq_len=0) if measure_memory else None
     seen, handles = _shapes(model, saved)
     hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack) if saved else nullcontext()
-    fwd = FlopCounterMode(display=False)
+    both, fwd = FlopCounterMode(display=False), FlopCounterMode(display=False)
     model.train()
     try:
-        with hooks, fwd:
-            out = model(batch)
+        with both:                                  # forward and backward; `fwd` sees the forward only
+            with hooks, fwd:
+                out = model(batch)
+            if backward:
+                out.loss.backward()
     finally:
         for h in handles:
             h.remove()
-    flops = _forward_by_part(fwd, model)
+    forward, total = _by_part(fwd, model), _by_part(both, model)
+    flops = {f"{part}_fwd": n for part, n in forward.items() if n}
     if backward:
-        bwd = FlopCounterMode(display=False)
-        with bwd:
-            out.loss.backward()
-        flops["backward"] = float(bwd.get_total_flops())
+        flops.update({f"{part}_bwd": total[part] - n for part, n in forward.items() if total[part] - n})
     clips = len(batch["transcript_ids"])
     layout = {"tokens": seen["tokens"], "audio_tokens": seen.get("audio_tokens", 0),
               "video_tokens": seen.get("video_tokens", 0), "logit_rows": seen["logit_rows"] // clips}
@@ -393,7 +395,9 @@ def estimate(args: argparse.Namespace) -> dict:
     av_config = AVHubertConfig.large() if cfg.uses_video else None
     res = count_sample_flops(cfg, shape, llm_config, whisper_config, av_config)
     f, p, lay = res["flops"], res["params"], res["layout"]
-    per_clip = sum(f.values())
+    parts = {part: f.get(f"{part}_fwd", 0) + f.get(f"{part}_bwd", 0)
+             for part in ("llm", "projectors", "whisper", "avhubert")}
+    per_clip = sum(parts.values())
     per_epoch = per_clip * args.clips
     run = per_epoch * args.epochs
     hidden, vocab = llm_config.hidden_size, llm_config.vocab_size
@@ -434,7 +438,7 @@ def estimate(args: argparse.Namespace) -> dict:
 
     # ---- ZeRO-3 traffic: every micro-batch all-gathers the bf16 weights it runs (the LLM in forward
     # and again in backward, the frozen encoders in forward; AV-HuBERT in backward too with video LoRA)
-    video_bwd = cfg.uses_video and (cfg.video_lora or not cfg.freeze_video_encoder)
+    video_bwd = bool(f.get("avhubert_bwd"))
     gathered = 2 * (2 * p["llm_total"] + p["whisper_encoder"] + p["avhubert"] * (2 if video_bwd else 1)
                     + p["avhubert_lora"] + 2 * p["projectors"]) * (g - 1) / g
     mfu = out_time.get("implied_mfu", args.mfu)
@@ -444,7 +448,6 @@ def estimate(args: argparse.Namespace) -> dict:
 
     return {
         "recipe": str(args.recipe), "modality": cfg.modality, "attn": cfg.llm_attn_implementation,
-        "video_backward": video_bwd,
         "rates": {"audio": cfg.audio_rate if cfg.uses_audio else None,
                   "video": cfg.video_rate if cfg.uses_video else None},
         "corpus": {"hours": args.hours, "clips": args.clips, "mean_clip_s": clip_s,
@@ -454,7 +457,8 @@ def estimate(args: argparse.Namespace) -> dict:
         "sample": {**asdict(shape), "mel_frames": shape.mel_frames, "whisper_frames": whisper_frames,
                    "whisper_window_frames": 1500 if cfg.whisper_pad_to_30s else whisper_frames, **lay},
         "params": p,
-        "flops_per_clip": {**f, "total": per_clip, "all_position_logits_extra": all_logits_extra},
+        "flops_per_clip": {**parts, "total": per_clip, "detail": f,
+                           "all_position_logits_extra": all_logits_extra},
         "trainer_train_flops_per_clip": res["trainer_flops"],
         "trainer_over_counted": res["trainer_flops"] / per_clip,
         "flops_per_epoch": per_epoch, "epochs": args.epochs, "flops_run": run,
@@ -506,13 +510,13 @@ def render(r: dict) -> str:
         f" + video LoRA {p['avhubert_lora'] / M:.1f} M + delimiters) | {p['trainable'] / M:,.1f} M |",
         f"| params: Whisper medium encoder | {used(p['whisper_encoder'], '%.1f M' % (p['whisper_encoder'] / M))} |",
         f"| params: AV-HuBERT Large (video) | {used(p['avhubert'], '%.1f M' % (p['avhubert'] / M))} |",
-        f"| TFLOPs/clip forward: LLM (decoder, LM head on target rows, losses) | {_t(f['llm'])} |",
-        f"| TFLOPs/clip forward: Whisper encoder ({s['whisper_window_frames']} frames) |"
+        f"| TFLOPs/clip: LLM fwd + bwd ({_t(f['detail'].get('llm_fwd', 0))} + "
+        f"{_t(f['detail'].get('llm_bwd', 0))}; decoder, LM head on target rows, losses) | {_t(f['llm'])} |",
+        f"| TFLOPs/clip: Whisper encoder fwd ({s['whisper_window_frames']} frames) |"
         f" {used(f['whisper'], _t(f['whisper']))} |",
-        f"| TFLOPs/clip forward: AV-HuBERT | {used(f['avhubert'], _t(f['avhubert']))} |",
-        f"| TFLOPs/clip forward: projectors | {_t(f['projectors'])} |",
-        f"| TFLOPs/clip backward (LLM activations + LoRA, projectors"
-        f"{', AV-HuBERT Transformer (video LoRA)' if r['video_backward'] else ''}) | {_t(f['backward'])} |",
+        f"| TFLOPs/clip: AV-HuBERT fwd{' + bwd (video LoRA)' if f['detail'].get('avhubert_bwd') else ''}"
+        f" | {used(f['avhubert'], _t(f['avhubert']))} |",
+        f"| TFLOPs/clip: projectors fwd + bwd | {_t(f['projectors'])} |",
         f"| **TFLOPs/clip: total (counted)** | **{_t(f['total'])}** |",
         f"| TFLOPs/clip: what the trainer's perf/mfu counts | {_t(r['trainer_train_flops_per_clip'])} "
         f"({r['trainer_over_counted']:.2f}x counted) |",
