@@ -254,10 +254,9 @@ PARTS = {"audio_encoder": "whisper", "video_encoder": "avhubert", "audio_project
          "video_projector": "projectors"}
 
 
-def _by_part(mode: FlopCounterMode, model) -> dict[str, float]:
-    """FlopCounterMode's per-module counts -> whisper / avhubert / projectors, and llm: the rest
-    (decoder, LM head, losses; LlamaAVSR calls its decoder directly, so the counter names it apart).
-    The counter follows modules into the backward too (not the root's, hence the rest)."""
+def _forward_by_part(mode: FlopCounterMode, model) -> dict[str, float]:
+    """FlopCounterMode's per-module forward counts -> whisper / avhubert / projectors, and llm: the
+    rest (decoder, LM head, losses)."""
     root = type(model).__name__
     by_module = {k: sum(v.values()) for k, v in mode.get_flop_counts().items()}
     parts = {"whisper": 0.0, "avhubert": 0.0, "projectors": 0.0}
@@ -267,12 +266,42 @@ def _by_part(mode: FlopCounterMode, model) -> dict[str, float]:
     return parts
 
 
+def _counted(fn) -> float:
+    mode = FlopCounterMode(display=False)
+    with mode:
+        fn()
+    return float(mode.get_total_flops())
+
+
+def _backward_by_part(loss: torch.Tensor, model, seen: dict) -> dict[str, float]:
+    """The loss's backward in three autograd calls on the real graph, counted apart (the counter's
+    module tracking cannot split a backward: a module whose inputs need no gradient, like a
+    projector fed by a frozen encoder, never closes): the LLM down to its input embeddings (with
+    the LoRA weight gradients), then the prompt's trainable inputs (projectors, delimiter table),
+    then the video encoder when it trains. Together: the ops of loss.backward()."""
+    embeds, video = seen["inputs_embeds"], seen.get("video_frames")
+    video = video if video is not None and video.requires_grad else None
+    lora = [p for p in model.llm.parameters() if p.requires_grad]
+    prompt_inputs = [p for name, p in model.named_parameters()
+                     if p.requires_grad and not name.startswith(("llm.", "video_encoder."))]
+    grads: dict[str, tuple] = {}
+    flops = {"llm_bwd": _counted(lambda: grads.update(llm=torch.autograd.grad(loss, [embeds] + lora)))}
+    targets = prompt_inputs + ([video] if video is not None else [])
+    flops["projectors_bwd"] = _counted(
+        lambda: grads.update(prompt=torch.autograd.grad(embeds, targets, grads["llm"][0])))
+    if video is not None:
+        flops["avhubert_bwd"] = _counted(lambda: torch.autograd.grad(
+            video, [p for p in model.video_encoder.parameters() if p.requires_grad], grads["prompt"][-1]))
+    return flops
+
+
 def _shapes(model, saved: "_SavedBytes | None" = None) -> tuple[dict, list]:
     """Hooks recording the real run's token counts: the decoder's sequence length (also the T x T
     test of `saved`), each projector's tokens per clip, the LM head's rows."""
     seen: dict[str, int] = {}
 
     def decoder(_mod, _args, kwargs):
+        seen["inputs_embeds"] = kwargs["inputs_embeds"]
         seen["tokens"] = kwargs["inputs_embeds"].shape[1]
         if saved is not None:
             saved.seq_len = seen["tokens"]
@@ -285,8 +314,13 @@ def _shapes(model, saved: "_SavedBytes | None" = None) -> tuple[dict, list]:
     def head(_mod, args, _out):
         seen["logit_rows"] = args[0].shape[0]
 
+    def video_encoder(_mod, _args, out):
+        seen["video_frames"] = out[0]
+
     handles = [model.decoder.register_forward_pre_hook(decoder, with_kwargs=True),
                model.base_llm.get_output_embeddings().register_forward_hook(head)]
+    if model.video_encoder is not None:
+        handles.append(model.video_encoder.register_forward_hook(video_encoder))
     for name in ("audio", "video"):
         proj = getattr(model, f"{name}_projector")
         if proj is not None:
@@ -301,21 +335,17 @@ def count_step(model, batch: dict, *, backward: bool = True, measure_memory: boo
     saved = _SavedBytes(list(model.parameters()), seq_len=0) if measure_memory else None
     seen, handles = _shapes(model, saved)
     hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack) if saved else nullcontext()
-    both, fwd = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    fwd = FlopCounterMode(display=False)
     model.train()
     try:
-        with both:                                  # forward and backward; `fwd` sees the forward only
-            with hooks, fwd:
-                out = model(batch)
-            if backward:
-                out.loss.backward()
+        with hooks, fwd:
+            out = model(batch)
     finally:
         for h in handles:
             h.remove()
-    forward, total = _by_part(fwd, model), _by_part(both, model)
-    flops = {f"{part}_fwd": n for part, n in forward.items() if n}
+    flops = {f"{part}_fwd": n for part, n in _forward_by_part(fwd, model).items() if n}
     if backward:
-        flops.update({f"{part}_bwd": total[part] - n for part, n in forward.items() if total[part] - n})
+        flops.update({k: n for k, n in _backward_by_part(out.loss, model, seen).items() if n})
     clips = len(batch["transcript_ids"])
     layout = {"tokens": seen["tokens"], "audio_tokens": seen.get("audio_tokens", 0),
               "video_tokens": seen.get("video_tokens", 0), "logit_rows": seen["logit_rows"] // clips}
