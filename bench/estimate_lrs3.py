@@ -98,6 +98,15 @@ def llama32_3b_config(vocab_size: int = LLAMA3_VOCAB + LLAMA3_ADDED_TOKENS):
     )
 
 
+def llama32_1b_config(vocab_size: int = LLAMA3_VOCAB + LLAMA3_ADDED_TOKENS):
+    """meta-llama/Llama-3.2-1B's config.json, written out (bench/bench_trainer.py uses it)."""
+    cfg = llama32_3b_config(vocab_size)
+    for key, value in dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=64).items():
+        setattr(cfg, key, value)
+    return cfg
+
+
 def whisper_medium_config(n_mels: int = 80):
     """openai/whisper-medium(.en) sizes; only the encoder is built."""
     from transformers import WhisperConfig
