@@ -112,7 +112,7 @@ class LlamaAVSR(nn.Module):
                 raise KeyError(f"modality {self.cfg.modality!r} needs batch['{modality}'] and "
                                f"batch['{modality}_lengths']; got keys {sorted(batch)}")
             data, lengths = batch[modality], batch[f"{modality}_lengths"].long()
-            if lengths.min() < 1 or lengths.max() > data.shape[-1 if modality == "audio" else 1]:   # lengths: any device
+            if lengths.min() < 1 or lengths.max() > data.shape[-1 if modality == "audio" else 1]:
                 raise ValueError(f"{modality}_lengths {lengths.tolist()} do not fit the padded {modality} "
                                  f"tensor of shape {tuple(data.shape)}")
             if modality == "audio":
