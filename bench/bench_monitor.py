@@ -118,7 +118,7 @@ class Bench:
         from trainer.engine.probe import run_probe
 
         t = self.t
-        run_probe(t.monitor, t.model, t.to_device(t.probe_batch), t.step, out_dir=None)
+        run_probe(t.monitor, t.model, t.tokenizer, t.to_device(t.probe_batch), t.step, out_dir=None)
 
     def loop(self, steps: int, monitor_every: int) -> tuple[float, float]:
         """Trainer.train's loop without logging, evaluation and checkpoints.

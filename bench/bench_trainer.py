@@ -348,10 +348,11 @@ class Run:
         import torch
 
         from trainer.kernels import decorrelation_loss
+        from trainer.model.prompt_text import with_transcript_ids
         from trainer.model.roles import prefix_mask
 
         model = self.t.model
-        batch = self.t.to_device(next(self.t.stream))
+        batch = self.t.to_device(with_transcript_ids(self.t.tokenizer, next(self.t.stream)))
         with torch.no_grad():
             inputs = model.assemble(batch)
             out = model.decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,

@@ -1,29 +1,29 @@
-"""Hardware and time estimate for the LRS3 recipes, from FLOPs counted on the real modules.
+"""Hardware and time estimate for the LRS3 recipes, from FLOPs counted on the real model.
 
-One training sample (an average LRS3 clip) is run through the real modules at their real sizes on
-PyTorch's `meta` device (shapes only, no weights allocated, nothing downloaded) under
-`torch.utils.flop_counter.FlopCounterMode`:
+The trainer's own model (trainer.model.avsr.LlamaAVSR, put together by `assemble_model` with the
+recipe's LoRA, freezing, projectors and delimiter table) is built on PyTorch's `meta` device from
+configs at the paper's sizes written below (shapes only: no weights allocated, nothing downloaded):
 
-  LLM        transformers LlamaForCausalLM with the Llama-3.2-3B architecture written below, the
-             recipe's peft LoRA (trainer.model.llm.add_lora), the recipe's attention backend. Forward
-             and the REAL backward (autograd on meta): the base is frozen, so backward computes
-             activation gradients (plus the tiny LoRA weight gradients), about 1x forward. Logits
-             are computed on the target rows only (transcript + EOS), as LlamaAVSR._cross_entropy does.
-  Whisper    transformers WhisperEncoder, medium size, forward only (frozen, under no_grad), through
-             the project's WhisperAudioEncoder: with whisper_pad_to_30s every clip is padded to the
-             30 s window, so the encoder always runs 3000 mel frames -> 1500 frames per clip.
-  AV-HuBERT  the project's AVHubertVideoEncoder with AVHubertConfig.large() (3-D conv + ResNet-18 on
-             88x88 frames, 24 layers d1024). Forward only when frozen; with video_lora (VSR recipe)
-             backward runs through its Transformer (activation gradients down to layer 0's LoRA).
-  projectors the project's Projector (stack + 2-layer MLP [+ pre-fusion LayerNorm]), forward+backward.
+  LLM        transformers LlamaForCausalLM, Llama-3.2-3B architecture, vocabulary resized for the
+             five added tokens.
+  Whisper    transformers WhisperEncoder, medium size, in the project's WhisperAudioEncoder.
+  AV-HuBERT  the project's AVHubertVideoEncoder with AVHubertConfig.large().
 
-FlopCounterMode counts matmuls, convolutions and attention (on meta, sdpa and eager attention both
-run as bmm and are counted, dense T x T, causal half not discounted); it ignores elementwise ops
-(norms, activations, softmax, RoPE, the decorrelation loss), which are a few percent at most.
+One training micro-batch of average LRS3 clips then runs through LlamaAVSR.forward and the loss's
+backward under `torch.utils.flop_counter.FlopCounterMode`: the model's own prompt assembly, encoders
+(frozen ones under no_grad), LM head on the target rows, decorrelation loss; the backward is
+autograd's (frozen base: activation gradients, plus the LoRA and projector weight gradients). So
+the estimate follows the model: nothing here mirrors its forward.
 
-Sequence lengths come from the recipe: video tokens = ceil(frames / video_rate), audio tokens =
-ceil(Whisper frames (50 Hz) / audio_rate), laid out by trainer.model.prompt.layout_sample
-(BOS, <video> V </video>, <audio> A </audio>, instruction, transcript, EOS).
+FlopCounterMode counts matmuls, convolutions and attention; it ignores elementwise ops (norms,
+activations, softmax, RoPE, the decorrelation loss's products), a few percent at most. Attention is
+counted dense (T x T, causal half not discounted). The LLM runs with eager attention here: on meta,
+transformers' sdpa mask check reads mask values, which meta tensors do not have; eager attention is
+the same two batched matmuls that FlopCounterMode counts for sdpa.
+
+The sample: an average clip (corpus hours / clips), its transcript at the LRS3 speech rate; the
+instruction's token count is estimated without the Llama-3 tokenizer unless --tokenizer is given.
+Token counts (LLM sequence, per stream) are read from the shapes of the real run.
 
     python bench/estimate_lrs3.py                                          # lrs3_avsr.yaml, 8 GPUs
     python bench/estimate_lrs3.py --recipe launch/recipes/lrs3_asr.yaml --gpus 16 --json est.json
@@ -35,25 +35,27 @@ measured throughput the time rests on the assumed MFU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.model.avhubert import AVHubertConfig, AVHubertVideoEncoder  # noqa: E402
+from trainer.model.audio_encoder import whisper_output_lengths  # noqa: E402
+from trainer.model.avhubert import AVHubertConfig  # noqa: E402
 from trainer.model.config import ModelConfig  # noqa: E402
-from trainer.model.prompt import IGNORE_INDEX, INSTRUCTIONS, layout_sample  # noqa: E402
+from trainer.model.prompt import INSTRUCTIONS  # noqa: E402
+from trainer.model.prompt_text import PromptIds  # noqa: E402
 from trainer.model.tokenizer import SpecialTokenIds  # noqa: E402
 
 DEFAULT_RECIPE = REPO / "launch" / "recipes" / "lrs3_avsr.yaml"
@@ -68,16 +70,18 @@ WORDS_PER_S = 2.6
 TOKENS_PER_WORD = 1.3
 
 FPS = 25                      # video frames per second (trainer.data.config.FPS)
-WHISPER_HZ = 50               # Whisper encoder frames per second (100 Hz mels, conv stride 2)
 MELS_PER_VIDEO_FRAME = 4      # trainer.data.config.MELS_PER_FRAME
+CROP = 88                     # AV-HuBERT's mouth crop (trainer.data.config.DataConfig.crop_size)
 
 # The trainer resizes Llama-3's tables for the tokens it adds: <pad> (Llama 3 has none) and the four
-# modality delimiters (trainer.model.tokenizer.add_avsr_special_tokens).
+# modality delimiters (trainer.model.tokenizer.add_avsr_special_tokens), with these ids.
 LLAMA3_VOCAB = 128_256
 LLAMA3_ADDED_TOKENS = 5
+LLAMA3_SPECIALS = SpecialTokenIds(bos=128000, eos=128001, pad=128256, audio_start=128257, audio_end=128258,
+                                  video_start=128259, video_end=128260)
 
 
-# ----------------------------------------------------------------------------- architectures
+# ----------------------------------------------------------------------------- architectures (data)
 
 def llama32_3b_config(vocab_size: int = LLAMA3_VOCAB + LLAMA3_ADDED_TOKENS):
     """meta-llama/Llama-3.2-3B's config.json, written out (nothing is downloaded)."""
@@ -95,7 +99,7 @@ def llama32_3b_config(vocab_size: int = LLAMA3_VOCAB + LLAMA3_ADDED_TOKENS):
 
 
 def llama32_1b_config(vocab_size: int = LLAMA3_VOCAB + LLAMA3_ADDED_TOKENS):
-    """meta-llama/Llama-3.2-1B's config.json, written out (nothing is downloaded)."""
+    """meta-llama/Llama-3.2-1B's config.json, written out (bench/bench_trainer.py uses it)."""
     cfg = llama32_3b_config(vocab_size)
     for key, value in dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                            num_attention_heads=32, num_key_value_heads=8, head_dim=64).items():
@@ -124,7 +128,7 @@ def estimate_instruction_tokens(text: str) -> int:
 
 @dataclass
 class SampleShape:
-    """One training clip as the model sees it."""
+    """One training clip as the data pipeline hands it to the model."""
     video_frames: int
     """25 fps frames (also fixes the audio length: 4 mel frames per video frame)."""
     instruction_tokens: int
@@ -134,11 +138,6 @@ class SampleShape:
     def mel_frames(self) -> int:
         return MELS_PER_VIDEO_FRAME * self.video_frames
 
-    @property
-    def whisper_frames(self) -> int:
-        """50 Hz encoder frames of the clip's own length (whisper_output_lengths)."""
-        return (self.mel_frames + 1) // 2
-
     @classmethod
     def from_duration(cls, seconds: float, instruction_tokens: int, words_per_s: float = WORDS_PER_S,
                       tokens_per_word: float = TOKENS_PER_WORD) -> "SampleShape":
@@ -146,92 +145,69 @@ class SampleShape:
                    transcript_tokens=max(1, round(seconds * words_per_s * tokens_per_word)))
 
 
-_SPECIALS = SpecialTokenIds(bos=1, eos=2, pad=0, audio_start=3, audio_end=4, video_start=5, video_end=6)
-
-
-def sequence_layout(cfg: ModelConfig, shape: SampleShape) -> dict:
-    """Token counts of the LLM input, laid out by the trainer's own prompt code."""
-    counts = {}
-    if cfg.uses_video:
-        counts["video"] = -(-shape.video_frames // cfg.video_rate)
+def sample_batch(cfg: ModelConfig, shape: SampleShape, batch: int, device, dtype, n_mels: int = 80) -> dict:
+    """A batch of `batch` identical clips as the model takes it: data on `device`, lengths on the CPU
+    (the prompt layout reads them; on meta only shapes exist), transcripts as token ids."""
+    out = {"transcript_ids": [[0] * shape.transcript_tokens for _ in range(batch)]}
     if cfg.uses_audio:
-        counts["audio"] = -(-shape.whisper_frames // cfg.audio_rate)
-    layout = layout_sample(_SPECIALS, [(m, counts[m]) for m in cfg.enabled_modalities],
-                           [7] * shape.instruction_tokens, [8] * shape.transcript_tokens)
-    labels = layout.labels
-    return {
-        "tokens": len(layout.input_ids),
-        "video_tokens": counts.get("video", 0),
-        "audio_tokens": counts.get("audio", 0),
-        "instruction_tokens": shape.instruction_tokens,
-        "transcript_tokens": shape.transcript_tokens,
-        "target_tokens": sum(1 for x in labels[1:] if x != IGNORE_INDEX),     # transcript + EOS
-        "roles": layout.roles,
-    }
+        out["audio"] = torch.zeros(batch, n_mels, shape.mel_frames, device=device, dtype=dtype)
+        out["audio_lengths"] = torch.full((batch,), shape.mel_frames)
+    if cfg.uses_video:
+        out["video"] = torch.zeros(batch, shape.video_frames, CROP, CROP, device=device, dtype=dtype)
+        out["video_lengths"] = torch.full((batch,), shape.video_frames)
+    return out
 
 
-# ----------------------------------------------------------------------------- building on meta
+# ----------------------------------------------------------------------------- the model on meta
 
-class _Parts(nn.Module):
-    """The trainable/frozen parts under the attribute names of LlamaAVSR, so that parameter names
-    (and so the trainer's own counting rule in Trainer._count_params) are the same."""
-
-    def __init__(self, llm, audio_encoder, video_encoder, audio_projector, video_projector, delimiters):
-        super().__init__()
-        self.llm = llm
-        self.audio_encoder = audio_encoder
-        self.video_encoder = video_encoder
-        self.audio_projector = audio_projector
-        self.video_projector = video_projector
-        self.delimiter_embeddings = delimiters
-
-
-def build_parts(cfg: ModelConfig, llm_config, whisper_config=None, avhubert_config: AVHubertConfig | None = None,
-                dtype: torch.dtype = torch.bfloat16, device: str = "meta") -> _Parts:
-    """The model's modules with the trainer's freezing and LoRA, on `device` (meta: no memory)."""
+def build_model_from_configs(cfg: ModelConfig, llm_config, whisper_config=None,
+                             avhubert_config: AVHubertConfig | None = None, *, instruction_tokens: int,
+                             specials: SpecialTokenIds = LLAMA3_SPECIALS, dtype: torch.dtype = torch.bfloat16,
+                             device: str | torch.device = "meta", attn_implementation: str | None = None):
+    """The trainer's LlamaAVSR (trainer.model.avsr.assemble_model) on `device` with parts of the given
+    sizes, randomly initialised (on meta: not at all), cast to `dtype` as DeepSpeed's bf16 mode does.
+    attn_implementation: the LLM's attention (default: the recipe's; meta needs "eager")."""
     from transformers import LlamaForCausalLM
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     from trainer.model.audio_encoder import WhisperAudioEncoder
-    from trainer.model.avsr import _add_video_lora
-    from trainer.model.llm import add_lora
-    from trainer.model.projector import Projector
+    from trainer.model.avhubert import AVHubertVideoEncoder
+    from trainer.model.avsr import assemble_model
 
+    if cfg.uses_audio and whisper_config is None:
+        raise ValueError(f"modality {cfg.modality!r} needs a Whisper config")
+    if cfg.uses_video and avhubert_config is None:
+        raise ValueError(f"modality {cfg.modality!r} needs an AV-HuBERT config")
+    prompt = PromptIds(specials, tuple([0] * instruction_tokens))
     with torch.device(device):
-        llm = LlamaForCausalLM._from_config(llm_config, attn_implementation=cfg.llm_attn_implementation,
-                                            dtype=dtype)
-        llm.requires_grad_(False)
-        audio = video = audio_proj = video_proj = None
+        llm = LlamaForCausalLM._from_config(llm_config, attn_implementation=attn_implementation
+                                            or cfg.llm_attn_implementation).requires_grad_(False)
+        audio = video = None
         if cfg.uses_audio:
-            if whisper_config is None:
-                raise ValueError(f"modality {cfg.modality!r} needs a Whisper config")
-            enc = WhisperEncoder(whisper_config).to(dtype).requires_grad_(False)
-            audio = WhisperAudioEncoder(enc.eval(), pad_to_window=cfg.whisper_pad_to_30s)
-            audio_proj = Projector(audio.out_dim, llm_config.hidden_size, cfg.audio_rate, cfg.downsample,
-                                   cfg.projector_hidden, cfg.prefusion_layernorm).to(dtype)
+            audio = WhisperAudioEncoder(WhisperEncoder(whisper_config).requires_grad_(False).eval(),
+                                        pad_to_window=cfg.whisper_pad_to_30s)
         if cfg.uses_video:
-            if avhubert_config is None:
-                raise ValueError(f"modality {cfg.modality!r} needs an AV-HuBERT config")
-            video = AVHubertVideoEncoder(avhubert_config).to(dtype)
-            video.requires_grad_(not cfg.freeze_video_encoder)
-            if cfg.video_lora:
-                _add_video_lora(video, cfg)
-                video.to(device=device, dtype=dtype)
-            video.eval()
-            video_proj = Projector(video.out_dim, llm_config.hidden_size, cfg.video_rate, cfg.downsample,
-                                   cfg.projector_hidden, cfg.prefusion_layernorm).to(dtype)
-        delimiters = nn.Embedding(4, llm_config.hidden_size, dtype=dtype)
-    llm = add_lora(llm, cfg)
-    llm.to(device=device, dtype=dtype)     # DeepSpeed bf16 runs the LoRA adapters in bf16 too
-    return _Parts(llm, audio, video, audio_proj, video_proj, delimiters)
+            video = AVHubertVideoEncoder(avhubert_config)
+        model = assemble_model(cfg, prompt, llm, audio, video)
+    return model.to(device=device, dtype=dtype)
 
 
-def parameter_counts(parts: _Parts) -> dict[str, int]:
+def model_on_meta(cfg: ModelConfig, llm_config, whisper_config=None, avhubert_config=None, *,
+                  instruction_tokens: int, dtype: torch.dtype = torch.bfloat16):
+    # The decorrelation loss in plain torch: the Triton kernel cannot run on meta (FlopCounterMode
+    # would not see inside it either; both are elementwise work, which it does not count).
+    cfg = dataclasses.replace(cfg, decorrelation_impl="torch")
+    return build_model_from_configs(cfg, llm_config, whisper_config, avhubert_config,
+                                    instruction_tokens=instruction_tokens, dtype=dtype, device="meta",
+                                    attn_implementation="eager")
+
+
+def parameter_counts(model) -> dict[str, int]:
     counts = {"llm_total": 0, "llm_base": 0, "llm_embedding": 0, "llm_lora": 0, "whisper_encoder": 0,
               "avhubert": 0, "avhubert_lora": 0, "projectors": 0, "delimiters": 0, "trainable": 0,
               "total": 0}
-    embedding = parts.llm.get_base_model().get_input_embeddings().weight
-    for name, p in parts.named_parameters():
+    embedding = model.base_llm.get_input_embeddings().weight
+    for name, p in model.named_parameters():
         n = p.numel()
         counts["total"] += n
         counts["trainable"] += n if p.requires_grad else 0
@@ -247,27 +223,15 @@ def parameter_counts(parts: _Parts) -> dict[str, int]:
             counts["projectors"] += n
         elif name.startswith("delimiter_embeddings"):
             counts["delimiters"] += n
-    # The trainer's rule (Trainer._count_params) for its logged parameter counts.
-    counts["trainer_llm"] = sum(p.numel() for n, p in parts.named_parameters() if n.startswith("llm."))
-    counts["trainer_encoders"] = sum(p.numel() for n, p in parts.named_parameters()
-                                     if not n.startswith("llm.") and "encoder" in n)
     return counts
 
 
 # ----------------------------------------------------------------------------- counting
 
-@contextmanager
-def _counting(into: dict, key: str):
-    mode = FlopCounterMode(display=False)
-    with mode:
-        yield
-    into[key] = into.get(key, 0) + mode.get_total_flops()
-
-
 class _SavedBytes:
     """Bytes of the tensors autograd saves for backward (activation memory), weights excluded,
     each storage counted once. `tt_bytes`: the [.., T, T] attention tensors among them, which the
-    math attention path on meta/CPU keeps but sdpa's flash / memory-efficient kernels on a GPU do not."""
+    eager/math attention path keeps but sdpa's flash / memory-efficient kernels on a GPU do not."""
 
     def __init__(self, params, seq_len: int):
         self.skip = {p.untyped_storage()._cdata for p in params}
@@ -295,132 +259,128 @@ class _SavedBytes:
         return sum(self.seen.values())
 
 
-def _causal_mask(batch: int, seq: int, device) -> torch.Tensor:
-    # A prepared 4-D mask: transformers' own mask building reads tensor values, which meta cannot.
-    # Same FLOPs as the trainer's 2-D mask (attention is dense either way).
-    return torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None, None].expand(batch, 1, seq, seq)
+PARTS = {"audio_encoder": "whisper", "video_encoder": "avhubert", "audio_projector": "projectors",
+         "video_projector": "projectors"}
 
 
-def run_step(parts: _Parts, cfg: ModelConfig, shape: SampleShape, *, batch: int = 1, logits: str = "targets",
-             backward: bool = True, measure_memory: bool = False) -> dict:
-    """One training step on `batch` identical clips (no padding), mirroring LlamaAVSR.forward: encoders
-    (no_grad when frozen), projectors, prompt, decoder, LM head on the target rows, CE (+ decorrelation
-    loss), backward. Returns FLOPs by part (and, with measure_memory, saved-activation bytes)."""
-    if logits not in ("targets", "all"):
-        raise ValueError(f"logits must be 'targets' or 'all', got {logits!r}")
-    lay = sequence_layout(cfg, shape)
-    T, B = lay["tokens"], batch
-    base = parts.llm.get_base_model()
-    hidden = base.config.hidden_size
-    device = next(base.parameters()).device
-    dtype = next(base.parameters()).dtype
-    flops: dict[str, float] = {}
-    saved = _SavedBytes(list(parts.parameters()), T) if measure_memory else None
+def _forward_by_part(mode: FlopCounterMode, model) -> dict[str, float]:
+    """FlopCounterMode's per-module forward counts -> whisper / avhubert / projectors, and llm: the
+    rest (decoder, LM head, losses)."""
+    root = type(model).__name__
+    by_module = {k: sum(v.values()) for k, v in mode.get_flop_counts().items()}
+    parts = {"whisper": 0.0, "avhubert": 0.0, "projectors": 0.0}
+    for child, part in PARTS.items():
+        parts[part] += by_module.get(f"{root}.{child}", 0)
+    parts["llm"] = mode.get_total_flops() - sum(parts.values())
+    return parts
+
+
+def _counted(fn) -> float:
+    mode = FlopCounterMode(display=False)
+    with mode:
+        fn()
+    return float(mode.get_total_flops())
+
+
+def _backward_by_part(loss: torch.Tensor, model, seen: dict) -> dict[str, float]:
+    """The loss's backward in three autograd calls on the real graph, counted apart (the counter's
+    module tracking cannot split a backward: a module whose inputs need no gradient, like a
+    projector fed by a frozen encoder, never closes): the LLM down to its input embeddings (with
+    the LoRA weight gradients), then the prompt's trainable inputs (projectors, delimiter table),
+    then the video encoder when it trains. Together: the ops of loss.backward()."""
+    embeds, video = seen["inputs_embeds"], seen.get("video_frames")
+    video = video if video is not None and video.requires_grad else None
+    lora = [p for p in model.llm.parameters() if p.requires_grad]
+    prompt_inputs = [p for name, p in model.named_parameters()
+                     if p.requires_grad and not name.startswith(("llm.", "video_encoder."))]
+    grads: dict[str, tuple] = {}
+    flops = {"llm_bwd": _counted(lambda: grads.update(llm=torch.autograd.grad(loss, [embeds] + lora)))}
+    targets = prompt_inputs + ([video] if video is not None else [])
+    flops["projectors_bwd"] = _counted(
+        lambda: grads.update(prompt=torch.autograd.grad(embeds, targets, grads["llm"][0])))
+    if video is not None:
+        flops["avhubert_bwd"] = _counted(lambda: torch.autograd.grad(
+            video, [p for p in model.video_encoder.parameters() if p.requires_grad], grads["prompt"][-1]))
+    return flops
+
+
+def _shapes(model, saved: "_SavedBytes | None" = None) -> tuple[dict, list]:
+    """Hooks recording the real run's token counts: the decoder's sequence length (also the T x T
+    test of `saved`), each projector's tokens per clip, the LM head's rows."""
+    seen: dict[str, int] = {}
+
+    def decoder(_mod, _args, kwargs):
+        seen["inputs_embeds"] = kwargs["inputs_embeds"]
+        seen["tokens"] = kwargs["inputs_embeds"].shape[1]
+        if saved is not None:
+            saved.seq_len = seen["tokens"]
+
+    def projector(name):
+        def hook(_mod, _args, out):
+            seen[f"{name}_tokens"] = out[0].shape[1]
+        return hook
+
+    def head(_mod, args, _out):
+        seen["logit_rows"] = args[0].shape[0]
+
+    def video_encoder(_mod, _args, out):
+        seen["video_frames"] = out[0]
+
+    handles = [model.decoder.register_forward_pre_hook(decoder, with_kwargs=True),
+               model.base_llm.get_output_embeddings().register_forward_hook(head)]
+    if model.video_encoder is not None:
+        handles.append(model.video_encoder.register_forward_hook(video_encoder))
+    for name in ("audio", "video"):
+        proj = getattr(model, f"{name}_projector")
+        if proj is not None:
+            handles.append(proj.register_forward_hook(projector(name)))
+    return seen, handles
+
+
+def count_step(model, batch: dict, *, backward: bool = True, measure_memory: bool = False) -> dict:
+    """LlamaAVSR.forward (and the loss's backward) on `batch` under FlopCounterMode.
+    -> {"flops": {part_fwd, part_bwd for llm, whisper, avhubert, projectors (parts that run)}, "layout":
+    token counts of the run, per clip, and with measure_memory the bytes autograd saved}."""
+    saved = _SavedBytes(list(model.parameters()), seq_len=0) if measure_memory else None
+    seen, handles = _shapes(model, saved)
     hooks = torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack) if saved else nullcontext()
-
-    with hooks:
-        # ---- encoders and projectors
-        tokens = {}
-        enc_out = {}
-        if cfg.uses_audio:
-            mel = torch.zeros(B, parts.audio_encoder.n_mels, shape.mel_frames, device=device, dtype=dtype)
-            lengths = torch.full((B,), shape.mel_frames, device=device)
-            with _counting(flops, "whisper_fwd"), torch.no_grad():
-                frames, flen = parts.audio_encoder(mel, lengths)
-            enc_out["audio"] = frames
-            with _counting(flops, "projectors_fwd"):
-                tokens["audio"] = parts.audio_projector(frames, flen)[0]
-        if cfg.uses_video:
-            video = torch.zeros(B, shape.video_frames, 88, 88, device=device, dtype=dtype)
-            lengths = torch.full((B,), shape.video_frames, device=device)
-            trainable = any(p.requires_grad for p in parts.video_encoder.parameters())
-            with _counting(flops, "avhubert_fwd"), (nullcontext() if trainable else torch.no_grad()):
-                frames, flen = parts.video_encoder(video, lengths)
-            enc_out["video"] = frames
-            frames_in = frames.detach().requires_grad_(frames.requires_grad)   # split the backward by part
-            enc_out["video_in"] = frames_in
-            with _counting(flops, "projectors_fwd"):
-                tokens["video"] = parts.video_projector(frames_in, flen)[0]
-        for m, x in tokens.items():
-            if x.shape[1] != lay[f"{m}_tokens"]:
-                raise AssertionError(f"{m}: projector gave {x.shape[1]} tokens, layout expects {lay[m + '_tokens']}")
-
-        # ---- prompt: BOS, <m> tokens </m> ..., instruction, transcript, EOS (prompt.layout_sample)
-        embed = base.get_input_embeddings()
-        delim = parts.delimiter_embeddings
-
-        def ids(n: int) -> torch.Tensor:
-            return torch.zeros(B, n, dtype=torch.long, device=device)
-
-        pieces = [embed(ids(1))]
-        for m in cfg.enabled_modalities:
-            d = delim(ids(2))
-            pieces += [d[:, :1], tokens[m], d[:, 1:]]
-        pieces.append(embed(ids(shape.instruction_tokens + shape.transcript_tokens + 1)))
-        embeds = torch.cat(pieces, dim=1)
-        if embeds.shape[1] != T:
-            raise AssertionError(f"assembled {embeds.shape[1]} tokens, layout says {T}")
-        llm_in = embeds.detach().requires_grad_()
-
-        # ---- LLM decoder, LM head, losses
-        measure_dec = cfg.decorrelation_weight > 0 or cfg.measure_decorrelation_when_off
-        with _counting(flops, "llm_fwd"):
-            out = base.model(inputs_embeds=llm_in, attention_mask=_causal_mask(B, T, device),
-                             position_ids=torch.arange(T, device=device)[None].expand(B, T),
-                             output_hidden_states=measure_dec, use_cache=False)
-            h = out.last_hidden_state[:, :-1]
-            n_logits = lay["target_tokens"] if logits == "targets" else T - 1
-            rows = h[:, -n_logits:].reshape(-1, hidden)          # targets are the last rows
-            logit = base.get_output_embeddings()(rows)
-            ce = torch.nn.functional.cross_entropy(
-                logit.float(), torch.zeros(rows.shape[0], dtype=torch.long, device=device))
-            loss = ce
-            if measure_dec:
-                from trainer.kernels.decorrelation_reference import decorrelation_loss_reference
-                from trainer.model.roles import prefix_mask
-                roles = torch.tensor(lay["roles"], device="cpu")[None].expand(B, T)
-                mask = prefix_mask(roles).to(device)
-                layers_idx = (range(1, base.config.num_hidden_layers) if cfg.decorrelation_layers is None
-                              else cfg.decorrelation_layers)
-                with nullcontext() if cfg.decorrelation_weight > 0 else torch.no_grad():
-                    dec = decorrelation_loss_reference([out.hidden_states[i] for i in layers_idx], mask)
-                if cfg.decorrelation_weight > 0:
-                    loss = loss + cfg.decorrelation_weight * dec
-
-    result = {"flops": flops, "layout": {k: v for k, v in lay.items() if k != "roles"}, "batch": B,
-              "logit_rows": n_logits}
+    fwd = FlopCounterMode(display=False)
+    model.train()
+    try:
+        with hooks, fwd:
+            out = model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    flops = {f"{part}_fwd": n for part, n in _forward_by_part(fwd, model).items() if n}
+    if backward:
+        flops.update({k: n for k, n in _backward_by_part(out.loss, model, seen).items() if n})
+    clips = len(batch["transcript_ids"])
+    layout = {"tokens": seen["tokens"], "audio_tokens": seen.get("audio_tokens", 0),
+              "video_tokens": seen.get("video_tokens", 0), "logit_rows": seen["logit_rows"] // clips}
+    result = {"flops": {k: v / clips for k, v in flops.items()}, "layout": layout}
     if saved is not None:
-        result["saved_bytes"] = saved.total
-        result["saved_tt_bytes"] = saved.tt_bytes
-    if not backward:
-        return result
-
-    # ---- backward: the real autograd backward, split by part
-    lora = [p for p in parts.llm.parameters() if p.requires_grad]
-    with _counting(flops, "llm_bwd"):
-        grads = torch.autograd.grad(loss, [llm_in] + lora)
-    with _counting(flops, "projectors_bwd"):
-        embeds.backward(grads[0])
-    if cfg.uses_video and enc_out["video"].requires_grad:
-        with _counting(flops, "avhubert_bwd"):
-            enc_out["video"].backward(enc_out["video_in"].grad)
+        result["saved_bytes"], result["saved_tt_bytes"] = saved.total, saved.tt_bytes
     return result
 
 
 def count_sample_flops(cfg: ModelConfig, shape: SampleShape, llm_config, whisper_config=None,
-                       avhubert_config: AVHubertConfig | None = None, *, logits: str = "targets",
-                       backward: bool = True, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """FLOPs of one training clip, counted on meta. Any sizes (tests pass tiny configs).
-    Returns {"flops": {part: FLOPs}, "params": {...}, "layout": {...}, "trainer_flops": ...}, the last
-    being what the trainer's perf/mfu counts for this clip (trainer.engine.flops.StepFlops)."""
+                       avhubert_config: AVHubertConfig | None = None, *, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """FLOPs of one training clip, counted on meta; any sizes (tests pass tiny configs). Also the
+    parameter counts, and what the trainer's perf/mfu counts for the clip (trainer.engine.flops.StepFlops)."""
     from trainer.engine.flops import StepFlops
 
-    parts = build_parts(cfg, llm_config, whisper_config, avhubert_config, dtype=dtype)
-    res = run_step(parts, cfg, shape, logits=logits, backward=backward)
-    res["params"] = parameter_counts(parts)
-    lay = res["layout"]
-    res["trainer_flops"] = StepFlops.from_model(parts)(
-        [lay["tokens"]], lay["target_tokens"],
+    model = model_on_meta(cfg, llm_config, whisper_config, avhubert_config,
+                          instruction_tokens=shape.instruction_tokens, dtype=dtype)
+    n_mels = whisper_config.num_mel_bins if whisper_config is not None else 80
+    batch = sample_batch(cfg, shape, 1, "meta", dtype, n_mels)
+    res = count_step(model, batch)
+    res["params"] = parameter_counts(model)
+    res["layout"].update(instruction_tokens=shape.instruction_tokens, transcript_tokens=shape.transcript_tokens)
+    targets, _ = model.token_counts(batch)
+    res["layout"]["target_tokens"] = targets
+    res["trainer_flops"] = StepFlops.from_model(model)(
+        [res["layout"]["tokens"]], targets,
         audio_lengths=[shape.mel_frames] if cfg.uses_audio else (),
         video_lengths=[shape.video_frames] if cfg.uses_video else ())
     return res
@@ -429,8 +389,11 @@ def count_sample_flops(cfg: ModelConfig, shape: SampleShape, llm_config, whisper
 def measure_activation_bytes(cfg: ModelConfig, shape: SampleShape, llm_config, whisper_config=None,
                              avhubert_config: AVHubertConfig | None = None, batch: int = 1) -> dict:
     """Bytes autograd saves for one micro-batch of `batch` clips (forward only, on meta)."""
-    parts = build_parts(cfg, llm_config, whisper_config, avhubert_config)
-    res = run_step(parts, cfg, shape, batch=batch, backward=False, measure_memory=True)
+    model = model_on_meta(cfg, llm_config, whisper_config, avhubert_config,
+                          instruction_tokens=shape.instruction_tokens)
+    n_mels = whisper_config.num_mel_bins if whisper_config is not None else 80
+    res = count_step(model, sample_batch(cfg, shape, batch, "meta", torch.bfloat16, n_mels),
+                     backward=False, measure_memory=True)
     return {"saved_bytes": res["saved_bytes"], "saved_tt_bytes": res["saved_tt_bytes"]}
 
 
@@ -454,31 +417,30 @@ def estimate(args: argparse.Namespace) -> dict:
     if args.instruction_tokens is not None:
         instr, instr_source = args.instruction_tokens, "--instruction-tokens"
     elif args.tokenizer:
-        from trainer.model.tokenizer import load_tokenizer
-        instr = len(load_tokenizer(args.tokenizer)(instr_text, add_special_tokens=False)["input_ids"])
+        from trainer.model.avsr import build_tokenizer
+        from trainer.model.prompt_text import prompt_ids
+
+        tokenizer = build_tokenizer(dataclasses.replace(cfg, tokenizer_path=str(args.tokenizer)))
+        instr = len(prompt_ids(tokenizer, cfg.modality).instruction)      # as the trainer tokenizes it
         instr_source = f"measured with {args.tokenizer}"
     else:
         instr, instr_source = estimate_instruction_tokens(instr_text), "estimated (no Llama-3 tokenizer offline)"
 
     clip_s = args.hours * 3600.0 / args.clips
     shape = SampleShape.from_duration(clip_s, instr, args.words_per_s, args.tokens_per_word)
+    whisper_frames = int(whisper_output_lengths(torch.tensor(shape.mel_frames)))   # 50 Hz, the clip itself
     llm_config = llama32_3b_config()
     whisper_config = whisper_medium_config() if cfg.uses_audio else None
     av_config = AVHubertConfig.large() if cfg.uses_video else None
     res = count_sample_flops(cfg, shape, llm_config, whisper_config, av_config)
     f, p, lay = res["flops"], res["params"], res["layout"]
-
-    parts = {
-        "llm": f.get("llm_fwd", 0) + f.get("llm_bwd", 0),
-        "projectors": f.get("projectors_fwd", 0) + f.get("projectors_bwd", 0),
-        "whisper": f.get("whisper_fwd", 0),
-        "avhubert": f.get("avhubert_fwd", 0) + f.get("avhubert_bwd", 0),
-    }
+    parts = {part: f.get(f"{part}_fwd", 0) + f.get(f"{part}_bwd", 0)
+             for part in ("llm", "projectors", "whisper", "avhubert")}
     per_clip = sum(parts.values())
     per_epoch = per_clip * args.clips
     run = per_epoch * args.epochs
     hidden, vocab = llm_config.hidden_size, llm_config.vocab_size
-    all_logits_extra = 2 * 2.0 * hidden * vocab * (lay["tokens"] - 1 - res["logit_rows"])   # fwd + act-bwd
+    all_logits_extra = 2 * 2.0 * hidden * vocab * (lay["tokens"] - 1 - lay["logit_rows"])   # fwd + act-bwd
 
     # ---- time
     peak = args.peak_tflops * 1e12
@@ -531,9 +493,8 @@ def estimate(args: argparse.Namespace) -> dict:
                    "words_per_s": args.words_per_s, "tokens_per_word": args.tokens_per_word,
                    "source": "LRS3 paper / auto_avsr (pretrain + trainval), approximate"},
         "instruction": {"text": instr_text, "tokens": instr, "source": instr_source},
-        "sample": {**asdict(shape), "mel_frames": shape.mel_frames, "whisper_frames": shape.whisper_frames,
-                   "whisper_window_frames": 1500 if cfg.whisper_pad_to_30s else shape.whisper_frames,
-                   **lay, "logit_rows": res["logit_rows"]},
+        "sample": {**asdict(shape), "mel_frames": shape.mel_frames, "whisper_frames": whisper_frames,
+                   "whisper_window_frames": 1500 if cfg.whisper_pad_to_30s else whisper_frames, **lay},
         "params": p,
         "flops_per_clip": {**parts, "total": per_clip, "detail": f,
                            "all_position_logits_extra": all_logits_extra},
@@ -589,8 +550,9 @@ def render(r: dict) -> str:
         f"| params: Whisper medium encoder | {used(p['whisper_encoder'], '%.1f M' % (p['whisper_encoder'] / M))} |",
         f"| params: AV-HuBERT Large (video) | {used(p['avhubert'], '%.1f M' % (p['avhubert'] / M))} |",
         f"| TFLOPs/clip: LLM fwd + bwd ({_t(f['detail'].get('llm_fwd', 0))} + "
-        f"{_t(f['detail'].get('llm_bwd', 0))}) | {_t(f['llm'])} |",
-        f"| TFLOPs/clip: Whisper encoder fwd (30 s window) | {used(f['whisper'], _t(f['whisper']))} |",
+        f"{_t(f['detail'].get('llm_bwd', 0))}; decoder, LM head on target rows, losses) | {_t(f['llm'])} |",
+        f"| TFLOPs/clip: Whisper encoder fwd ({s['whisper_window_frames']} frames) |"
+        f" {used(f['whisper'], _t(f['whisper']))} |",
         f"| TFLOPs/clip: AV-HuBERT fwd{' + bwd (video LoRA)' if f['detail'].get('avhubert_bwd') else ''}"
         f" | {used(f['avhubert'], _t(f['avhubert']))} |",
         f"| TFLOPs/clip: projectors fwd + bwd | {_t(f['projectors'])} |",

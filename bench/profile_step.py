@@ -81,7 +81,7 @@ def timed_step(trainer, clock) -> dict[str, float]:
     engine.train()
     t = dict.fromkeys(PHASES, 0.0)
     t0 = clock()
-    batches = [next(trainer.stream) for _ in range(trainer.cfg.train.grad_accum)]
+    batches = trainer.next_micro_batches()
     local = [trainer.model.token_counts(b) for b in batches]
     counts = GlobalCounts.all_reduced(local, trainer.device)
     t["data"] += clock() - t0

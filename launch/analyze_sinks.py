@@ -105,6 +105,7 @@ def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
     from trainer.data.shard_format import check_split
     from trainer.engine.offline import load_run_config, load_trained_model
     from trainer.engine.probe import first_eval_batch, run_probe
+    from trainer.model.avsr import build_tokenizer
     from trainer.monitor.monitor import SinkMonitor
 
     cfg = load_run_config(args.run_dir)          # fails early, before the model is built
@@ -113,11 +114,12 @@ def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tupl
     shards = data.shard_dir
     check_split(shards, split)
     model, cfg, src = load_trained_model(args.run_dir, args.checkpoint, device)
+    tokenizer = build_tokenizer(cfg.model)
     rows = args.num_samples or cfg.monitor.probe_batch_size
     monitor = SinkMonitor(monitor_config(cfg.monitor, args, rows))
     batch = first_eval_batch(data, model.input_streams, split, rows)
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    report, _ = run_probe(monitor, model, batch, step=src.step or 0, out_dir=out, step_subdir=False)
+    report, _ = run_probe(monitor, model, tokenizer, batch, step=src.step or 0, out_dir=out, step_subdir=False)
     labels = report.token_labels
     meta = {"mode": "run", "run_dir": str(args.run_dir), "weights": src.describe(), "step": src.step,
             "shards": storage.redact(shards), "split": split, "keys": list(batch.get("keys", [])),

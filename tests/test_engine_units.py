@@ -141,7 +141,16 @@ class _EchoModel(torch.nn.Module):
         self.wrong = set(wrong)
 
     def generate(self, batch, **_):
-        return ["x" if k in self.wrong else t for k, t in zip(batch["keys"], batch["text"])]
+        """Token ids, as the model returns them: here the UTF-8 bytes of the text (BYTES decodes them)."""
+        return [list(("x" if k in self.wrong else t).encode()) for k, t in zip(batch["keys"], batch["text"])]
+
+
+class BYTES:
+    """A tokenizer stand-in whose ids are UTF-8 bytes."""
+
+    @staticmethod
+    def decode(ids, skip_special_tokens=True):
+        return bytes(ids).decode()
 
 
 def test_evaluate_wer_caps_samples_and_writes_report(tmp_path):
@@ -151,14 +160,14 @@ def test_evaluate_wer_caps_samples_and_writes_report(tmp_path):
     model = _EchoModel(wrong={"u00"})
     model.train()
     report = tmp_path / "eval.json"
-    res = evaluate_wer(model, batches, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
+    res = evaluate_wer(model, batches, tokenizer=BYTES, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
                        max_new_tokens=8, synced_gpus=False, max_samples=6, report_path=report)
     assert res["num_utterances"] == 6 and res["ref_words"] == 12
     assert res["wer"] == pytest.approx(2 / 12)              # "x" for "a b": one substitution, one deletion
     assert model.training                                    # train mode restored
     rows = json.loads(report.read_text())["utterances"]
     assert [r["key"] for r in rows] == sorted(r["key"] for r in rows) and len(rows) == 6
-    full = evaluate_wer(_EchoModel(), batches, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
+    full = evaluate_wer(_EchoModel(), batches, tokenizer=BYTES, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
                         max_new_tokens=8, synced_gpus=False)
     assert full["num_utterances"] == 12 and full["wer"] == 0
 
@@ -176,7 +185,7 @@ def test_evaluate_wer_stops_at_once_on_a_stop_signal(tmp_path):
     model.generate = lambda batch, **kw: calls.append(batch["keys"][0]) or original(batch, **kw)
     report = tmp_path / "eval.json"
     with pytest.raises(EvalInterrupted, match="after 4 utterances"):
-        evaluate_wer(model, batches, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
+        evaluate_wer(model, batches, tokenizer=BYTES, device=torch.device("cpu"), to_device=lambda b: b, num_beams=1,
                      max_new_tokens=8, synced_gpus=False, report_path=report,
                      stop_requested=lambda: len(calls) >= 1)     # the signal lands during batch 1
     assert calls == ["u00"] and model.training and not report.exists()

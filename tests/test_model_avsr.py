@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tests.constants import KERNEL_DEVICE
-from trainer.model.avsr import build_model
+from trainer.model.avsr import build_model, build_tokenizer
 from trainer.model.config import ModelConfig, TinyModelConfig
+from trainer.model.prompt_text import decode_transcripts, with_transcript_ids
 from trainer.model.roles import TokenRole, prefix_mask
 
 TINY = dict(projector_hidden=32, measure_decorrelation_when_off=False,
@@ -18,14 +19,19 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**TINY, **overrides})
 
 
-def make_batch(n_mels: int = 80, texts=("place blue at f two now", "set red by g nine again")) -> dict:
+TOKENIZER = build_tokenizer(tiny_config())      # the tiny LLM's character tokenizer
+
+
+def make_batch(n_mels: int = 80, texts=("place blue at f two now", "set red by g nine again"),
+               tokenizer=TOKENIZER) -> dict:
     g = torch.Generator().manual_seed(1)
     video_lengths = torch.tensor([12, 9, 7])[: len(texts)]
     audio_lengths = 4 * video_lengths
     B, Tv = len(texts), int(video_lengths.max())
-    return {"keys": [f"k{i}" for i in range(B)], "text": list(texts),
-            "audio": torch.randn(B, n_mels, 4 * Tv, generator=g), "audio_lengths": audio_lengths,
-            "video": torch.randn(B, Tv, 24, 24, generator=g), "video_lengths": video_lengths, "skipped": {}}
+    return with_transcript_ids(tokenizer, {
+        "keys": [f"k{i}" for i in range(B)], "text": list(texts),
+        "audio": torch.randn(B, n_mels, 4 * Tv, generator=g), "audio_lengths": audio_lengths,
+        "video": torch.randn(B, Tv, 24, 24, generator=g), "video_lengths": video_lengths, "skipped": {}})
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,7 @@ def test_avsr_layout_counts_and_instruction(avsr_model):
     assert x.input_ids[0, :2].tolist() == [specials.bos, specials.audio_start]
     assert x.input_ids[0, first_video - 1].item() == specials.video_start
     assert x.input_ids[0, first_video - 2].item() == specials.audio_end
-    tok = avsr_model.tokenizer
+    tok = TOKENIZER
     instr = x.input_ids[0][roles[0] == TokenRole.INSTRUCTION].tolist()
     assert tok.decode(instr) == "transcribe speech and video to text."
     target = x.labels[1][x.labels[1] != -100].tolist()
@@ -139,12 +145,12 @@ def test_a_few_steps_lower_the_loss():
 def test_greedy_decoding_is_batch_invariant_and_matches_argmax(avsr_model):
     model = avsr_model.eval()
     batch = make_batch(texts=("a", "b", "c"))
-    hyps = model.generate(batch, num_beams=1, max_new_tokens=6)
+    hyps = decode_transcripts(TOKENIZER, model.generate(batch, num_beams=1, max_new_tokens=6))
     assert len(hyps) == 3 and all(isinstance(h, str) for h in hyps)
     for b in (1, 2):                               # samples that get left padding in the batch
         single = {k: (v[b:b + 1] if torch.is_tensor(v) else v[b:b + 1] if isinstance(v, list) else v)
                   for k, v in batch.items()}
-        assert model.generate(single, num_beams=1, max_new_tokens=6) == [hyps[b]]
+        assert decode_transcripts(TOKENIZER, model.generate(single, num_beams=1, max_new_tokens=6)) == [hyps[b]]
 
     # Step-by-step argmax with full forwards over the growing sequence (no cache, no padding).
     single = {k: (v[:1] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in batch.items()}
@@ -161,7 +167,8 @@ def test_greedy_decoding_is_batch_invariant_and_matches_argmax(avsr_model):
                 break
             new.append(nxt)
             embeds = torch.cat([embeds, model.base_llm.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
-    assert hyps[0] == model.tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert model.generate(single, num_beams=1, max_new_tokens=6) == [new]
+    assert hyps[0] == TOKENIZER.decode(new, skip_special_tokens=True).strip()
     model.train()
 
 
@@ -169,7 +176,7 @@ def test_beam_search_runs(avsr_model):
     model = avsr_model.eval()
     batch = make_batch()
     beams = model.generate(batch, num_beams=4, max_new_tokens=5)
-    assert len(beams) == 2 and all(isinstance(h, str) and len(h.replace(" ", "")) <= 5 for h in beams)
+    assert len(beams) == 2 and all(all(isinstance(t, int) for t in h) and len(h) <= 5 for h in beams)
     assert model.generate(batch, num_beams=1, max_new_tokens=5) == model.generate(batch, max_new_tokens=5)
     model.train()
 
@@ -273,11 +280,13 @@ def test_pretrained_parts_load_from_local_folders(tmp_path):
     official = official_tiny_state_dict()
     torch.save({"model": official}, av_path)
 
-    model = build_model(tiny_config(modality="avsr", llm_path=str(llm_dir), whisper_path=str(whisper_dir),
-                                    avhubert_path=str(av_path)))
-    assert len(model.tokenizer) == len(vocab) + 5                      # pad + 4 delimiters
+    cfg = tiny_config(modality="avsr", llm_path=str(llm_dir), whisper_path=str(whisper_dir),
+                      avhubert_path=str(av_path))
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, tokenizer=tokenizer)
+    assert len(tokenizer) == len(vocab) + 5                      # pad + 4 delimiters
     emb = model.base_llm.get_input_embeddings().weight
-    assert emb.shape[0] >= len(model.tokenizer)
+    assert emb.shape[0] >= len(tokenizer)
     assert torch.equal(emb[: len(vocab)], llm.get_input_embeddings().weight)
     assert torch.allclose(model.delimiter_embeddings.weight, emb[list(model.specials.delimiters)])
     mean_row = llm.get_input_embeddings().weight.mean(0)
@@ -289,7 +298,7 @@ def test_pretrained_parts_load_from_local_folders(tmp_path):
     lora_q = model.llm.base_model.model.model.layers[0].self_attn.q_proj
     assert torch.equal(lora_q.base_layer.weight, llm.model.layers[0].self_attn.q_proj.weight)
 
-    batch = make_batch(texts=("place blue", "set red"))
+    batch = make_batch(texts=("place blue", "set red"), tokenizer=tokenizer)
     out = model(batch)
     assert torch.isfinite(out.loss)
     assert len(model.generate(batch, num_beams=2, max_new_tokens=3)) == 2

@@ -56,11 +56,16 @@ def test_a_complete_evaluation_is_kept_when_the_stop_comes_after_the_last_batch(
 
     class Echo(torch.nn.Module):
         def generate(self, batch, **_):
-            return list(batch["text"])
+            return [list(t.encode()) for t in batch["text"]]          # ids: UTF-8 bytes
+
+    class Bytes:
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return bytes(ids).decode()
 
     batches = [{"keys": [f"u{i}{j}" for j in range(2)], "text": ["a b"] * 2} for i in range(3)]
     calls = []
-    result = evaluate_wer(Echo(), batches, device=torch.device("cpu"), to_device=lambda b: calls.append(1) or b,
+    result = evaluate_wer(Echo(), batches, tokenizer=Bytes, device=torch.device("cpu"), to_device=lambda b: calls.append(1) or b,
                           num_beams=1, max_new_tokens=4, synced_gpus=False,
                           stop_requested=lambda: len(calls) >= 3)    # the signal lands during the last batch
     assert result["num_utterances"] == 6 and result["wer"] == 0

@@ -60,14 +60,15 @@ def _first_and_filler(it):
 
 
 @torch.no_grad()
-def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_device, num_beams: int,
+def evaluate_wer(model, batches: Iterable[dict], *, tokenizer, device: torch.device, to_device, num_beams: int,
                  max_new_tokens: int, synced_gpus: bool, max_samples: int | None = None,
                  rank: int = 0, desc: str = "eval", report_path: Path | None = None,
                  stop_requested=lambda: False) -> dict[str, float]:
     """WER/CER over this rank's batches, gathered from all ranks. Raises EvalInterrupted on every rank
     as soon as `stop_requested()` is true on any rank (checked before each batch, with the same
-    all-reduce that keeps the ranks in lockstep)."""
+    all-reduce that keeps the ranks in lockstep). `tokenizer` decodes the generated ids."""
     from trainer.model.metrics import error_counts
+    from trainer.model.prompt_text import decode_transcripts
 
     was_training = model.training
     model.eval()
@@ -95,8 +96,8 @@ def evaluate_wer(model, batches: Iterable[dict], *, device: torch.device, to_dev
         real = batch is not None
         batch = batch if real else last
         last = batch
-        hyps = model.generate(to_device(batch), num_beams=num_beams, max_new_tokens=max_new_tokens,
-                              synced_gpus=synced_gpus)
+        hyps = decode_transcripts(tokenizer, model.generate(to_device(batch), num_beams=num_beams,
+                                                            max_new_tokens=max_new_tokens, synced_gpus=synced_gpus))
         if real:
             skipped.update(batch.get("skipped", {}))
             rows.extend({"key": k, "ref": r, "hyp": h} for k, r, h in zip(batch["keys"], batch["text"], hyps))

@@ -111,6 +111,7 @@ def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.
     """Every rank calls this; rank 0 writes the files and returns the full results (others: theirs)."""
     from trainer.data.pipeline import build_eval_loader
     from trainer.engine.offline import load_run_config, load_trained_model
+    from trainer.model.avsr import build_tokenizer
 
     cfg = load_run_config(req.run_dir)                 # fails early, before the model is built
     data = dataclasses.replace(cfg.data, shard_dir=req.shards or cfg.data.shard_dir,
@@ -119,6 +120,7 @@ def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.
     if any(c.snr_db is not None for c in req.conditions) and not cfg.model.uses_audio:
         raise ValueError(f"--snr: the run is {cfg.model.modality} (no audio): noise conditions need audio")
     model, cfg, src = load_trained_model(req.run_dir, req.checkpoint, device)
+    tokenizer = build_tokenizer(cfg.model)
     beams = req.beams or cfg.eval_beams
     max_new_tokens = req.max_new_tokens or cfg.eval_max_new_tokens
 
@@ -134,7 +136,7 @@ def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.
         loader = build_eval_loader(condition_data(data, condition, req.noise), model.input_streams, req.split,
                                    rank=rank, world_size=world_size)
         results["conditions"][condition.name] = evaluate_wer(
-            model, loader, device=device, to_device=to_device, num_beams=beams, max_new_tokens=max_new_tokens,
+            model, loader, tokenizer=tokenizer, device=device, to_device=to_device, num_beams=beams, max_new_tokens=max_new_tokens,
             synced_gpus=False, max_samples=req.max_samples, rank=rank, desc=f"{req.split} {condition.name}",
             report_path=req.out_dir / f"utterances_{condition.name}.json")
     if rank == 0:

@@ -11,6 +11,7 @@ import torch
 
 from trainer.data.config import DataConfig, Streams
 from trainer.model.prompt import AssembledInputs
+from trainer.model.prompt_text import with_transcript_ids
 from trainer.monitor.analysis import SinkReport
 from trainer.monitor.labels import token_labels
 from trainer.monitor.monitor import FigureQueue, SinkMonitor
@@ -28,14 +29,14 @@ def first_eval_batch(data_cfg: DataConfig, streams: Streams, split: str, size: i
             for k, v in batch.items() if k != "skipped"}
 
 
-def run_probe(monitor: SinkMonitor, model, batch: dict, step: int, out_dir: str | Path | None,
+def run_probe(monitor: SinkMonitor, model, tokenizer, batch: dict, step: int, out_dir: str | Path | None,
               step_subdir: bool = True, figure_queue: FigureQueue | None = None) -> tuple[SinkReport, AssembledInputs]:
-    """Assemble the training prompt for `batch` (already on the model's device) and probe the LLM
-    on it. Under ZeRO-3 every rank must call this on the same step."""
+    """Assemble the training prompt for `batch` (already on the model's device; its transcripts are
+    tokenized here) and probe the LLM on it. Under ZeRO-3 every rank must call this on the same step."""
     with torch.no_grad():
-        parts = model.assemble(batch)
+        parts = model.assemble(with_transcript_ids(tokenizer, batch))
     lengths = parts.attention_mask.sum(1)
-    labels = token_labels(parts.input_ids, parts.token_roles, lengths, model.tokenizer)
+    labels = token_labels(parts.input_ids, parts.token_roles, lengths, tokenizer)
     report = monitor.run(model.llm, parts.inputs_embeds, parts.attention_mask, parts.token_roles,
                          step=step, out_dir=out_dir, step_subdir=step_subdir,
                          figure_queue=figure_queue, token_labels=labels)

@@ -30,6 +30,7 @@ from trainer.engine.signals import StopSignal
 from trainer.engine.flops import StepFlops
 from trainer.engine.throughput import ThroughputMeter, peak_memory_gb
 from trainer.engine.tracking import describe_run, shard_datasets, tracker_for_run
+from trainer.model.prompt_text import with_transcript_ids
 
 log = logging.getLogger("trainer")
 FIGURE_DRAIN_AFTER_STOP_S = 10.0     # of SLURM's 30 s KillWait, after the checkpoint
@@ -87,8 +88,10 @@ class Trainer:
         seed_everything(cfg.train.seed)     # same init on every rank; zero.Init partitions it
 
         from trainer.model import build_model, llm_hidden_size
+        from trainer.model.avsr import build_tokenizer
 
         cfg.model = self._prepare_tokenizer(cfg)
+        self.tokenizer = build_tokenizer(cfg.model)     # text <-> ids here; the model takes ids only
 
         self.ds_config = resolve_ds_config(
             load_ds_config(cfg.config), hidden_size=llm_hidden_size(cfg.model),
@@ -97,7 +100,7 @@ class Trainer:
             total_steps=cfg.train.max_steps, warmup_steps=cfg.train.warmup_steps,
             min_lr_ratio=cfg.train.min_lr_ratio, bf16=self.bf16, on_cpu=self.on_cpu)
         self.zero3 = zero_stage(self.ds_config) == 3
-        model = build_model(cfg.model, ds_config=self.ds_config)
+        model = build_model(cfg.model, ds_config=self.ds_config, tokenizer=self.tokenizer)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=trainable, config=self.ds_config, lr_scheduler=self._lr_schedule())
@@ -368,11 +371,15 @@ class Trainer:
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                 for k, v in batch.items()}
 
+    def next_micro_batches(self) -> list[dict]:
+        """The step's grad_accum micro-batches, their transcripts tokenized (the model takes ids)."""
+        return [with_transcript_ids(self.tokenizer, next(self.stream)) for _ in range(self.cfg.train.grad_accum)]
+
     def _train_step(self, meter: ThroughputMeter) -> dict:
         """One optimizer step over the global batch: token means over all its micro-batches and ranks
         (trainer/engine/loss.py). Returns this rank's shares of the logged values and the lr used."""
         self.engine.train()
-        batches = [next(self.stream) for _ in range(self.cfg.train.grad_accum)]
+        batches = self.next_micro_batches()
         local = [self.model.token_counts(b) for b in batches]
         counts = GlobalCounts.all_reduced(local, self.device)
         sums = dict.fromkeys(LOGGED, 0.0)
@@ -424,7 +431,7 @@ class Trainer:
     def _probe_sinks(self) -> None:
         """All ranks run the probe forward (ZeRO-3 gathers weights in it); rank 0 logs and writes files."""
         from trainer.engine.probe import run_probe
-        report, _ = run_probe(self.monitor, self.model, self.to_device(self.probe_batch), self.step,
+        report, _ = run_probe(self.monitor, self.model, self.tokenizer, self.to_device(self.probe_batch), self.step,
                               out_dir=self.run_dir / "sinks", figure_queue=self.figure_queue)
         if self.rank == 0:
             self.tracker.log_metrics(report.to_metrics(), self.step)
@@ -451,7 +458,7 @@ class Trainer:
                                    world_size=self.world_size)
         name = f"{split}_{tag}" if tag else f"{split}_step{self.step:08d}"
         result = evaluate_wer(
-            self.model, loader, device=self.device, to_device=self.to_device,
+            self.model, loader, tokenizer=self.tokenizer, device=self.device, to_device=self.to_device,
             num_beams=num_beams or self.cfg.train.eval_beams, max_new_tokens=self.cfg.train.eval_max_new_tokens,
             synced_gpus=self.zero3 and self.world_size > 1, max_samples=max_samples, rank=self.rank,
             desc=f"{split} {tag or f'step {self.step}'}", report_path=self.run_dir / "eval" / f"{name}.json",

@@ -51,7 +51,7 @@ class WhisperAudioEncoder(nn.Module):
         if Tm > self.window_frames:
             raise ValueError(f"audio of {Tm} mel frames is longer than the Whisper window of {self.window_frames} "
                              f"frames ({self.window_frames / 100:.1f} s); filter or split longer clips")
-        valid = frame_mask(mel_lengths, Tm)[:, None, :]                        # [B, 1, Tm]
+        valid = frame_mask(mel_lengths, Tm, mel.device)[:, None, :]                        # [B, 1, Tm]
         floor = mel.masked_fill(~valid, float("inf")).amin(dim=(1, 2), keepdim=True)
         mel = torch.where(valid, mel, floor).to(self.encoder.conv1.weight.dtype)
         if self.pad_to_window:

@@ -247,7 +247,7 @@ class AVHubertVideoEncoder(nn.Module):
         """video [B, T, H, W], lengths [B] (frames) -> (features [B, T, D] at 25 Hz, lengths)."""
         if video.dim() != 4:
             raise ValueError(f"video must be [B, T, H, W], got shape {tuple(video.shape)}")
-        real = frame_mask(lengths, video.shape[1])
+        real = frame_mask(lengths, video.shape[1], video.device)
         # Zero the padded frames: the stem's temporal kernel reaches 2 frames past a clip's end, and
         # zeros are what a clip padded alone (or the official collater) would show it.
         video = video.to(self.frame_proj.weight.dtype) * real[:, :, None, None]

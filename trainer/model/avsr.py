@@ -10,6 +10,10 @@ taken from `delimiter_embeddings`, a small trainable [4, D] table initialised fr
 Training rows of the LLM's table instead would mean a trainable 128k x D matrix (and, with the
 tied embeddings of Llama 3.2, changing output logits too); the small table is also ZeRO-3
 friendly. The model never has to emit these tokens: generation suppresses them.
+
+Token ids in, token ids out: the model holds no tokenizer. It is built with its prompt's fixed ids
+(`PromptIds`), reads each transcript's ids from `batch["transcript_ids"]` and generates ids; the
+callers tokenize and decode with trainer.model.prompt_text.
 """
 from __future__ import annotations
 
@@ -26,11 +30,12 @@ from trainer.data.config import Streams
 from .audio_encoder import WhisperAudioEncoder, whisper_output_lengths
 from .avhubert import AVHubertConfig, AVHubertVideoEncoder
 from .config import ModelConfig
-from .decoding import DecodingConfig, generate_transcripts
-from .prompt import IGNORE_INDEX, INSTRUCTIONS, AssembledInputs, assemble
+from .decoding import DecodingConfig, generate_ids
+from .prompt import AssembledInputs, assemble
+from .prompt_text import PromptIds, prompt_ids
 from .projector import Projector, downsampled_lengths
 from .roles import prefix_mask
-from .tokenizer import SpecialTokenIds, encode_text, special_token_ids
+from .tokenizer import SpecialTokenIds
 
 
 @dataclass
@@ -56,14 +61,13 @@ class AVSROutput(ModelOutput):
 
 
 class LlamaAVSR(nn.Module):
-    def __init__(self, cfg: ModelConfig, tokenizer, llm, audio_encoder: WhisperAudioEncoder | None,
+    def __init__(self, cfg: ModelConfig, prompt: PromptIds, llm, audio_encoder: WhisperAudioEncoder | None,
                  video_encoder: AVHubertVideoEncoder | None, audio_projector: Projector | None,
                  video_projector: Projector | None, delimiter_embeddings: nn.Embedding):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.specials: SpecialTokenIds = special_token_ids(tokenizer)
-        self.instruction_ids = tokenizer(INSTRUCTIONS[cfg.modality], add_special_tokens=False)["input_ids"]
+        self.specials: SpecialTokenIds = prompt.specials
+        self.instruction_ids = list(prompt.instruction)
         self.llm = llm
         self.audio_encoder = audio_encoder
         self.video_encoder = video_encoder
@@ -133,7 +137,7 @@ class LlamaAVSR(nn.Module):
     def assemble(self, batch: dict, for_generation: bool = False) -> AssembledInputs:
         """LLM inputs for a batch: right-padded with transcript + EOS for training, or a left-padded
         prompt (no transcript) for generation."""
-        transcripts = None if for_generation else [encode_text(self.tokenizer, t) for t in batch["text"]]
+        transcripts = None if for_generation else _transcript_ids(batch)
         return assemble(
             features=self.encode(batch), modality_order=self.cfg.modality_order, specials=self.specials,
             instruction_ids=self.instruction_ids, transcripts=transcripts,
@@ -146,7 +150,7 @@ class LlamaAVSR(nn.Module):
         measure_dec = self.cfg.decorrelation_weight > 0 or self.cfg.measure_decorrelation_when_off
         out = self.decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                            position_ids=inputs.position_ids, output_hidden_states=measure_dec, use_cache=False)
-        ce_loss, num_targets = self._cross_entropy(out.last_hidden_state, inputs.labels)
+        ce_loss, num_targets = self._cross_entropy(out.last_hidden_state, inputs)
 
         zero = ce_loss.new_zeros(())
         dec_raw, dec = zero + float("nan"), zero
@@ -165,8 +169,9 @@ class LlamaAVSR(nn.Module):
         """(target tokens, decorrelation-prefix tokens) of a batch, from its transcripts and lengths
         alone: what `forward` will report as num_target_tokens / num_prefix_tokens, known before any
         forward, so that the trainer can weight every micro-batch by the global batch's counts."""
-        targets = sum(len(encode_text(self.tokenizer, t)) + 1 for t in batch["text"])    # transcript + EOS
-        prefix = torch.full((len(batch["text"]),), len(self.instruction_ids), dtype=torch.long)
+        transcripts = _transcript_ids(batch)
+        targets = sum(len(t) + 1 for t in transcripts)    # transcript + EOS
+        prefix = torch.full((len(transcripts),), len(self.instruction_ids), dtype=torch.long)
         for modality in self.cfg.enabled_modalities:
             lengths = batch[f"{modality}_lengths"].long().cpu()
             if modality == "audio":
@@ -176,14 +181,12 @@ class LlamaAVSR(nn.Module):
             prefix += 2 + downsampled_lengths(lengths, rate)          # <modality> tokens </modality>
         return targets, int(prefix.sum())
 
-    def _cross_entropy(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cross_entropy(self, hidden: torch.Tensor, inputs: AssembledInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token CE on target positions only: the LM head runs on those rows alone, not on
         [B, T, vocab], which matters with a 128k vocabulary."""
-        targets = labels[:, 1:]
-        selected = targets != IGNORE_INDEX
-        logits = self.base_llm.get_output_embeddings()(hidden[:, :-1][selected])
-        num = selected.sum()
-        ce = F.cross_entropy(logits.float(), targets[selected], reduction="sum") / num.clamp_min(1)
+        logits = self.base_llm.get_output_embeddings()(hidden[inputs.predicting_positions])
+        num = torch.tensor(inputs.target_ids.numel(), device=hidden.device)
+        ce = F.cross_entropy(logits.float(), inputs.target_ids, reduction="sum") / num.clamp_min(1)
         return ce, num
 
     def _decorrelation(self, hidden_states, token_roles: torch.Tensor) -> torch.Tensor:
@@ -195,14 +198,22 @@ class LlamaAVSR(nn.Module):
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
     def generate(self, batch: dict, num_beams: int = 1, max_new_tokens: int = 32, synced_gpus: bool = False,
-                 length_penalty: float = 1.0) -> list[str]:
+                 length_penalty: float = 1.0) -> list[list[int]]:
+        """Transcript ids per sample, cut at EOS (trainer.model.prompt_text.decode_transcripts -> text)."""
         prompt = self.assemble(batch, for_generation=True)
         decoding = DecodingConfig(num_beams=num_beams, max_new_tokens=max_new_tokens,
                                   length_penalty=length_penalty, synced_gpus=synced_gpus)
-        return generate_transcripts(self.llm, self.tokenizer, self.specials, prompt, decoding)
+        return generate_ids(self.llm, self.specials, prompt, decoding)
 
     def trainable_parameter_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
+
+
+def _transcript_ids(batch: dict) -> list[list[int]]:
+    if "transcript_ids" not in batch:
+        raise KeyError("the batch has no 'transcript_ids': the model takes token ids; tokenize the transcripts "
+                       "first with trainer.model.prompt_text.with_transcript_ids(tokenizer, batch)")
+    return [list(t) for t in batch["transcript_ids"]]
 
 
 # --------------------------------------------------------------------------- building
@@ -302,13 +313,13 @@ def _delimiter_table(llm, specials: SpecialTokenIds, init_ctx=nullcontext) -> nn
     return delimiters
 
 
-def build_model(cfg: ModelConfig, ds_config: dict | None = None) -> LlamaAVSR:
-    """Build the full model. With a ZeRO-3 `ds_config`: the LLM is partitioned while it loads (an
-    HfDeepSpeedConfig is kept alive on the model), this project's modules (AV-HuBERT, projectors,
-    delimiter table) are created under deepspeed.zero.Init and AV-HuBERT's weights copied in one
-    module at a time; the Whisper encoder alone is read whole (encoder tensors only) and partitioned
-    right away. LoRA adapters are added outside zero.Init; deepspeed.initialize partitions them."""
-    from .llm import add_lora, load_llm
+def build_model(cfg: ModelConfig, ds_config: dict | None = None, tokenizer=None) -> LlamaAVSR:
+    """Build the full model (`tokenizer`: build_tokenizer(cfg) when not given; the model keeps only its
+    ids). With a ZeRO-3 `ds_config`: the LLM is partitioned while it loads (an HfDeepSpeedConfig is
+    kept alive on the model), this project's modules (AV-HuBERT, projectors, delimiter table) are
+    created under deepspeed.zero.Init and AV-HuBERT's weights copied in one module at a time; the
+    Whisper encoder alone is read whole (encoder tensors only) and partitioned right away."""
+    from .llm import load_llm
 
     hf_ds_config, init_ctx = None, nullcontext
     if _is_zero3(ds_config):
@@ -320,12 +331,25 @@ def build_model(cfg: ModelConfig, ds_config: dict | None = None) -> LlamaAVSR:
         def init_ctx():                                  # a fresh zero.Init context per use
             return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
-    tokenizer = build_tokenizer(cfg)
-    specials = special_token_ids(tokenizer)
-    llm = load_llm(cfg, len(tokenizer), specials)
-    d_llm = llm.config.hidden_size
+    tokenizer = build_tokenizer(cfg) if tokenizer is None else tokenizer
+    prompt = prompt_ids(tokenizer, cfg.modality)
+    llm = load_llm(cfg, len(tokenizer), prompt.specials)
     audio_encoder = build_audio_encoder(cfg, ds_config) if cfg.uses_audio else None
     video_encoder = build_video_encoder(cfg, init_ctx) if cfg.uses_video else None
+    model = assemble_model(cfg, prompt, llm, audio_encoder, video_encoder, init_ctx)
+    model.hf_ds_config = hf_ds_config
+    return model
+
+
+def assemble_model(cfg: ModelConfig, prompt: PromptIds, llm, audio_encoder: WhisperAudioEncoder | None,
+                   video_encoder: AVHubertVideoEncoder | None, init_ctx=nullcontext) -> LlamaAVSR:
+    """LlamaAVSR from its built parts (a frozen causal LM, frozen encoders): the trainer's freezing and
+    LoRA, the projectors and the delimiter table. bench/estimate_lrs3.py calls it on the meta device
+    with parts built from configs at the paper's sizes. LoRA adapters are added outside zero.Init;
+    deepspeed.initialize partitions them."""
+    from .llm import add_lora
+
+    d_llm = llm.config.hidden_size
     if video_encoder is not None:
         video_encoder.requires_grad_(not cfg.freeze_video_encoder)
         if cfg.video_lora:
@@ -337,8 +361,6 @@ def build_model(cfg: ModelConfig, ds_config: dict | None = None) -> LlamaAVSR:
 
     audio_projector = projector(audio_encoder.out_dim, cfg.audio_rate) if audio_encoder is not None else None
     video_projector = projector(video_encoder.out_dim, cfg.video_rate) if video_encoder is not None else None
-    delimiters = _delimiter_table(llm, specials, init_ctx)
+    delimiters = _delimiter_table(llm, prompt.specials, init_ctx)
     llm = add_lora(llm, cfg)
-    model = LlamaAVSR(cfg, tokenizer, llm, audio_encoder, video_encoder, audio_projector, video_projector, delimiters)
-    model.hf_ds_config = hf_ds_config
-    return model
+    return LlamaAVSR(cfg, prompt, llm, audio_encoder, video_encoder, audio_projector, video_projector, delimiters)

@@ -5,8 +5,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
-
 from .prompt import AssembledInputs
 from .tokenizer import SpecialTokenIds
 
@@ -34,9 +32,9 @@ def cut_at_eos(ids: Sequence[int], eos: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate_transcripts(llm, tokenizer: PreTrainedTokenizerBase, specials: SpecialTokenIds,
-                         prompt: AssembledInputs, decoding: DecodingConfig) -> list[str]:
-    """prompt: a left-padded generation prompt. Returns one stripped string per sample.
+def generate_ids(llm, specials: SpecialTokenIds, prompt: AssembledInputs, decoding: DecodingConfig) -> list[list[int]]:
+    """prompt: a left-padded generation prompt. Returns the new token ids of each sample, cut at EOS
+    (text: trainer.model.prompt_text.decode_transcripts).
 
     Given inputs_embeds and no input_ids, a decoder-only generate returns only the new tokens."""
     if decoding.num_beams < 1 or decoding.max_new_tokens < 1:
@@ -58,5 +56,4 @@ def generate_transcripts(llm, tokenizer: PreTrainedTokenizerBase, specials: Spec
         use_cache=True,
     )
     sequences = out.sequences if hasattr(out, "sequences") else out
-    return [tokenizer.decode(cut_at_eos(row.tolist(), specials.eos), skip_special_tokens=True).strip()
-            for row in sequences]
+    return [cut_at_eos(row.tolist(), specials.eos) for row in sequences]

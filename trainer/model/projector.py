@@ -18,9 +18,12 @@ def downsampled_lengths(lengths: torch.Tensor, rate: int) -> torch.Tensor:
     return torch.div(lengths + rate - 1, rate, rounding_mode="floor")
 
 
-def frame_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Bool [B, max_len]: True on real (non-padding) frames."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+def frame_mask(lengths: torch.Tensor, max_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Bool [B, max_len] on `device` (default: the lengths'): True on real (non-padding) frames.
+    Lengths may live on the CPU while the data is elsewhere (on the meta device, where the
+    prompt's layout could not read them)."""
+    mask = torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+    return mask if device is None else mask.to(device)
 
 
 class Projector(nn.Module):
@@ -50,7 +53,7 @@ class Projector(nn.Module):
         B, T, D = frames.shape
         k = self.rate
         n_out = -(-T // k)
-        valid = frame_mask(lengths, T).to(frames.dtype)[..., None]                 # [B, T, 1]
+        valid = frame_mask(lengths, T, frames.device).to(frames.dtype)[..., None]                 # [B, T, 1]
         pad = n_out * k - T
         x = F.pad(frames * valid, (0, 0, 0, pad)).view(B, n_out, k, D)
         if self.mode == "stack":

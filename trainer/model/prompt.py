@@ -45,6 +45,11 @@ class AssembledInputs:
     """[B, T] 0-based positions counted over real tokens (padding gets 0)."""
     input_ids: torch.Tensor
     """[B, T] token ids; the pad id on feature and padding positions."""
+    predicting_positions: tuple[torch.Tensor, torch.Tensor]
+    """(batch index, position) of each row whose hidden state predicts a target (transcript or EOS)
+    token: labels[b, t + 1] != -100. Empty for a generation prompt."""
+    target_ids: torch.Tensor
+    """[N] the target token of each of those rows."""
 
 
 @dataclass
@@ -78,8 +83,8 @@ def layout_sample(specials: SpecialTokenIds, modality_lengths: Sequence[tuple[st
     return SampleLayout(ids, [int(r) for r in roles], labels)
 
 
-def pad_layouts(layouts: Sequence[SampleLayout], pad_id: int, side: str, device: torch.device | None = None):
-    """-> input_ids, roles, labels, attention_mask, position_ids, all [B, T] long."""
+def pad_layouts(layouts: Sequence[SampleLayout], pad_id: int, side: str):
+    """-> input_ids, roles, labels, attention_mask, position_ids, all [B, T] long, on the CPU."""
     if side not in ("left", "right"):
         raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
     T = max(len(x.input_ids) for x in layouts)
@@ -89,7 +94,7 @@ def pad_layouts(layouts: Sequence[SampleLayout], pad_id: int, side: str, device:
         return seq + fill if side == "right" else fill + seq
 
     def tensor(rows: list[list[int]]) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.long, device=device)
+        return torch.tensor(rows, dtype=torch.long)
 
     input_ids = tensor([pad(x.input_ids, pad_id) for x in layouts])
     roles = tensor([pad(x.roles, int(TokenRole.PAD)) for x in layouts])
@@ -115,6 +120,10 @@ def assemble(
     transcripts: per-sample transcript ids (training, right padding) or None (generation, left padding).
     embed_tokens: ids [B, T] -> [B, T, D] (the LLM's input embedding).
     embed_delimiters: delimiter index [K] (0..3 in SpecialTokenIds.delimiters order) -> [K, D].
+
+    The layout and every position index are computed on the CPU from the lengths' values, then moved
+    to the features' device: no boolean indexing there (one sync fewer on a GPU; and on the meta
+    device, where a boolean mask has no values, the same code runs to count FLOPs).
     """
     order = [m for m in modality_order if m in features]
     if set(order) != set(features):
@@ -130,17 +139,26 @@ def assemble(
         for b in range(B)
     ]
     side = "left" if transcripts is None else "right"
-    input_ids, roles, labels, attention_mask, position_ids = pad_layouts(layouts, specials.pad, side, device)
+    input_ids, roles, labels, attention_mask, position_ids = pad_layouts(layouts, specials.pad, side)
 
-    embeds = embed_tokens(input_ids)
-    is_delimiter = roles == TokenRole.DELIMITER
-    delimiter_index = torch.full((int(max(specials.delimiters)) + 1,), -1, dtype=torch.long, device=device)
-    delimiter_index[list(specials.delimiters)] = torch.arange(4, device=device)
-    delimiter_rows = embed_delimiters(delimiter_index[input_ids[is_delimiter]])
-    embeds = embeds.index_put((is_delimiter,), delimiter_rows.to(embeds.dtype))
+    def on_device(index: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(i.to(device) for i in index)
+
+    embeds = embed_tokens(input_ids.to(device))
+    at_delimiter = (roles == TokenRole.DELIMITER).nonzero(as_tuple=True)
+    delimiter_index = torch.full((int(max(specials.delimiters)) + 1,), -1, dtype=torch.long)
+    delimiter_index[list(specials.delimiters)] = torch.arange(4)
+    delimiter_rows = embed_delimiters(delimiter_index[input_ids[at_delimiter]].to(device))
+    embeds = embeds.index_put(on_device(at_delimiter), delimiter_rows.to(embeds.dtype))
     for m in order:
-        tokens, n = features[m]
-        # Row-major boolean indexing visits each sample's feature slots in time order on both sides.
-        real = tokens[frame_mask(n, tokens.shape[1])]
-        embeds = embeds.index_put((roles == FEATURE_ROLES[m],), real.to(embeds.dtype))
-    return AssembledInputs(embeds, attention_mask, labels, roles, position_ids, input_ids)
+        tokens = features[m][0]
+        # Row-major order visits each sample's feature slots in time order on both sides.
+        real = frame_mask(torch.tensor(lengths[m]), tokens.shape[1]).nonzero(as_tuple=True)
+        at_feature = (roles == FEATURE_ROLES[m]).nonzero(as_tuple=True)
+        embeds = embeds.index_put(on_device(at_feature), tokens[on_device(real)].to(embeds.dtype))
+    # Next-token targets: the hidden state at (b, t) predicts labels[b, t + 1].
+    predicts = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    target_ids = labels[:, 1:][predicts]
+    return AssembledInputs(embeds, attention_mask.to(device), labels.to(device), roles.to(device),
+                           position_ids.to(device), input_ids.to(device), on_device(predicts),
+                           target_ids.to(device))
