@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from trainer.model.config import TinyModelConfig
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +28,7 @@ def _load():
 est = _load()
 
 TINY = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, audio_rate=3, video_rate=2, projector_hidden=32,
-            tiny_whisper_max_source_positions=100, measure_decorrelation_when_off=False,
+            tiny=TinyModelConfig(whisper_max_source_positions=100), measure_decorrelation_when_off=False,
             llm_attn_implementation="eager")     # what the estimator runs on meta (see its docstring)
 VARIANTS = {
     "avsr": dict(modality="avsr"),
