@@ -12,7 +12,7 @@ import argparse
 import time
 
 from trainer.data import DataConfig
-from trainer.data.pipeline import _index, shard_samples
+from trainer.data.pipeline import checked_index, shard_samples
 from trainer.data.skips import SkipCounter
 
 
@@ -26,7 +26,7 @@ def main() -> None:
                      test_split=f"--{args.split}")
     t0 = time.process_time()
     for _ in range(200):
-        index = _index(cfg, args.split)
+        index = checked_index(cfg, args.split)
     t_index = (time.process_time() - t0) / 200
     shards = [(url, info.samples) for url, info in zip(index.urls, index.shards)]
     times, n = [], 0

