@@ -57,7 +57,7 @@ def trainers_model_on_a_real_batch(cfg):
     model = build_model(cfg, tokenizer=tokenizer)
     g = torch.Generator().manual_seed(1)
     batch = {"keys": ["k0"], "text": [TEXT],
-             "audio": torch.randn(1, cfg.n_mels, 4 * FRAMES, generator=g), "audio_lengths": torch.tensor([4 * FRAMES]),
+             "audio": torch.randn(1, cfg.tiny.n_mels, 4 * FRAMES, generator=g), "audio_lengths": torch.tensor([4 * FRAMES]),
              "video": torch.randn(1, FRAMES, 88, 88, generator=g), "video_lengths": torch.tensor([FRAMES])}
     return model, with_transcript_ids(tokenizer, batch)
 
