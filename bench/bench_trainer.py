@@ -285,7 +285,7 @@ class Run:
         sec.hook(model.video_projector, "projectors")
         sec.hook(model.decoder, "LLM forward (decoder blocks)")
         sec.hook(model.base_llm.get_output_embeddings(), "LM head (target rows)")
-        engine = t.engine
+        engine = t.ds_engine
         real_backward, real_step = engine.backward, engine.step
 
         def backward(loss, *a, **k):

@@ -77,7 +77,7 @@ def timed_step(trainer, clock) -> dict[str, float]:
     all-reduce), then per micro-batch the forward, the backward and engine.step()."""
     from trainer.engine.loss import GlobalCounts, backward, micro_batch_share
 
-    engine = trainer.engine
+    engine = trainer.ds_engine
     engine.train()
     t = dict.fromkeys(PHASES, 0.0)
     t0 = clock()

@@ -246,7 +246,7 @@ class CheckpointManager:
         return verify(folder, self.rank, self.world_size)
 
     # ---- saving ------------------------------------------------------------------------------------
-    def save(self, engine, step: int, client_state: dict, rank_state: dict, trainer_state: dict) -> Path:
+    def save(self, ds_engine, step: int, client_state: dict, rank_state: dict, trainer_state: dict) -> Path:
         """Every rank must call this (ZeRO partitions are written by their owners)."""
         tag = tag_for(step)
         folder = self.root / tag
@@ -263,7 +263,7 @@ class CheckpointManager:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        ds_engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         torch.save({"rng": capture_rng(), "rank_state": rank_state, "world_size": self.world_size},
                    folder / f"rng_rank{self.rank}.pt")
         distributed.barrier()                                   # every rank's files are on disk
@@ -365,11 +365,11 @@ class CheckpointManager:
             rejected.append((folder, problems))
         return None, rejected
 
-    def load(self, engine, folder: Path) -> ResumeState:
+    def load(self, ds_engine, folder: Path) -> ResumeState:
         """`folder` must have verified (resolve): its pickles were checked before DeepSpeed unpickles them,
         which it then does with weights_only=True too."""
-        weights_only_loads(engine.checkpoint_engine)
-        load_path, client_state = engine.load_checkpoint(
+        weights_only_loads(ds_engine.checkpoint_engine)
+        load_path, client_state = ds_engine.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {folder}")

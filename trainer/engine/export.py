@@ -58,7 +58,7 @@ def _unshared(tensors: dict) -> dict:
     return out
 
 
-def export_consolidated(engine, out_dir: str | Path) -> Path | None:
+def export_consolidated(ds_engine, out_dir: str | Path) -> Path | None:
     """The whole model (frozen parts included) as one 16-bit/fp32 safetensors file, for evaluation.
 
     Safetensors, not a pickle: the file can be given to anyone and loading it runs no code. All ranks
@@ -66,14 +66,14 @@ def export_consolidated(engine, out_dir: str | Path) -> Path | None:
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    if engine.zero_optimization_partition_weights():
-        if not engine.zero_gather_16bit_weights_on_model_save():
+    if ds_engine.zero_optimization_partition_weights():
+        if not ds_engine.zero_gather_16bit_weights_on_model_save():
             log.warning("consolidated export skipped: set "
                         "zero_optimization.stage3_gather_16bit_weights_on_model_save")
             return None
-        state = engine._zero3_consolidated_16bit_state_dict()     # every rank takes part; rank 0 gets it
+        state = ds_engine._zero3_consolidated_16bit_state_dict()     # every rank takes part; rank 0 gets it
     else:
-        state = engine.module_state_dict()
+        state = ds_engine.module_state_dict()
     path = out_dir / CONSOLIDATED
     if distributed.is_rank_zero():
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ def micro_batch_share(out, counts: GlobalCounts, expected: tuple[int, int]) -> t
     return loss, shares
 
 
-def backward(engine, loss: torch.Tensor) -> None:
+def backward(ds_engine, loss: torch.Tensor) -> None:
     """engine.backward of a global-batch share: no division by gradient_accumulation_steps, and the
     data-parallel average (a division by the world size) compensated."""
-    engine.backward(loss * engine.dp_world_size, scale_wrt_gas=False)
+    ds_engine.backward(loss * ds_engine.dp_world_size, scale_wrt_gas=False)

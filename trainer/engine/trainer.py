@@ -102,9 +102,9 @@ class Trainer:
         self.zero3 = zero_stage(self.ds_config) == 3
         model = build_model(cfg.model, ds_config=self.ds_config, tokenizer=self.tokenizer)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.ds_engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=trainable, config=self.ds_config, lr_scheduler=self._lr_schedule())
-        self.model = self.engine.module
+        self.model = self.ds_engine.module
         self.param_counts = self._count_params()
         self.step_flops = StepFlops.from_model(self.model, cfg.data.crop_size)
         self.frozen_fingerprint = self._frozen_fingerprint()
@@ -189,7 +189,7 @@ class Trainer:
         done = self._final_stages()
         if cfg.train.export_on_finish and "export" not in done:
             written = export_trainable(self.model, self.run_dir / "export", self.rank)
-            export_consolidated(self.engine, self.run_dir / "export")
+            export_consolidated(self.ds_engine, self.run_dir / "export")
             if self.rank == 0:
                 for path in written.values():
                     self.tracker.log_artifact(path, "export")
@@ -321,7 +321,7 @@ class Trainer:
         folder = self.ckpt.resolve(cfg.train.resume)
         state = None
         if folder is not None:
-            state = self.ckpt.load(self.engine, folder)
+            state = self.ckpt.load(self.ds_engine, folder)
             saved_fp = state.trainer_state.get("frozen_fingerprint")
             if saved_fp and not np.allclose(saved_fp, self.frozen_fingerprint, rtol=1e-6):
                 raise RuntimeError(
@@ -378,18 +378,18 @@ class Trainer:
     def _train_step(self, meter: ThroughputMeter) -> dict:
         """One optimizer step over the global batch: token means over all its micro-batches and ranks
         (trainer/engine/loss.py). Returns this rank's shares of the logged values and the lr used."""
-        self.engine.train()
+        self.ds_engine.train()
         batches = self.next_micro_batches()
         local = [self.model.token_counts(b) for b in batches]
         counts = GlobalCounts.all_reduced(local, self.device)
         sums = dict.fromkeys(LOGGED, 0.0)
-        lr = float(self.engine.get_lr()[0])       # before engine.step(): the lr this step trains with
+        lr = float(self.ds_engine.get_lr()[0])       # before ds_engine.step(): the lr this step trains with
         for batch, expected in zip(batches, local):
             batch = self.to_device(batch)
-            out = self.engine(batch)
+            out = self.ds_engine(batch)
             loss, shares = micro_batch_share(out, counts, expected)
-            backward(self.engine, loss)
-            self.engine.step()
+            backward(self.ds_engine, loss)
+            self.ds_engine.step()
             for k in sums:
                 sums[k] += shares[k]
             meter.update(len(batch["keys"]), int(out.num_input_tokens), self.step_flops(
@@ -397,7 +397,7 @@ class Trainer:
                 audio_lengths=batch["audio_lengths"].tolist() if "audio_lengths" in batch else (),
                 video_lengths=batch["video_lengths"].tolist() if "video_lengths" in batch else ()))
         meter.step()
-        gn = self.engine.get_global_grad_norm()
+        gn = self.ds_engine.get_global_grad_norm()
         return {**sums, "grad_norm": float(gn) if gn is not None else float("nan"), "lr": lr}
 
     def step_values(self, stats: dict) -> dict:
@@ -479,7 +479,7 @@ class Trainer:
 
     def _save(self) -> None:
         digest = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
-        self.ckpt.save(self.engine, self.step, client_state={"step": self.step},
+        self.ckpt.save(self.ds_engine, self.step, client_state={"step": self.step},
                        rank_state={"data": self.stream.state()},
                        trainer_state={"config_sha256": digest, "frozen_fingerprint": self.frozen_fingerprint,
                                       "world_size": self.world_size,
