@@ -172,12 +172,35 @@ def test_greedy_decoding_is_batch_invariant_and_matches_argmax(avsr_model):
     model.train()
 
 
-def test_beam_search_runs(avsr_model):
+def _sequence_log_probs(model, batch: dict, hyps: list[list[int]], max_new_tokens: int) -> list[float]:
+    """Sum of log p over each hypothesis's tokens, plus its EOS where it stopped before the cap, teacher-forced
+    through the model's own prompt: what beam search (length_penalty 0) maximises."""
+    inputs = model.assemble({**batch, "transcript_ids": hyps})
+    logits = model.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                       position_ids=inputs.position_ids).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    targets = inputs.labels[:, 1:]
+    scores = []
+    for b, hyp in enumerate(hyps):
+        rows = (targets[b] != -100).nonzero().flatten()
+        rows = rows if len(hyp) < max_new_tokens else rows[:-1]          # capped: no EOS was chosen
+        scores.append(float(logp[b, rows, targets[b, rows]].sum()))
+    return scores
+
+
+@torch.no_grad()
+def test_beam_search_finds_sequences_at_least_as_likely_as_greedy(avsr_model):
     model = avsr_model.eval()
     batch = make_batch()
-    beams = model.generate(batch, num_beams=4, max_new_tokens=5)
-    assert len(beams) == 2 and all(all(isinstance(t, int) for t in h) and len(h) <= 5 for h in beams)
-    assert model.generate(batch, num_beams=1, max_new_tokens=5) == model.generate(batch, max_new_tokens=5)
+    n = 6
+    greedy = model.generate(batch, max_new_tokens=n)
+    assert model.generate(batch, num_beams=1, max_new_tokens=n) == greedy
+    beams = model.generate(batch, num_beams=5, max_new_tokens=n, length_penalty=0.0)
+    assert len(beams) == 2 and all(len(h) <= n for h in beams)
+    assert beams != greedy                        # a model on which the two differ, else this proves nothing
+    g, b = _sequence_log_probs(model, batch, greedy, n), _sequence_log_probs(model, batch, beams, n)
+    assert all(sb >= sg - 1e-6 for sb, sg in zip(b, g)), (b, g)
+    assert sum(b) > sum(g)
     model.train()
 
 
