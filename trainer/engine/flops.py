@@ -1,6 +1,6 @@
 """Model FLOPs of a training micro-batch, for perf/mfu.
 
-    flops = StepFlops.from_model(model)          # once, on every rank (no weights are read)
+    flops = StepFlops.from_model(model, cfg.data.crop_size)    # once, on every rank (no weights are read)
     flops(input_lengths, num_targets, audio_lengths, video_lengths) -> float
 
 LLM, closed form (what torch.utils.flop_counter counts for a frozen Llama with LoRA; the
@@ -70,7 +70,7 @@ class StepFlops:
     """AV-HuBERT per clip, in 25 fps frames: forward, plus the Transformer's backward when trainable."""
 
     @classmethod
-    def from_model(cls, model, crop_size: int = 88) -> "StepFlops":
+    def from_model(cls, model, crop_size: int) -> "StepFlops":
         """`model`: a LlamaAVSR, or anything with .llm (peft-wrapped causal LM), .audio_encoder and
         .video_encoder (None when unused)."""
         base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
@@ -126,7 +126,7 @@ def whisper_flops(audio_encoder) -> Quadratic:
     return Quadratic.fit(lambda n: count(2 * n))
 
 
-def avhubert_flops(video_encoder, crop_size: int = 88) -> Quadratic:
+def avhubert_flops(video_encoder, crop_size: int) -> Quadratic:
     """AVHubertVideoEncoder -> FLOPs per clip in frames, counted on a meta copy: the forward, and when
     any of its weights train (LoRA), the activation backward of its Transformer (its front end is
     frozen and its input is data, so nothing flows back into the convolutions)."""
