@@ -200,7 +200,7 @@ def test_end_of_sequence_self_attention_is_not_a_sink():
     assert [(t.token, t.massive_features) for t in default.sink_tokens] == [(0, [3])]
     assert default.intermediate_sink_count == 0.0 and default.sink_features_shared is True
     assert MonitorConfig().sink_min_queries == 8
-    with pytest.raises(ValueError, match="sink_min_queries"):
+    with pytest.raises(ValueError, match="--monitor.sink-min-queries"):
         MonitorConfig(sink_min_queries=0)
 
 
