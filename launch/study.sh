@@ -27,7 +27,8 @@ if command -v nvidia-smi >/dev/null 2>&1; then NPROC=${NPROC:-$(nvidia-smi -L | 
 fi
 t0=$(date +%s)
 pid=""
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null' INT TERM EXIT     # a stopped study stops its run
+stop_run() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi; }   # never fails: keeps the exit status
+trap stop_run INT TERM EXIT                       # a stopped study stops its run
 say() { echo "[study $(( $(date +%s) - t0 ))s] $*"; }
 
 if [ -e "$STUDY_DIR" ]; then echo "$STUDY_DIR exists: remove it or set STUDY_DIR" >&2; exit 2; fi
