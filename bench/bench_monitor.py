@@ -147,7 +147,8 @@ def main() -> None:
     from data_tools.demo import ensure_demo_corpus
     from trainer.config import ExperimentConfig
     from trainer.data.config import DEMO_SHARD_DIR, DataConfig
-    from trainer.engine.config import TrackingConfig, TrainConfig
+    from trainer.engine.config import TrainConfig
+    from trainer.tracking.config import TrackingConfig
     from trainer.engine.trainer import Trainer
     from trainer.monitor.config import MonitorConfig
 

@@ -272,7 +272,6 @@ class Run:
                 "ce_last": last["ce_loss"], "loss_went_down": last["loss"] < first["loss"]}
 
     def profile(self) -> dict:
-        import torch
         from torch.profiler import ProfilerActivity, profile
 
         from trainer.engine.throughput import ThroughputMeter
@@ -516,7 +515,7 @@ def render(res: dict) -> str:
                      f"MFU {'n/a' if mfu is None else f'{mfu:.3f}'}, peak GPU alloc "
                      f"{tp.get('mem/gpu_peak_alloc_gb', float('nan')):.2f} GB "
                      f"(reserved {tp.get('mem/gpu_peak_reserved_gb', float('nan')):.2f} GB)")
-        lines.append(f"- per-step loss on the clip stream (batches differ): "
+        lines.append("- per-step loss on the clip stream (batches differ): "
                      + ", ".join(f"{s['loss']:.3f}" for s in tp["losses"]))
     le = p.get("learn", {})
     if "losses" in le:

@@ -103,7 +103,7 @@ def monitor_config(base, args: argparse.Namespace, probe_rows: int):
 def probe_run(args: argparse.Namespace, out: Path, device: torch.device) -> tuple[SinkReport, dict]:
     from trainer.data import storage
     from trainer.data.shard_format import check_split
-    from trainer.engine.offline import load_run_config, load_trained_model
+    from trainer.run_folder.load import load_run_config, load_trained_model
     from trainer.engine.probe import first_eval_batch, run_probe
     from trainer.model.avsr import build_tokenizer
     from trainer.monitor.monitor import SinkMonitor

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhe
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from trainer.engine.evaluate_run import (NOISES, EvalRequest, evaluate_run, format_table,  # noqa: E402
+from trainer.run_folder.evaluate import (NOISES, EvalRequest, evaluate_run, format_table,  # noqa: E402
                                          log_to_mlflow, parse_conditions)
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
-    from trainer.engine.tracking import RUN_ID_FILE
-    from trainer.engine.tracking_courier import REJECTED_NAME, replay, tracking_dir
-    from trainer.engine.tracking_store import (TrackingUnreachable, check_reachable, close_stale_run,
+    from trainer.tracking.tracker import RUN_ID_FILE
+    from trainer.tracking.courier import REJECTED_NAME, replay, tracking_dir
+    from trainer.tracking.store import (TrackingUnreachable, check_reachable, close_stale_run,
                                                re_root_artifacts, store_uri)
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,7 +14,7 @@ import sys
 def main() -> int | None:
     from data_tools.demo import ensure_demo_corpus
     from trainer.config import ConfigError, parse_args
-    from trainer.engine.tracking import preflight
+    from trainer.tracking.tracker import preflight
     from trainer.engine.trainer import Trainer
 
     rank = int(os.environ.get("RANK", 0))

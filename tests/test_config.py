@@ -180,7 +180,7 @@ def test_a_run_folder_of_the_previous_shape_still_loads(tmp_path):
     """Run folders written before the tiny sizes were grouped and before data lost modality and n_mels."""
     import json
 
-    from trainer.engine.offline import load_run_config
+    from trainer.run_folder.load import load_run_config
     from trainer.model.config import FLAT_TINY_NAMES
 
     cfg = parse_args(["--model.modality", "asr", "--model.tiny.llm-layers", "3"]).to_dict()

@@ -294,7 +294,7 @@ def test_a_run_folder_never_chooses_a_command_to_run(tmp_path, capsys):
     import importlib.util
 
     from trainer.config import ExperimentConfig
-    from trainer.engine.offline import load_run_config
+    from trainer.run_folder.load import load_run_config
     spec = importlib.util.spec_from_file_location("analyze_sinks", REPO / "launch" / "analyze_sinks.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -7,7 +7,7 @@ import torch
 
 from trainer.data.stream import TrainStream
 from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
-from trainer.engine.tracking import MLflowTracker, NullTracker, flatten, make_tracker
+from trainer.tracking.tracker import MLflowTracker, NullTracker, flatten, make_tracker
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = dict(hidden_size=64, micro_batch_size=8, grad_accum=2, grad_clip=1.0, lr=1e-3, weight_decay=0.01,

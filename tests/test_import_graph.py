@@ -6,7 +6,8 @@ interpreter, not from a reader). The rules (README "Layout", docs/DESIGN.md):
   - trainer/ (the library) imports none of data_tools/, launch/, bench/, tests/;
   - data_tools/ imports none of launch/, bench/, tests/; nothing imports tests/;
   - inside trainer/, a module imports only its own layer or those below:
-      helper_signals, distributed -> data -> kernels -> model -> monitor -> engine -> trainer.config;
+      helper_signals, distributed -> data -> kernels -> model -> monitor -> tracking -> engine
+    (with trainer.config) -> run_folder;
   - no module imports another module's private (_underscore) names.
 Read from the source with ast: nothing is imported, so the test needs no GPU and no optional package.
 """
@@ -29,7 +30,9 @@ TRAINER_LAYERS = (
     ("trainer.kernels",),
     ("trainer.model",),
     ("trainer.monitor",),
+    ("trainer.tracking",),
     ("trainer.engine", "trainer.config"),
+    ("trainer.run_folder",),
 )
 # packages each top-level folder must not import
 FORBIDDEN = {

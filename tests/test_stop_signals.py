@@ -159,7 +159,7 @@ monitor: {{every: 0}}
     assert not alive, text[-5000:]
     assert time.time() - t0 < 30, "slower than SLURM's KillWait"
     second = _stopped_at(lines)
-    assert second > first and f"resumed from" in text
+    assert second > first and "resumed from" in text
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{second:08d}"
     assert "killed by signal" not in text and "Traceback" not in text, text[-5000:]
     assert json.loads((run / "mlflow_run.json").read_text())["run_id"] == run_id

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.constants import REPO
-from trainer.engine.config import TrackingConfig
-from trainer.engine.tracking import MLflowTracker, preflight
-from trainer.engine.tracking_courier import SPILL_NAME
-from trainer.engine.tracking_store import TrackingUnreachable, check_reachable
+from trainer.tracking.config import TrackingConfig
+from trainer.tracking.tracker import MLflowTracker, preflight
+from trainer.tracking.courier import SPILL_NAME
+from trainer.tracking.store import TrackingUnreachable, check_reachable
 
 FAST = 0.5     # a tracking call from the training loop returns within this, whatever the store does
 
@@ -216,7 +216,7 @@ def test_unreachable_server_with_continue_trains_untracked(tmp_path, monkeypatch
 
 _KILLED_OWNER = """
 import os, signal, sys
-from trainer.engine.tracking import MLflowTracker
+from trainer.tracking.tracker import MLflowTracker
 tr = MLflowTracker(sys.argv[1], experiment_name="k9")
 for step in range(1, 6):
     tr.log_metrics({"train/loss": 10.0 - step}, step)

@@ -50,7 +50,7 @@ def test_checkpoint_pickles_are_checked_with_weights_only(tmp_path):
 
 def test_analyze_sinks_refuses_a_planted_state_dict(tmp_path):
     """`--checkpoint some.pt` (a state dict someone sent): refused with one error, no code run."""
-    from trainer.engine.offline import WeightsSource, read_state_dict
+    from trainer.run_folder.load import WeightsSource, read_state_dict
     marker = tmp_path / "pwned"
     path = tmp_path / "model.pt"
     torch.save({"llm.w": RunsCode(marker)}, path)

@@ -29,7 +29,7 @@ from trainer.engine.schedule import warmup_cosine
 from trainer.engine.signals import StopSignal
 from trainer.engine.flops import StepFlops
 from trainer.engine.throughput import ThroughputMeter, peak_memory_gb
-from trainer.engine.tracking import describe_run, shard_datasets, tracker_for_run
+from trainer.tracking.tracker import describe_run, shard_datasets, tracker_for_run
 from trainer.model.prompt_text import with_transcript_ids
 
 log = logging.getLogger("trainer")

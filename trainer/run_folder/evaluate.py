@@ -1,6 +1,6 @@
 """Evaluate a trained run folder on a shard split, clean and under noise (launch/evaluate.py's library).
 
-Every process loads the whole trained model from the run folder (trainer/engine/offline.py: no
+Every process loads the whole trained model from the run folder (trainer/run_folder/load.py: no
 DeepSpeed engine, any ZeRO stage and world size of the training run) and decodes its share of the
 split; `evaluate_wer` keeps the ranks in step and gathers the hypotheses. Noise conditions add white or
 babble noise to the audio at a signal-to-noise ratio before its log-mel features (trainer/data/decode.py),
@@ -110,7 +110,7 @@ def check_split(data: DataConfig, split: str) -> None:
 def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.device) -> dict:
     """Every rank calls this; rank 0 writes the files and returns the full results (others: theirs)."""
     from trainer.data.pipeline import build_eval_loader
-    from trainer.engine.offline import load_run_config, load_trained_model
+    from trainer.run_folder.load import load_run_config, load_trained_model
     from trainer.model.avsr import build_tokenizer
 
     cfg = load_run_config(req.run_dir)                 # fails early, before the model is built
@@ -164,7 +164,7 @@ def format_table(results: dict) -> str:
 def log_to_mlflow(run_dir: Path, results: dict, out_dir: Path) -> str:
     """Metrics `evaluate/<split>/<condition>/<modality>/{wer,cer,...}` at the weights' step, and the
     output folder as artefacts `evaluate/<folder name>`, in the run's own MLflow run. Returns the run id."""
-    from trainer.engine.tracking import MLflowTracker
+    from trainer.tracking.tracker import MLflowTracker
 
     tracker = MLflowTracker.attach(run_dir)
     split, mod = results["split"], results["modality"]

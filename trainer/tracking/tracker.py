@@ -2,10 +2,10 @@
 
 The MLflow client is used with an explicit run id (not the fluent global run) so that a resumed
 job reattaches to its run. Calls never block training and never raise: they are queued and
-delivered by a background courier (trainer/engine/tracking_courier.py) that retries while the
+delivered by a background courier (trainer/tracking/courier.py) that retries while the
 store is down; what it cannot deliver lands in `<run_dir>/tracking/undelivered.jsonl` for replay.
 A crash or SIGTERM marks the run FAILED / KILLED; a run left RUNNING by a killed process is marked
-FAILED by the next start (trainer/engine/tracking_store.py).
+FAILED by the next start (trainer/tracking/store.py).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.engine.tracking_courier import (MAX_PARAM_LENGTH, Courier, metric_rows, relative_to_run, replay,
+from trainer.tracking.courier import (MAX_PARAM_LENGTH, Courier, metric_rows, relative_to_run, replay,
                                              tracking_dir)
-from trainer.engine.tracking_store import (TrackingUnreachable, check_reachable, close_stale_run, re_root_artifacts,
+from trainer.tracking.store import (TrackingUnreachable, check_reachable, close_stale_run, re_root_artifacts,
                                            store_uri, write_owner)
 
 log = logging.getLogger(__name__)
