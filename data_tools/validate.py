@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 
 from trainer.data import storage
 from trainer.data.shard_format import (AUDIO_KEYS, FPS, META_KEY, SAMPLE_RATE, TEXT_KEY, VIDEO_KEY, MediaDecodeError,
-                                       ShardIndex, available_splits, decode_audio, decode_video, load_index)
+                                       ShardIndex, ShardTotals, available_splits, decode_audio, decode_video,
+                                       load_index)
 
 from .command import run_command
 from .shards import SHARD_RE
@@ -50,18 +51,10 @@ class ShardReport:
 
 
 @dataclass
-class SplitReport:
+class SplitReport(ShardTotals):
     split: str
     shards: list[ShardReport] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)   # index-level problems
-
-    @property
-    def num_samples(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    @property
-    def duration(self) -> float:
-        return sum(s.duration for s in self.shards)
 
     @property
     def all_problems(self) -> list[Problem]:

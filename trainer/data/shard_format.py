@@ -48,16 +48,10 @@ class ShardInfo:
     duration: float      # seconds of audio in the shard
 
 
-@dataclass
-class ShardIndex:
-    split: str
-    shards: list[ShardInfo]
-    sample_rate: int = SAMPLE_RATE
-    fps: float = FPS
-    meta: dict = field(default_factory=dict)   # who wrote it, from what, with which options
-    version: int = INDEX_VERSION
-    root: Path | str | None = None             # folder (or remote prefix) of the index file; not serialised
-    digest: str = ""                           # sha256 of the index file as read; not serialised
+class ShardTotals:
+    """Samples and seconds of a list of `shards` (anything with `.samples` and `.duration`): the
+    index's, and the validator's report of a split."""
+    shards: list
 
     @property
     def num_samples(self) -> int:
@@ -66,6 +60,18 @@ class ShardIndex:
     @property
     def duration(self) -> float:
         return sum(s.duration for s in self.shards)
+
+
+@dataclass
+class ShardIndex(ShardTotals):
+    split: str
+    shards: list[ShardInfo]
+    sample_rate: int = SAMPLE_RATE
+    fps: float = FPS
+    meta: dict = field(default_factory=dict)   # who wrote it, from what, with which options
+    version: int = INDEX_VERSION
+    root: Path | str | None = None             # folder (or remote prefix) of the index file; not serialised
+    digest: str = ""                           # sha256 of the index file as read; not serialised
 
     @property
     def urls(self) -> list[str]:
