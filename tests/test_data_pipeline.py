@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 
 from data_tools.media import encode_mp4
+from tests.constants import REPO
 from tests.data_fixtures import have_ffmpeg, make_clip, make_corpus, make_sample, write_shards
 from trainer.data import DataConfig, SkipCounter, UnusableDataError, build_eval_loader, build_train_loader
 from trainer.data.shard_format import load_index
@@ -26,7 +27,6 @@ from trainer.model.config import ModelConfig
 STREAMS = ModelConfig().streams()          # what the default (tiny, avsr) model reads
 
 pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg binary needed to encode fixture mp4")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

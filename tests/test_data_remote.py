@@ -13,7 +13,6 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import boto3
 import pytest
@@ -21,6 +20,7 @@ import pytest
 from data_tools.shards import Sample, write_split
 from data_tools.tones import tone_sample
 from data_tools.validate import validate
+from tests.constants import REPO
 from tests.data_fixtures import have_ffmpeg
 from tests.remote_servers import fault_events, s3_env, set_faults, start_http, start_moto, start_proxy
 from trainer.data import DataConfig, build_eval_loader, build_train_loader
@@ -32,7 +32,6 @@ from trainer.model.config import ModelConfig
 STREAMS = ModelConfig().streams()          # what the default (tiny, avsr) model reads
 
 pytestmark = pytest.mark.skipif(not have_ffmpeg(), reason="ffmpeg binary needed to encode fixture mp4")
-REPO = Path(__file__).resolve().parents[1]
 SHARDS, PER_SHARD = 3, 4
 BUCKET = "avsr-test"
 

@@ -19,9 +19,9 @@ from data_tools.mouth import mouth_opening_from_frames, parse_phonemes
 from data_tools.shards import Sample, SkipSample, check_key, plan_shards, write_split
 from data_tools.synth import GRID_SIZE, GRID_WORDS, build_corpus, grid_sentence, plan_corpus
 from data_tools.validate import iter_samples, validate
+from tests.constants import REPO
 from trainer.data.shard_format import SAMPLES_PER_FRAME, decode_audio, decode_video, load_index, resample
 
-REPO = Path(__file__).resolve().parents[1]
 NUM = 30
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
                                 reason="needs espeak-ng and ffmpeg")

@@ -15,9 +15,9 @@ import soundfile as sf
 from data_tools.lrs3 import convert, sample_key
 from data_tools.media import encode_wav, run_ffmpeg
 from data_tools.validate import iter_samples, validate
+from tests.constants import REPO
 from trainer.data.shard_format import SAMPLES_PER_FRAME, decode_audio, load_index
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
 
 

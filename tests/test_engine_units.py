@@ -1,15 +1,14 @@
 """Unit tests of the engine parts that need no model: DeepSpeed config, tracking, data stream."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.constants import REPO
 from trainer.data.stream import TrainStream
 from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
 from trainer.tracking.tracker import MLflowTracker, NullTracker, flatten, make_tracker
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = dict(hidden_size=64, micro_batch_size=8, grad_accum=2, grad_clip=1.0, lr=1e-3, weight_decay=0.01,
               total_steps=100, warmup_steps=10, min_lr_ratio=0.1, bf16=False, on_cpu=True)
 

@@ -6,15 +6,13 @@ import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests.constants import REPO
 from trainer.model.config import TinyModelConfig
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _load():
