@@ -20,9 +20,9 @@ import yaml
 from trainer.config_checks import Problems, build_config, flag
 from trainer.data.config import DataConfig
 from trainer.engine.config import TrainConfig
-from trainer.tracking.config import TrackingConfig
 from trainer.model.config import FLAT_TINY_NAMES, ModelConfig
 from trainer.monitor.config import MonitorConfig
+from trainer.tracking.config import TrackingConfig
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
