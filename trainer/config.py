@@ -136,12 +136,15 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
     from trainer.data.shard_format import index_location, index_path
     from trainer.data.storage import exists, is_remote, redact
     from trainer.data.config import DEMO_SHARD_DIR
-    from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config
+    from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config, use_bf16
 
     problems: list[str] = []
     try:
-        if not isinstance(load_ds_config(cfg.config), dict):
+        raw = load_ds_config(cfg.config)
+        if not isinstance(raw, dict):
             problems.append(f"DeepSpeed config {cfg.config} must be a JSON object")
+        else:       # an explicit precision the JSON contradicts (the device is not known yet: no GPU check)
+            use_bf16(cfg.train.precision, raw, on_cpu=True, bf16_supported=True)
     except DeepSpeedConfigError as err:
         problems.append(_one_line(err))
     m = cfg.model

@@ -28,7 +28,9 @@ class TrainConfig:
     seed: int = 1234
     """Seed for model init and dropout (the data order has its own: --data.seed)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto = bf16 on a GPU that supports it, fp32 on CPU."""
+    """auto = the DeepSpeed JSON's explicit bf16.enabled, else bf16 on a GPU that supports it and fp32 on
+    CPU. bf16 (GPU or CPU) = DeepSpeed's bf16 mode: every trainable weight in bf16, fp32 master weights and
+    Adam moments in the optimizer, losses summed in fp32; frozen parts keep --model.load-dtype."""
     log_every: int = 10
     """Steps between metric logs."""
     eval_every: int = 0

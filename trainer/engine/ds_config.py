@@ -45,9 +45,77 @@ def _fill(section: dict, key: str, value: Any, *, what: str) -> None:
             f"set it to \"auto\" in the JSON or change the experiment option")
 
 
+def use_bf16(precision: str, raw: dict, *, on_cpu: bool, bf16_supported: bool) -> bool:
+    """Whether the run trains in bf16: --train.precision, or with "auto" the JSON's explicit
+    `bf16.enabled`, else bf16 on a GPU that has it and fp32 on CPU (where bf16 runs, tested, but
+    slower than fp32). An explicit precision that the JSON contradicts is an error."""
+    written = raw.get("bf16", {}).get("enabled", AUTO) if isinstance(raw.get("bf16"), dict) else AUTO
+    if precision != "auto" and written != AUTO and bool(written) != (precision == "bf16"):
+        raise DeepSpeedConfigError(
+            f"--train.precision {precision} but the DeepSpeed config sets bf16.enabled={written}; "
+            f"set it to \"auto\" in the JSON or change --train.precision")
+    if precision == "auto":
+        bf16 = bool(written) if written != AUTO else (not on_cpu and bf16_supported)
+    else:
+        bf16 = precision == "bf16"
+    if bf16 and not on_cpu and not bf16_supported:
+        raise DeepSpeedConfigError("bf16 asked for (--train.precision or the DeepSpeed JSON) but this GPU has "
+                                   "no bf16 support; use --train.precision fp32")
+    return bf16
+
+
+def op_prebuilt(name: str) -> bool:
+    """Whether DeepSpeed's op `name` was compiled into the installed package (DS_BUILD_*=1 at install):
+    only then does using it need no compiler at start."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get(name, False))
+
+
+def choose_adam(cfg: dict, *, on_cpu: bool, fused_adam_prebuilt: bool) -> None:
+    """Pick the Adam DeepSpeed builds so that nothing compiles inside deepspeed.initialize unless the
+    JSON asks for it. DeepSpeed's FusedAdam is JIT-compiled on first use (nvcc needed, with torch's CUDA
+    major), its CPU Adam likewise; torch's AdamW needs no compiler, and on CUDA its fused kernel is one
+    launch per step. So: an explicit "torch_adam" is kept; with an offloaded optimizer DeepSpeed's CPU
+    Adam stays (ZeRO-Offload needs it); on a GPU, FusedAdam when its op is prebuilt, else torch's fused
+    AdamW; on CPU, torch's AdamW."""
+    opt = cfg.get("optimizer")
+    if opt is None or str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+        return
+    params = opt.setdefault("params", {})
+    if "torch_adam" in params or _offloads_optimizer(cfg):
+        if params.get("torch_adam") and not on_cpu:
+            params.setdefault("fused", True)
+        return
+    if on_cpu:
+        params["torch_adam"] = True
+    elif not fused_adam_prebuilt:
+        params["torch_adam"] = True
+        params["fused"] = True
+
+
+def describe_optimizer(cfg: dict) -> str:
+    """The optimizer a resolved config makes DeepSpeed build, in words (logged at start)."""
+    opt = cfg.get("optimizer")
+    if opt is None:
+        return "none in the DeepSpeed JSON (the client's)"
+    params = opt.get("params", {})
+    kind = str(opt.get("type"))
+    if kind.lower() not in ("adam", "adamw"):
+        return f"DeepSpeed {kind}"
+    if params.get("torch_adam"):
+        return f"torch.optim.AdamW{' (fused)' if params.get('fused') else ''}: no compiled op"
+    if _offloads_optimizer(cfg):
+        return "DeepSpeed CPU Adam (ZeRO-Offload; op cpu_adam, JIT-compiled unless prebuilt)"
+    return "DeepSpeed FusedAdam (op fused_adam, JIT-compiled unless prebuilt)"
+
+
 def resolve_ds_config(raw: dict, *, hidden_size: int, micro_batch_size: int, grad_accum: int,
                       grad_clip: float, lr: float, weight_decay: float, total_steps: int,
-                      warmup_steps: int, min_lr_ratio: float, bf16: bool, on_cpu: bool) -> dict:
+                      warmup_steps: int, min_lr_ratio: float, bf16: bool, on_cpu: bool,
+                      fused_adam_prebuilt: bool = False) -> dict:
     """Return a copy of `raw` with every "auto" replaced. Raises on anything left unresolved."""
     cfg = copy.deepcopy(raw)
     _fill(cfg, "train_micro_batch_size_per_gpu", micro_batch_size, what="train_micro_batch_size_per_gpu")
@@ -57,23 +125,20 @@ def resolve_ds_config(raw: dict, *, hidden_size: int, micro_batch_size: int, gra
         del cfg["train_batch_size"]          # DeepSpeed derives it from the two above and the world size
 
     bf16_section = cfg.setdefault("bf16", {})
-    if bf16_section.get("enabled", False) == AUTO:
+    if bf16_section.get("enabled", AUTO) == AUTO:
         bf16_section["enabled"] = bool(bf16)
+    elif bool(bf16_section["enabled"]) != bool(bf16):
+        raise DeepSpeedConfigError(f"DeepSpeed config sets bf16.enabled={bf16_section['enabled']} but the run "
+                                   f"trains in {'bf16' if bf16 else 'fp32'} (see use_bf16)")
     if cfg.get("fp16", {}).get("enabled") == AUTO:
         cfg["fp16"]["enabled"] = False       # bf16 or fp32 only: fp16 loss scaling is not worth it here
-    if on_cpu and bf16_section.get("enabled"):
-        raise DeepSpeedConfigError("bf16 is enabled in the DeepSpeed config but there is no GPU; use \"auto\"")
 
     opt = cfg.get("optimizer")
     if opt is not None:
         params = opt.setdefault("params", {})
         _fill(params, "lr", lr, what="optimizer.params.lr")
         _fill(params, "weight_decay", weight_decay, what="optimizer.params.weight_decay")
-        # DeepSpeed's fused/CPU Adam ops are compiled on first use; on a CPU-only machine
-        # plain torch AdamW avoids the compile and is as fast for LoRA-sized parameters.
-        if on_cpu and str(opt.get("type", "")).lower() in ("adam", "adamw") and "torch_adam" not in params \
-                and not _offloads_optimizer(cfg):
-            params["torch_adam"] = True
+    choose_adam(cfg, on_cpu=on_cpu, fused_adam_prebuilt=fused_adam_prebuilt)
 
     sched = cfg.get("scheduler")
     if sched is not None:

@@ -40,22 +40,29 @@ class GlobalCounts:
         return cls(targets=int(t[0].item()), prefix=int(t[1].item()))
 
 
-def micro_batch_share(out, counts: GlobalCounts, expected: tuple[int, int]) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the step's objective (to back-propagate) and of each logged value
-    (summed over micro-batches and ranks they give the step's values). `expected` are the counts
-    the batch was weighted with (LlamaAVSR.token_counts); the forward must agree with them."""
-    n_targets, n_prefix = int(out.num_target_tokens), int(out.num_prefix_tokens)
-    if (n_targets, n_prefix) != tuple(expected):
-        raise RuntimeError(f"token counts of the forward ({n_targets} targets, {n_prefix} prefix) differ from "
+def micro_batch_share(out, counts: GlobalCounts, expected: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This micro-batch's share of the step's objective (to back-propagate) and of each logged value,
+    as a detached fp32 tensor in LOGGED order (summed over micro-batches and ranks they give the step's
+    values). The weights come from `expected`, the counts computed on the host before the forward
+    (LlamaAVSR.token_counts): reading the forward's own counts here would stop the host between forward
+    and backward. `check_counts` compares the two after the backward."""
+    n_targets, n_prefix = expected
+    ce = out.ce_loss.float() * (n_targets / max(counts.targets, 1))     # ce_loss is this batch's token mean
+    dec_weight = n_prefix / max(counts.prefix, 1)
+    dec = out.dec_loss.float() * dec_weight                             # 0 when the weight is 0
+    loss = ce + dec
+    shares = torch.stack([loss, ce, dec, out.dec_loss_raw.float() * dec_weight]).detach()   # raw: NaN when not measured
+    return loss, shares
+
+
+def check_counts(out, expected: tuple[int, int]) -> None:
+    """The forward's token counts must equal those the batch was weighted with. Called after the
+    backward: reading them is a host sync."""
+    got = (int(out.num_target_tokens), int(out.num_prefix_tokens))
+    if got != tuple(expected):
+        raise RuntimeError(f"token counts of the forward ({got[0]} targets, {got[1]} prefix) differ from "
                            f"those computed before it {tuple(expected)}: LlamaAVSR.token_counts is out of step "
                            f"with the prompt assembly")
-    ce = out.ce_loss * (n_targets / max(counts.targets, 1))             # ce_loss is this batch's token mean
-    dec_weight = n_prefix / max(counts.prefix, 1)
-    dec = out.dec_loss * dec_weight                                     # 0 when the weight is 0
-    loss = ce + dec
-    shares = {"loss": float(loss.detach()), "ce_loss": float(ce.detach()), "dec_loss": float(dec.detach()),
-              "dec_loss_raw": float(out.dec_loss_raw) * dec_weight}     # NaN when not measured
-    return loss, shares
 
 
 def backward(ds_engine, loss: torch.Tensor) -> None:

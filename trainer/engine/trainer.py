@@ -21,10 +21,11 @@ from trainer.config import ExperimentConfig
 from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_summary
 from trainer.data.stream import TrainStream
 from trainer.engine.checkpoint import CheckpointManager, frozen_weight_sums, seed_everything
-from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
+from trainer.engine.ds_config import (describe_optimizer, load_ds_config, op_prebuilt, resolve_ds_config, use_bf16,
+                                     zero_stage)
 from trainer.engine.evaluate import EvalInterrupted, PeriodicEval, evaluate_wer
 from trainer.engine.export import export_consolidated, export_trainable
-from trainer.engine.loss import LOGGED, GlobalCounts, backward, micro_batch_share
+from trainer.engine.loss import LOGGED, GlobalCounts, backward, check_counts, micro_batch_share
 from trainer.engine.schedule import warmup_cosine
 from trainer.engine.signals import StopSignal
 from trainer.engine.flops import StepFlops
@@ -82,9 +83,9 @@ class Trainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = self._pick_device()
         self.on_cpu = self.device.type == "cpu"
-        self.bf16 = (not self.on_cpu) and cfg.train.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
-        if cfg.train.precision == "bf16" and not self.bf16:
-            raise ValueError("--train.precision bf16 needs a GPU with bf16 support")
+        raw_ds_config = load_ds_config(cfg.config)
+        self.bf16 = use_bf16(cfg.train.precision, raw_ds_config, on_cpu=self.on_cpu,
+                             bf16_supported=self.on_cpu or torch.cuda.is_bf16_supported())
         seed_everything(cfg.train.seed)     # same init on every rank; zero.Init partitions it
 
         from trainer.model import build_model, llm_hidden_size
@@ -94,12 +95,17 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.model)     # text <-> ids here; the model takes ids only
 
         self.ds_config = resolve_ds_config(
-            load_ds_config(cfg.config), hidden_size=llm_hidden_size(cfg.model),
+            raw_ds_config, hidden_size=llm_hidden_size(cfg.model),
             micro_batch_size=cfg.data.max_batch_size, grad_accum=cfg.train.grad_accum,
             grad_clip=cfg.train.grad_clip, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             total_steps=cfg.train.max_steps, warmup_steps=cfg.train.warmup_steps,
-            min_lr_ratio=cfg.train.min_lr_ratio, bf16=self.bf16, on_cpu=self.on_cpu)
+            min_lr_ratio=cfg.train.min_lr_ratio, bf16=self.bf16, on_cpu=self.on_cpu,
+            fused_adam_prebuilt=op_prebuilt("fused_adam"))
         self.zero3 = zero_stage(self.ds_config) == 3
+        if self.rank == 0:
+            log.info("precision %s (trainable weights %s, fp32 master weights and Adam moments in the optimizer, "
+                     "losses summed in fp32); optimizer: %s", "bf16" if self.bf16 else "fp32",
+                     "bf16" if self.bf16 else "fp32", describe_optimizer(self.ds_config))
         model = build_model(cfg.model, ds_config=self.ds_config, tokenizer=self.tokenizer)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.ds_engine, _, _, self.scheduler = deepspeed.initialize(
@@ -368,8 +374,8 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                for k, v in batch.items()}
+        from trainer.model.avsr import batch_to_device
+        return batch_to_device(batch, self.device)
 
     def next_micro_batches(self) -> list[dict]:
         """The step's grad_accum micro-batches, their transcripts tokenized (the model takes ids)."""
@@ -377,26 +383,31 @@ class Trainer:
 
     def _train_step(self, meter: ThroughputMeter) -> dict:
         """One optimizer step over the global batch: token means over all its micro-batches and ranks
-        (trainer/engine/loss.py). Returns this rank's shares of the logged values and the lr used."""
+        (trainer/engine/loss.py). Returns this rank's shares of the logged values and the lr used.
+
+        Nothing between a forward and its backward reads a device value on the host. The step's host
+        syncs: the all-reduce of the token counts before the first forward (the loss weights need the
+        global counts), and after the backward of each micro-batch the check of its counts and the
+        throughput figures, then the logged values once per step."""
         self.ds_engine.train()
         batches = self.next_micro_batches()
         local = [self.model.token_counts(b) for b in batches]
         counts = GlobalCounts.all_reduced(local, self.device)
-        sums = dict.fromkeys(LOGGED, 0.0)
+        shares = []
         lr = float(self.ds_engine.get_lr()[0])       # before ds_engine.step(): the lr this step trains with
         for batch, expected in zip(batches, local):
-            batch = self.to_device(batch)
-            out = self.ds_engine(batch)
-            loss, shares = micro_batch_share(out, counts, expected)
+            out = self.ds_engine(self.to_device(batch))
+            loss, share = micro_batch_share(out, counts, expected)
             backward(self.ds_engine, loss)
             self.ds_engine.step()
-            for k in sums:
-                sums[k] += shares[k]
+            shares.append(share)
+            check_counts(out, expected)
             meter.update(len(batch["keys"]), int(out.num_input_tokens), self.step_flops(
                 out.input_lengths.tolist(), int(out.num_target_tokens),
                 audio_lengths=batch["audio_lengths"].tolist() if "audio_lengths" in batch else (),
                 video_lengths=batch["video_lengths"].tolist() if "video_lengths" in batch else ()))
         meter.step()
+        sums = dict(zip(LOGGED, torch.stack(shares).sum(0).tolist()))
         gn = self.ds_engine.get_global_grad_norm()
         return {**sums, "grad_norm": float(gn) if gn is not None else float("nan"), "lr": lr}
 

@@ -67,13 +67,46 @@ class AVHubertConfig:
 
 # ----------------------------------------------------------------------------- ResNet front end
 
+class _Fp32BatchNorm:
+    """BatchNorm computed in fp32 whatever its tensors are stored in. Under bf16 DeepSpeed casts
+    parameters but not buffers (ZeRO-2 keeps the checkpoint's fp32 running statistics) or creates
+    everything in bf16 (zero.Init, ZeRO-3); either way the statistics meet bf16 activations, and a
+    variance in bf16 keeps 3 significant digits. Same idea as fairseq's Fp32GroupNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = self.training or not self.track_running_stats
+        mean, var = self.running_mean, self.running_var
+        mean32 = var32 = None
+        if self.track_running_stats:
+            mean32, var32 = mean.float(), var.float()
+        momentum = self.momentum or 0.0
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:       # cumulative moving average, as torch's BatchNorm
+                momentum = 1.0 / float(self.num_batches_tracked)
+        y = F.batch_norm(x.float(), mean32, var32, None if self.weight is None else self.weight.float(),
+                         None if self.bias is None else self.bias.float(), use_batch_stats, momentum, self.eps)
+        if self.training and self.track_running_stats and mean32 is not mean:
+            mean.copy_(mean32)              # the statistics were updated in the fp32 copies
+            var.copy_(var32)
+        return y.to(x.dtype)
+
+
+class BatchNorm2d(_Fp32BatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class BatchNorm3d(_Fp32BatchNorm, nn.BatchNorm3d):
+    pass
+
+
 class Stem3D(nn.Module):
     """Spatio-temporal stem: keeps T, reduces H and W by 4."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv3d(1, channels, kernel_size=(5, 7, 7), stride=(1, 2, 2), padding=(2, 3, 3), bias=False)
-        self.norm = nn.BatchNorm3d(channels)
+        self.norm = BatchNorm3d(channels)
         self.act = nn.PReLU(channels)
         self.pool = nn.MaxPool3d(kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
 
@@ -87,7 +120,7 @@ class Shortcut(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False)
-        self.norm = nn.BatchNorm2d(out_ch)
+        self.norm = BatchNorm2d(out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x))
@@ -97,10 +130,10 @@ class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = nn.BatchNorm2d(out_ch)
+        self.norm1 = BatchNorm2d(out_ch)
         self.act1 = nn.PReLU(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(out_ch)
+        self.norm2 = BatchNorm2d(out_ch)
         self.act2 = nn.PReLU(out_ch)
         self.shortcut = Shortcut(in_ch, out_ch, stride) if (stride != 1 or in_ch != out_ch) else None
 

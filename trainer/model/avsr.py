@@ -209,6 +209,13 @@ class LlamaAVSR(nn.Module):
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
 
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on `device`, except the `*_lengths`: they set the prompt's layout, which is
+    computed on the host (prompt.py), so they stay there and no forward reads a device tensor back."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and not k.endswith("_lengths")
+                else v) for k, v in batch.items()}
+
+
 def _transcript_ids(batch: dict) -> list[list[int]]:
     if "transcript_ids" not in batch:
         raise KeyError("the batch has no 'transcript_ids': the model takes token ids; tokenize the transcripts "
@@ -337,8 +344,33 @@ def build_model(cfg: ModelConfig, ds_config: dict | None = None, tokenizer=None)
     audio_encoder = build_audio_encoder(cfg, ds_config) if cfg.uses_audio else None
     video_encoder = build_video_encoder(cfg, init_ctx) if cfg.uses_video else None
     model = assemble_model(cfg, prompt, llm, audio_encoder, video_encoder, init_ctx)
+    cast_trainable(model, training_dtype(ds_config))
     model.hf_ds_config = hf_ds_config
     return model
+
+
+def training_dtype(ds_config: dict | None) -> torch.dtype:
+    """The dtype DeepSpeed computes in: bf16 (or fp16) when the resolved config enables it, else fp32."""
+    enabled = (lambda section: bool((ds_config or {}).get(section, {}).get("enabled", False)))
+    return torch.bfloat16 if enabled("bf16") else torch.float16 if enabled("fp16") else torch.float32
+
+
+@torch.no_grad()
+def cast_trainable(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every trainable parameter in `dtype`, the one dtype DeepSpeed's flat buffers need (its optimizer
+    keeps the fp32 master copy and moments). Modules built under zero.Init already are; the LoRA adapters
+    are not: peft creates them outside it and, by default, upcasts them to fp32. Frozen parts keep their
+    load dtype (--model.load-dtype)."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype and not hasattr(p, "ds_id"):
+            p.data = p.data.to(dtype)
+    dtypes: dict = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:       # a partitioned parameter's dtype is its partition's
+            dtypes.setdefault(p.dtype, []).append(name)
+    if len(dtypes) > 1:
+        raise RuntimeError("trainable parameters in several dtypes (DeepSpeed needs one): "
+                           + "; ".join(f"{d}: {names[:3]}" for d, names in dtypes.items()))
 
 
 def assemble_model(cfg: ModelConfig, prompt: PromptIds, llm, audio_encoder: WhisperAudioEncoder | None,

@@ -111,7 +111,7 @@ def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.
     """Every rank calls this; rank 0 writes the files and returns the full results (others: theirs)."""
     from trainer.data.pipeline import build_eval_loader
     from trainer.run_folder.load import load_run_config, load_trained_model
-    from trainer.model.avsr import build_tokenizer
+    from trainer.model.avsr import batch_to_device, build_tokenizer
 
     cfg = load_run_config(req.run_dir)                 # fails early, before the model is built
     data = dataclasses.replace(cfg.data, shard_dir=req.shards or cfg.data.shard_dir,
@@ -125,7 +125,7 @@ def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.
     max_new_tokens = req.max_new_tokens or cfg.eval_max_new_tokens
 
     def to_device(batch: dict) -> dict:
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return batch_to_device(batch, device)
 
     results = {"run_dir": str(req.run_dir), "weights": src.describe(), "step": src.step,
                "shards": shard_location(data.shard_dir), "split": req.split, "modality": cfg.model.modality,
