@@ -99,7 +99,7 @@ def timed_step(trainer, clock) -> dict[str, float]:
         t["forward"] += t1 - t0
         t["backward"] += t2 - t1
         t["step"] += t3 - t2
-        loss_sum += shares["loss"]
+        loss_sum += float(shares[0])     # LOGGED order: the loss first (a host read, after the timed phases)
     t["loss"] = loss_sum            # this rank's share of the step's loss
     return t
 
