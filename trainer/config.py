@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from trainer.config_checks import Problems, build_config, flag, one_line
+from trainer.config_checks import Problems, build_config, flag, folder_problem, one_line
 from trainer.data.config import DataConfig
 from trainer.engine.config import TrainConfig
 from trainer.model.config import FLAT_TINY_NAMES, ModelConfig
@@ -252,20 +252,8 @@ def _launch_world_size() -> int:
 def _check_run_dir(run_dir: str) -> list[str]:
     """The run folder must be a folder this process can create or write: found now, not at the first
     checkpoint."""
-    path = Path(run_dir)
-    if not str(run_dir).strip():
-        return ["--train.run-dir is empty (a folder for checkpoints, exports and reports is needed)"]
-    if path.exists() and not path.is_dir():
-        return [f"--train.run-dir {run_dir}: is a file, not a folder"]
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return [f"--train.run-dir {run_dir}: {existing} is a file, so the folder cannot be created"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is read-only" if existing == path else f"cannot be created: {existing} is read-only"
-        return [f"--train.run-dir {run_dir}: {what} (a writable folder is needed)"]
-    return []
+    problem = folder_problem("--train.run-dir", run_dir)
+    return [problem] if problem else []
 
 
 def _check_indexes(shard_dir: str, splits: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -62,6 +63,26 @@ def one_line(err: BaseException | str) -> str:
 def close_names(name: str, known: Iterable[str]) -> list[str]:
     """The known names a misspelt `name` was probably meant to be (best first)."""
     return difflib.get_close_matches(name, list(known), n=2, cutoff=0.7)
+
+
+def folder_problem(flag_: str, folder: str | os.PathLike) -> str | None:
+    """Why `folder` (an output folder, created on demand) cannot be written, or None: the mistake found
+    before any work, with nothing created."""
+    from pathlib import Path
+
+    if not str(folder).strip():
+        return f"{flag_} is empty (a folder is needed)"
+    path = existing = Path(folder)
+    if path.exists() and not path.is_dir():
+        return f"{flag_} {folder}: is a file, not a folder"
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{flag_} {folder}: {existing} is a file, so the folder cannot be created"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is read-only" if existing == path else f"cannot be created: {existing} is read-only"
+        return f"{flag_} {folder}: {where} (a writable folder is needed)"
+    return None
 
 
 def user_error(message: BaseException | str) -> int:
