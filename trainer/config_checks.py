@@ -123,7 +123,8 @@ def expected_type(hint: Any, value: Any) -> str | None:
     if hint is int:
         return None if isinstance(value, int) and not isinstance(value, bool) else "an int"
     if hint is float:
-        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
+        return None if ok else "a finite number"
     if hint is str:
         return None if isinstance(value, str) else "a string"
     if dataclasses.is_dataclass(hint):
