@@ -290,10 +290,23 @@ def _entry_cases(tmp: Path) -> list[tuple[list[str], dict, str]]:
     ]
 
 
+def _launched(cmd: list[str]) -> bool:
+    return "deepspeed.launcher.runner" in cmd or "torch.distributed.run" in cmd
+
+
 def test_every_entry_point_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    _check_entry_points(tmp_path, [c for c in _entry_cases(tmp_path) if not _launched(c[0])])
+
+
+@pytest.mark.slow
+def test_under_the_launchers_too(tmp_path):
+    """deepspeed and torchrun start 2 ranks each (~1 min here): the same single line, said once."""
+    _check_entry_points(tmp_path, [c for c in _entry_cases(tmp_path) if _launched(c[0])])
+
+
+def _check_entry_points(tmp_path: Path, cases: list) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    cases = _entry_cases(tmp_path)
     before, repo_before = _tree(tmp_path), sorted(p.name for p in REPO.iterdir())
 
     def run(case):
@@ -303,7 +316,7 @@ def test_every_entry_point_exits_2_with_one_line_and_writes_nothing(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         done = list(pool.map(run, cases))
     for (cmd, _, expected), p in zip(cases, done):
-        launched = "deepspeed.launcher.runner" in cmd or "torch.distributed.run" in cmd
+        launched = _launched(cmd)
         ours = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
         assert len(ours) == 1 and expected in ours[0], (cmd, p.stderr[-3000:])
         if launched:         # the launcher adds its own lines; the ranks said it once, with no traceback
