@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from trainer.config_checks import OneLineParser
+
 from . import lrs3, pretrained, synth, validate
 from .command import run_command
 
@@ -23,7 +25,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="avsr-shards", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="avsr-shards", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            help=", ".join(COMMANDS))

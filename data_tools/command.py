@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from trainer.config_checks import user_error
 from trainer.data.storage import RemoteError
 
 
@@ -12,6 +12,4 @@ def run_command(module, args: argparse.Namespace) -> int:
     try:
         return module.run(args)
     except (FileExistsError, FileNotFoundError, PermissionError, RemoteError, ValueError) as err:
-        # expected user errors: one clear line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)              # expected user errors: one clear line, no traceback

@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="avsr-lrs3", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="avsr-lrs3", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     return run_command(sys.modules[__name__], p.parse_args(argv))
 

@@ -295,6 +295,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.config_checks import folder_problem
+
+    problem = folder_problem("--out", args.out)
+    if problem:                                   # before any download or conversion
+        raise ValueError(problem)
     download = not args.no_download
     if args.only in (None, "llm"):
         prepare_llm(args.out, force=args.force, download=download, source_root=args.source)

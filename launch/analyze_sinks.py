@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhe
 
 import torch  # noqa: E402
 
+from trainer.config_checks import OneLineParser, folder_problem, user_error  # noqa: E402
 from trainer.model.roles import TokenRole  # noqa: E402
 from trainer.monitor.analysis import SinkReport  # noqa: E402
 from trainer.monitor.labels import token_labels  # noqa: E402
@@ -38,7 +39,7 @@ MAX_CARRIERS_SHOWN = 4   # tokens carrying massive values listed per group of la
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run-dir", help="run folder of launch/train.py (experiment.json, checkpoints/, ...)")
     src.add_argument("--llm", help="text-only mode: local folder of a transformers causal LM + tokenizer")
@@ -78,9 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err} (cpu, cuda, cuda:N or auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: no CUDA device here")
+        raise ValueError(f"--device {name}: no CUDA device here")
     return device
 
 
@@ -289,12 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     out = Path(args.out)
-    try:
+    try:            # the inputs, before any model is built: a mistake is one line, exit 2
+        problem = folder_problem("--out", out)
+        if problem:
+            raise ValueError(problem)
         device = pick_device(args.device)
         report, meta = (probe_run if args.run_dir else probe_text)(args, out, device)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
-        print(f"analyze_sinks: error: {err}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError) as err:      # a missing/unfit input (a RuntimeError is a bug: its traceback)
+        return user_error(err)
     if meta["mode"] == "run":
         header = (f"sink report: run {meta['run_dir']}, {meta['weights']}, split {meta['split']} of "
                   f"{meta['shards']} -> {out}")

@@ -21,15 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere in the checkout
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from trainer.run_folder.evaluate import (NOISES, EvalRequest, evaluate_run, format_table,  # noqa: E402
-                                         log_to_mlflow, parse_conditions)
+from trainer.config_checks import OneLineParser, user_error  # noqa: E402
+from trainer.run_folder.evaluate import (NOISES, EvalRequest, check_request, evaluate_run,  # noqa: E402
+                                         format_table, log_to_mlflow, parse_conditions)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="run folder of launch/train.py (experiment.json, checkpoints/)")
     p.add_argument("--checkpoint", default="latest",
                    help="'latest' (newest checkpoint that verifies), 'export' (the export written at the end), or a "
@@ -53,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
+def pick_device(name: str, local_rank: int):
+    import torch
+
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -64,15 +64,22 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch.distributed as dist
+
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else run_dir / "evaluate" / f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}"
-    req = EvalRequest(run_dir=run_dir, out_dir=out, checkpoint=args.checkpoint, shards=args.shards, split=args.split,
-                      beams=args.beams, max_new_tokens=args.max_new_tokens, max_samples=args.max_samples,
-                      conditions=tuple(parse_conditions(args.snr)), noise=args.noise, workers=args.workers)
-    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    try:        # every input checked before a model or a process group: a mistake is one line, exit 2
+        req = EvalRequest(run_dir=run_dir, out_dir=out, checkpoint=args.checkpoint, shards=args.shards,
+                          split=args.split, beams=args.beams, max_new_tokens=args.max_new_tokens,
+                          max_samples=args.max_samples, conditions=tuple(parse_conditions(args.snr)),
+                          noise=args.noise, workers=args.workers)
+        check_request(req)
+        device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    except (OSError, ValueError, RuntimeError) as err:
+        return user_error(err) if rank == 0 else 2
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:

@@ -15,12 +15,26 @@
 # builds its corpus (data/synth_study: 300 utterances, 279 train / 9 val / 12 test: evaluation, greedy
 # decoding with a 135M LLM, is most of a run's time on CPU) on first use. Extra arguments go to train.py.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 STUDY_DIR=${STUDY_DIR:-runs/study}
 STEPS=${STEPS:-120}
 CORPUS=${CORPUS:-data/synth_study}
 MODELS=${MODELS:-models}
 ORDER=${ORDER:-"audio video"}          # the paper's order; ORDER="video audio" puts video first
+RUNS=${RUNS:-baseline_high:mini_avsr:16:5 decorr_high:mini_avsr_decorr:16:5 baseline_low:mini_avsr:4:2 decorr_low:mini_avsr_decorr:4:2}
+# The parameters, checked before anything is installed, built or written: one line and exit 2 each.
+bad() { echo "error: $*" >&2; exit 2; }
+whole='^[1-9][0-9]*$'
+[[ $STEPS =~ $whole ]] || bad "STEPS=$STEPS: a whole number of steps >= 1 is accepted"
+[ -z "${NPROC:-}" ] || [[ $NPROC =~ $whole ]] || bad "NPROC=$NPROC: a whole number of processes >= 1 is accepted"
+case "$ORDER" in "audio video"|"video audio") ;; *) bad "ORDER=$ORDER: \"audio video\" or \"video audio\" is accepted";; esac
+[ -e "$STUDY_DIR" ] && bad "STUDY_DIR=$STUDY_DIR exists: remove it or set STUDY_DIR to a new folder"
+for spec in $RUNS; do
+  IFS=: read -r name recipe arate vrate lambda extra <<< "$spec"
+  [[ -n $name && -z ${extra:-} && $arate =~ $whole && $vrate =~ $whole ]] || bad "RUNS: $spec: name:recipe:audio_rate:video_rate[:lambda] is accepted (rates whole numbers >= 1)"
+  [ -f "$(dirname "${BASH_SOURCE[0]}")/recipes/$recipe.yaml" ] || bad "RUNS: $spec: no recipe launch/recipes/$recipe.yaml"
+  [[ -z ${lambda:-} || $lambda =~ ^[0-9]+([.][0-9]*)?([eE][-+]?[0-9]+)?$ ]] || bad "RUNS: $spec: lambda $lambda: a number >= 0 is accepted"
+done
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 if command -v nvidia-smi >/dev/null 2>&1; then NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}; else
   NPROC=${NPROC:-1}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
@@ -31,7 +45,6 @@ stop_run() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi; }   # n
 trap stop_run INT TERM EXIT                       # a stopped study stops its run
 say() { echo "[study $(( $(date +%s) - t0 ))s] $*"; }
 
-if [ -e "$STUDY_DIR" ]; then echo "$STUDY_DIR exists: remove it or set STUDY_DIR" >&2; exit 2; fi
 python -m data_tools pretrained --out "$MODELS"
 [ -f "$CORPUS/test.index.json" ] || { say "building $CORPUS"; python -m data_tools synth --out "$CORPUS" \
   --num 300 --seed 0 --val-fraction 0.03 --test-fraction 0.04 --quiet; }
@@ -41,7 +54,7 @@ unset MLFLOW_RUN_ID
 python launch/study_report.py --study-dir "$STUDY_DIR" --init      # the experiment, artefacts inside STUDY_DIR
 
 # name:recipe:audio_rate:video_rate[:lambda]; RUNS="..." replaces the list (lambda: the recipe's if left out)
-read -r -a runs <<< "${RUNS:-baseline_high:mini_avsr:16:5 decorr_high:mini_avsr_decorr:16:5 baseline_low:mini_avsr:4:2 decorr_low:mini_avsr_decorr:4:2}"
+read -r -a runs <<< "$RUNS"
 names=()
 i=0
 for spec in "${runs[@]}"; do

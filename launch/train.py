@@ -9,13 +9,11 @@ import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def main() -> int | None:
-    from data_tools.demo import ensure_demo_corpus
-    from trainer.config import ConfigError, parse_args
-    from trainer.tracking.tracker import preflight
-    from trainer.engine.trainer import Trainer
+    from trainer.config import ConfigError, parse_args     # light: a mistaken input costs no torch import
 
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -26,10 +24,24 @@ def main() -> int | None:
         if rank == 0:             # every rank finds the same problem: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2
-    if rank == 0 and not preflight(cfg.tracking, cfg.train.run_dir):   # the store answers, in seconds
-        cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)
-    ensure_demo_corpus(cfg.data, rank)
-    results = Trainer(cfg).train()
+    from data_tools.demo import ensure_demo_corpus
+    from trainer.engine.trainer import Trainer
+    from trainer.tracking.tracker import preflight
+
+    try:
+        log_path = _log_to_run_folder(cfg.train.run_dir, rank)
+    except OSError as err:       # a folder the checks could not foresee (/proc, a full disk)
+        print(f"error: --train.run-dir {cfg.train.run_dir}: cannot be written ({err.strerror})", file=sys.stderr)
+        return 2
+    try:
+        if rank == 0 and not preflight(cfg.tracking, cfg.train.run_dir):   # the store answers, in seconds
+            cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)
+        ensure_demo_corpus(cfg.data, rank)
+        results = Trainer(cfg).train()
+    except Exception:            # an internal error: its traceback, on the console and kept in the run folder
+        logging.getLogger("trainer").exception("rank %d failed", rank)
+        print(f"internal error on rank {rank}: traceback above and in {log_path}", file=sys.stderr, flush=True)
+        return 1
     if rank == 0:
         logging.getLogger("trainer").info("done: %s", results)
     # Everything is written (checkpoint, MLflow status, results): skip the interpreter's teardown,
@@ -39,6 +51,17 @@ def main() -> int | None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _log_to_run_folder(run_dir: str, rank: int) -> Path:
+    """Each rank's log also goes to RUN/logs/rank<N>.log (appended across restarts), so an internal error's
+    traceback stays with the run. Only after the checks passed: a mistaken input writes nothing."""
+    path = Path(run_dir) / "logs" / f"rank{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.getLogger().handlers[0].formatter)
+    logging.getLogger().addHandler(handler)
+    return path
 
 
 if __name__ == "__main__":

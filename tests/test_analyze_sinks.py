@@ -191,7 +191,7 @@ def test_run_mode_export_other_split_and_trainable_only(trained_run, synth_corpu
     trainable = trained_run / "export" / "trainable.safetensors"
     rc = main(["--run-dir", str(trained_run), "--checkpoint", str(trainable),
                "--out", str(tmp_path / "refused")])
-    assert rc == 1 and "frozen weights differ" in capsys.readouterr().err
+    assert rc == 2 and "frozen weights differ" in capsys.readouterr().err
 
 
 def test_clear_errors(tmp_path, capsys):
@@ -205,8 +205,10 @@ def test_clear_errors(tmp_path, capsys):
     (run / "experiment.json").write_text(json.dumps(cfg))
 
     def error(*args: str) -> str:
-        assert main([*args, "--out", str(tmp_path / "out")]) == 1
-        return capsys.readouterr().err
+        assert main([*args, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        return err
 
     assert "run folder not found" in error("--run-dir", str(tmp_path / "nope"))
     assert "no experiment.json" in error("--run-dir", str(tmp_path))

@@ -44,11 +44,13 @@ def test_bad_recipes_are_clear_errors(tmp_path, text, message):
 
 
 def test_bad_command_line_values_stop_before_anything_starts():
-    with pytest.raises(SystemExit):
+    from trainer.config import ConfigError     # one line each (tests/test_bad_inputs.py has the whole table)
+
+    with pytest.raises(ConfigError, match="--train.max-steps must be an int >= 1, got 0"):
         parse_args(["--train.max-steps", "0"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="no such DeepSpeed JSON"):
         parse_args(["--config", "no/such.json"])
-    with pytest.raises(SystemExit, match="--recipe needs a path"):
+    with pytest.raises(ConfigError, match="--recipe needs a path"):
         parse_args(["--recipe"])
 
 
@@ -210,7 +212,7 @@ def test_final_evaluation_splits_cap_beams_and_off():
     for bad in ({"final_eval_max_samples": 0}, {"final_eval_beams": 0}):
         with pytest.raises(ValueError, match="--train.final-eval"):
             TrainConfig(**bad)
-        with pytest.raises(SystemExit):
+        with pytest.raises(ValueError, match="--train.final-eval"):      # ConfigError: one line
             parse_args([f"--train.{next(iter(bad)).replace('_', '-')}", "0"])
 
 

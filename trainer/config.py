@@ -10,6 +10,8 @@ before any process group starts.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from trainer.config_checks import Problems, build_config, flag
+from trainer.config_checks import Problems, build_config, flag, folder_problem, one_line
 from trainer.data.config import DataConfig
 from trainer.engine.config import TrainConfig
 from trainer.model.config import FLAT_TINY_NAMES, ModelConfig
@@ -75,7 +77,10 @@ class ExperimentConfig:
 
 
 def load_recipe(path: str | Path, **overrides: Any) -> ExperimentConfig:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    text = Path(path).read_text()
+    if not text.strip():
+        raise ValueError("the file is empty (a recipe is a YAML mapping of sections: model, data, train, ...)")
+    raw = yaml.safe_load(text) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"recipe {path} must be a mapping of sections (model, data, train, ...)")
     raw.update(overrides)
@@ -100,16 +105,14 @@ def parse_args(argv: Sequence[str] | None = None, check: bool = True) -> Experim
     default = ExperimentConfig()
     if "--recipe" in args:
         i = args.index("--recipe")
-        if i + 1 >= len(args):
-            raise SystemExit("--recipe needs a path")
+        if i + 1 >= len(args) or args[i + 1].startswith("--"):
+            raise ConfigError("--recipe needs a path to a YAML recipe (see launch/recipes/)")
         try:
             default = load_recipe(args[i + 1])
         except (OSError, ValueError, TypeError, yaml.YAMLError) as err:
             raise ConfigError(f"recipe {args[i + 1]}: {_one_line(err)}") from err
         del args[i:i + 2]
-    cfg = tyro.cli(ExperimentConfig, default=default, args=args,
-                   description="Train Llama-AVSR with DeepSpeed (see README.md).",
-                   config=(tyro.conf.FlagConversionOff,))
+    cfg = _tyro_cli(tyro, default, args)
     if check:
         problems = check_inputs(cfg)
         if problems:
@@ -125,8 +128,49 @@ def _refuse_renamed_flags(args: Sequence[str]) -> None:
             raise ConfigError(f"{flag('', old)} is now {flag('', new)}{' (' + why + ')' if why else ''}")
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+_one_line = one_line
+
+
+def _tyro_cli(tyro, default: ExperimentConfig, args: list[str]) -> ExperimentConfig:
+    """tyro's parse, its framed multi-line error turned into one ConfigError line (--help still prints)."""
+    import contextlib
+    import io
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(ExperimentConfig, default=default, args=args,
+                            description="Train Llama-AVSR with DeepSpeed (see README.md).",
+                            config=(tyro.conf.FlagConversionOff,))
+    except SystemExit as exit_:
+        if not exit_.code:
+            raise                          # --help
+        raise ConfigError(_flatten_tyro(captured.getvalue())) from None
+
+
+def _flatten_tyro(text: str) -> str:
+    """tyro's box (title, message, rule, "Perhaps you meant:" flags, rule, help footer) -> one line."""
+    body = [line.strip().strip("│─").strip() for line in text.splitlines() if not line.strip()[:1] in ("╭", "╰")]
+    sections, current = [], []
+    for line in body:
+        if not line or set(line) <= set("─ "):
+            if current:
+                sections.append(current)
+            current = []
+        else:
+            current.append(line)
+    if current:
+        sections.append(current)
+    sections = [sec for sec in sections if not sec[0].startswith("For full helptext")]
+    if not sections:
+        return one_line(text) or "bad command line (see --help)"
+    message = re.sub(r"^Error parsing ((?!--)[\w.-]+: )?", "", " ".join(sections[0]))
+    message = re.sub(r"^(--[\w.-]+): invalid literal for int\(\) with base 10: (.*)", r"\1 must be an int, got \2", message)
+    message = re.sub(r"^(--[\w.-]+): could not convert string to float: (.*)", r"\1 must be a number, got \2",
+                     message)
+    meant = [line.split()[0] for sec in sections[1:] if sec[0].startswith("Perhaps you meant")
+             for line in sec[1:] if line.startswith("--")]
+    return one_line(message + (f" (did you mean {' or '.join(meant)}?)" if meant else "") + " (see --help)")
 
 
 def check_inputs(cfg: ExperimentConfig) -> list[str]:
@@ -136,17 +180,20 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
     from trainer.data.shard_format import index_location, index_path
     from trainer.data.storage import exists, is_remote, redact
     from trainer.data.config import DEMO_SHARD_DIR
-    from trainer.engine.ds_config import DeepSpeedConfigError, load_ds_config, use_bf16
+    from trainer.engine.ds_config import DeepSpeedConfigError, check_ds_config, load_ds_config, use_bf16
 
     problems: list[str] = []
     try:
         raw = load_ds_config(cfg.config)
-        if not isinstance(raw, dict):
-            problems.append(f"DeepSpeed config {cfg.config} must be a JSON object")
+        found = check_ds_config(raw, micro_batch_size=cfg.data.max_batch_size, grad_accum=cfg.train.grad_accum,
+                                world_size=_launch_world_size())
+        if found:
+            problems.append(f"DeepSpeed config {cfg.config}: {', '.join(found)}")
         else:       # an explicit precision the JSON contradicts (the device is not known yet: no GPU check)
             use_bf16(cfg.train.precision, raw, on_cpu=True, bf16_supported=True)
     except DeepSpeedConfigError as err:
         problems.append(_one_line(err))
+    problems += _check_run_dir(cfg.train.run_dir)
     m = cfg.model
     folders = {"llm_path": (m.llm_path, "config.json"), "whisper_path": (m.whisper_path, "config.json"),
                "tokenizer_path": (m.tokenizer_path, None)}
@@ -171,6 +218,8 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
         splits = [d.train_split, d.eval_split]
         if cfg.train.test_at_end or cfg.train.eval_untrained:
             splits.append(d.test_split)
+        t = cfg.train
+        splits += [s for s in (t.final_eval_splits or ()) if t.final_eval and s not in splits]
         if remote:       # the store reachable and the indexes there (retried like every remote read)
             try:
                 missing = [s for s in splits if not exists(index_location(d.shard_dir, s), d.retry_policy)]
@@ -187,7 +236,44 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
                 have = sorted(p.name for p in Path(d.shard_dir).glob("*.index.json"))
                 problems.append(f"--data.shard-dir {d.shard_dir}: no shard index for split(s) {missing} "
                                 f"(found: {have or 'none'}; build shards with `python -m data_tools`)")
+            problems += _check_indexes(d.shard_dir, [s for s in splits if s not in missing])
     resume = cfg.train.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         problems.append(f"--train.resume {resume}: no such checkpoint folder")
+    return problems
+
+
+def _launch_world_size() -> int:
+    """The processes the launcher starts (deepspeed, torchrun and srun set WORLD_SIZE before the script)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _check_run_dir(run_dir: str) -> list[str]:
+    """The run folder must be a folder this process can create or write: found now, not at the first
+    checkpoint."""
+    problem = folder_problem("--train.run-dir", run_dir)
+    return [problem] if problem else []
+
+
+def _check_indexes(shard_dir: str, splits: list[str]) -> list[str]:
+    """Each split's index reads as one of this format (not cut short, not another tool's JSON, not a
+    newer format version) and lists shards that are there."""
+    from trainer.data.shard_format import index_name, load_index
+
+    problems = []
+    for split in splits:
+        try:
+            index = load_index(shard_dir, split)
+        except (OSError, ValueError) as err:
+            problems.append(f"--data.shard-dir {shard_dir}: {_one_line(err)}")
+            continue
+        if not index.shards:
+            problems.append(f"--data.shard-dir {shard_dir}: {index_name(split)} lists no shards "
+                            f"(rebuild the split with `python -m data_tools`)")
+        elif not any(Path(url).is_file() for url in index.urls):
+            problems.append(f"--data.shard-dir {shard_dir}: none of the {len(index.shards)} shards "
+                            f"{index_name(split)} lists is there (first: {index.shards[0].name})")
     return problems

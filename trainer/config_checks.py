@@ -8,8 +8,14 @@ so it says what to change. A leaf module: every config imports it, it imports no
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from typing import Any, Iterable, Mapping
+import difflib
+import os
+import sys
+import types
+import typing
+from typing import Any, Iterable, Literal, Mapping, Union
 
 
 def flag(section: str, name: str) -> str:
@@ -50,11 +56,102 @@ class Problems:
             raise ValueError("; ".join(self.found))
 
 
+def one_line(err: BaseException | str) -> str:
+    return " ".join(str(err).split())
+
+
+def close_names(name: str, known: Iterable[str]) -> list[str]:
+    """The known names a misspelt `name` was probably meant to be (best first)."""
+    return difflib.get_close_matches(name, list(known), n=2, cutoff=0.7)
+
+
+def folder_problem(flag_: str, folder: str | os.PathLike) -> str | None:
+    """Why `folder` (an output folder, created on demand) cannot be written, or None: the mistake found
+    before any work, with nothing created."""
+    from pathlib import Path
+
+    if not str(folder).strip():
+        return f"{flag_} is empty (a folder is needed)"
+    path = existing = Path(folder)
+    if path.exists() and not path.is_dir():
+        return f"{flag_} {folder}: is a file, not a folder"
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{flag_} {folder}: {existing} is a file, so the folder cannot be created"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is read-only" if existing == path else f"cannot be created: {existing} is read-only"
+        return f"{flag_} {folder}: {where} (a writable folder is needed)"
+    return None
+
+
+def user_error(message: BaseException | str) -> int:
+    """The one error style of every command: a user's mistake is one line on stderr, `error: ...`, and
+    exit status 2 (argparse's); never a traceback. Returns the status for `return user_error(...)`."""
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+    return 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is `error: <what> (see --help)`: one line, exit status 2."""
+
+    def error(self, message: str):
+        sys.exit(user_error(f"{self.prog}: {message} (see {self.prog} --help)"))
+
+
+def expected_type(hint: Any, value: Any) -> str | None:
+    """None when `value` fits the field annotation `hint`, else what would be accepted ("an int")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        wanted = [expected_type(a, value) for a in inner]
+        if any(w is None for w in wanted):
+            return None
+        return " or ".join(w for w in wanted if w) + (" or null (left out)" if type(None) in args else "")
+    if origin is Literal:
+        return None if value in args else f"one of {args}"
+    if origin is tuple:
+        item = args[0] if args else Any
+        if not isinstance(value, (list, tuple)):
+            return f"a list of {_plural(item)}"
+        bad = [v for v in value if expected_type(item, v) is not None]
+        return f"a list of {_plural(item)}" if bad else None
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an int"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
+        return None if ok else "a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if dataclasses.is_dataclass(hint):
+        return None if isinstance(value, (Mapping, hint)) else f"a mapping of {hint.__name__} options"
+    return None                        # an annotation this check does not know: the section checks it
+
+
+def _plural(hint: Any) -> str:
+    return {int: "ints", float: "numbers", str: "strings", bool: "booleans"}.get(hint, "values")
+
+
+def _as_float(hint: Any, value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string: take it as the number it plainly is."""
+    if isinstance(value, str) and float in (hint, *typing.get_args(hint)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def build_config(cls, values: Mapping[str, Any], where: str, section: str = "",
           renamed: Mapping[str, str] | None = None):
     """`cls` from a (possibly partial) dict, recursing into nested dataclass fields. An unknown key is
-    an error; one in `renamed` (dotted path such as "model.tiny_llm_layers" -> what to use now) says
-    what replaced it."""
+    an error (naming the close known ones); one in `renamed` (dotted path such as
+    "model.tiny_llm_layers" -> what to use now) says what replaced it. A value of the wrong type is an
+    error naming the flag and the type wanted, before the section's own checks compare it."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -62,16 +159,30 @@ def build_config(cls, values: Mapping[str, Any], where: str, section: str = "",
         moved = [f"{p} is now {renamed[p]}" for p in path if renamed and p in renamed]
         if moved:
             raise ValueError(f"renamed option(s) in {where}: " + "; ".join(moved))
-        raise ValueError(f"unknown option(s) {unknown} in {where}; known: {sorted(known)}")
-    kwargs = {}
+        guesses = [f"{k} -> {' or '.join(close_names(k, known))}" for k in unknown if close_names(k, known)]
+        meant = f" (did you mean: {', '.join(guesses)}?)" if guesses else ""
+        raise ValueError(f"unknown option(s) {unknown} in {where}{meant}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    kwargs, wrong = {}, []
     for name, value in values.items():
+        value = _as_float(hints[name], value)
+        wanted = expected_type(hints[name], value)
+        if wanted is not None:
+            wrong.append(f"{flag(section, name)} must be {wanted}, got {value!r}")
+            continue
         default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING \
             else None
         if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
             inner = f"{section}.{name}" if section else name
-            kwargs[name] = build_config(type(default), value, f"{where}.{name}", inner, renamed)
+            try:
+                kwargs[name] = build_config(type(default), value, f"{where}.{name}", inner, renamed)
+            except ValueError as err:
+                wrong.append(str(err))
         elif isinstance(value, list):
-            kwargs[name] = tuple(value) if isinstance(default, tuple) else value
+            kwargs[name] = tuple(value) if isinstance(default, tuple) or typing.get_origin(
+                hints[name]) is not list else value
         else:
             kwargs[name] = value
+    if wrong:
+        raise ValueError("; ".join(wrong))
     return cls(**kwargs)

@@ -38,6 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+class PlanError(ValueError):
+    """A mistaken job input (environment, paths): `error: plan: ...`, one line, exit status 2 (the style of
+    every command here; trainer/config_checks.py's user_error, which this stdlib-only file cannot import)."""
 DEFAULT_PORT_BASE = 29500
 RUN_DIR_FLAGS = ("--train.run-dir", "--train.run_dir")
 # Environment shown in the dry run (what the job sets or inherits that shapes the launch).
@@ -98,7 +103,7 @@ def job_hosts(env: dict[str, str]) -> list[str]:
         return env["AVSR_HOSTS"].replace(",", " ").split()
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
-        raise SystemExit("plan: SLURM_JOB_NODELIST is not set (not inside a SLURM job?); "
+        raise PlanError("plan: SLURM_JOB_NODELIST is not set (not inside a SLURM job?); "
                          "set it, or AVSR_HOSTS, to plan a launch")
     if shutil.which("scontrol"):
         try:
@@ -163,7 +168,7 @@ class Plan:
         itself (the first host runs the store); --node_rank is what SLURM says (SLURM_NODEID) and
         is the rank torchrun uses only with a static rendezvous."""
         if not 0 <= node_rank < self.nnodes:
-            raise SystemExit(f"plan: node rank {node_rank} outside 0..{self.nnodes - 1}")
+            raise PlanError(f"plan: node rank {node_rank} outside 0..{self.nnodes - 1}")
         cmd = [*self.torchrun,
                f"--nnodes={self.nnodes}", f"--nproc_per_node={self.nproc_per_node}",
                f"--node_rank={node_rank}",
@@ -205,14 +210,16 @@ def make_plan(env: dict[str, str], recipe: str, ds_config: str, extra: list[str]
     hosts = job_hosts(env)
     nnodes = env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")
     if nnodes and int(nnodes) != len(hosts):
-        raise SystemExit(f"plan: SLURM_NNODES={nnodes} but the host list has {len(hosts)} hosts: {hosts}")
+        raise PlanError(f"plan: SLURM_NNODES={nnodes} but the host list has {len(hosts)} hosts: {hosts}")
     job_id = env.get("SLURM_JOB_ID", "0")
     port = env.get("AVSR_RDZV_PORT") or env.get("MASTER_PORT")
     # A port derived from the job id: two jobs sharing a node do not collide; requeues reuse it.
     rdzv_port = int(port) if port else DEFAULT_PORT_BASE + (int(job_id) % 2000 if job_id.isdigit() else 0)
     for path, what in ((recipe, "recipe"), (ds_config, "DeepSpeed config")):
         if not Path(path).is_file():
-            raise SystemExit(f"plan: {what} {path!r} not found (paths are relative to {Path.cwd()})")
+            raise PlanError(f"plan: {what} {path!r} not found (paths are relative to {Path.cwd()})")
+        if Path(path).stat().st_size == 0:
+            raise PlanError(f"plan: {what} {path!r} is empty")
     return Plan(hosts=hosts, nproc_per_node=gpus_per_node(env), rdzv_port=rdzv_port, job_id=job_id,
                 run_dir=run_dir_for(env, extra), recipe=recipe, ds_config=ds_config, extra=list(extra),
                 script=env.get("AVSR_TRAIN_SCRIPT", "launch/train.py"),
@@ -305,7 +312,14 @@ USAGE = __doc__.split("\n\n")[1]
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except ValueError as err:              # PlanError, a bad host list, a non-number in a SLURM_/AVSR_ variable
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     env = dict(os.environ)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -315,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(job_hosts(env)))
         return 0
     if mode not in ("dry-run", "node", "run-dir") or len(rest) < 2:
-        print(USAGE, file=sys.stderr)
-        return 2
+        raise PlanError(f"plan: unknown mode or missing arguments in {shlex.join(argv)!r}; usage: "
+                        "plan.py dry-run|node|run-dir RECIPE DS_CONFIG [trainer args...] | hosts (see --help)")
     recipe, ds_config, extra = rest[0], rest[1], rest[2:]
     if mode == "run-dir":
         print(run_dir_for(env, extra))

@@ -115,6 +115,9 @@ class DataConfig:
             p.check(self.min_clip_frames <= self.max_clip_frames, "min_clip_frames",
                     f"({self.min_clip_frames}) must be <= {p.flag('max_clip_frames')} ({self.max_clip_frames})")
         p.check(0.0 <= self.noise_prob <= 1.0, "noise_prob", f"must be in [0, 1], got {self.noise_prob}")
+        p.at_least(self, ("seed",), 0, integer=True)
+        p.at_least(self, ("babble_speakers",), 1, integer=True)
+        p.check(abs(self.snr_db) < float("inf"), "snr_db", f"must be a finite number of dB, got {self.snr_db}")
         if self.noise == "babble":
             p.at_least(self, ("babble_speakers", "babble_reservoir"), 1, integer=True)
         p.check(self.train_split not in (self.eval_split, self.test_split), "train_split",

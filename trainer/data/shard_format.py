@@ -157,15 +157,22 @@ def load_index(folder: str | os.PathLike, split: str,
         root = path.parent
     try:
         raw = json.loads(data)
+        version = raw.get("version", INDEX_VERSION)
         shards = [ShardInfo(name=s["name"], samples=int(s["samples"]), duration=float(s["duration"]))
                   for s in raw["shards"]]
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
-        raise ValueError(f"malformed shard index {storage.redact(str(path))}: {err}") from err
+    except (AttributeError, KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        what = "cut short or not JSON" if isinstance(err, json.JSONDecodeError) else \
+            f"not a shard index of this format (no valid {err} entry)" if isinstance(err, KeyError) else \
+            f"not a shard index of this format ({err})"
+        raise ValueError(f"malformed shard index {storage.redact(str(path))}: {what}; write it again with "
+                         f"`python -m data_tools synth` / `lrs3` (an index is a JSON object with a \"shards\" "
+                         f"list of name/samples/duration)") from err
     bad = [s.name for s in shards if not SAFE_NAME.match(s.name)]
     if bad:
         raise ValueError(f"shard index {storage.redact(str(path))} names files outside its folder: {bad[:3]}")
-    if raw.get("version", INDEX_VERSION) > INDEX_VERSION:
-        raise ValueError(f"{path} has index version {raw['version']}, newer than this code ({INDEX_VERSION})")
+    if version != INDEX_VERSION:
+        raise ValueError(f"shard index {storage.redact(str(path))} has format version {version!r}; this code reads "
+                         f"version {INDEX_VERSION} (rebuild the shards with this checkout's `python -m data_tools`)")
     return ShardIndex(split=raw.get("split", split), shards=shards, sample_rate=int(raw.get("sample_rate", SAMPLE_RATE)),
                       fps=float(raw.get("fps", FPS)), meta=raw.get("meta", {}), version=raw.get("version", 1),
                       root=root, digest=hashlib.sha256(data).hexdigest())

@@ -135,3 +135,13 @@ def skip_summary(counts: dict[str, int]) -> str:
     if counts.get(TAR_ERROR):
         parts.append(f"{counts[TAR_ERROR]} shard read errors")
     return "; ".join(parts)
+
+
+def skip_report(counts: dict[str, int]) -> dict:
+    """The end-of-run account of bad data (results.json "data_skipped" and the final log line): samples
+    skipped by reason, shard read errors apart, retries and resampling as notes, and one summary line."""
+    counts = {r: int(n) for r, n in counts.items() if n}
+    skipped = {r: n for r, n in counts.items() if not is_note(r) and r != TAR_ERROR}
+    return {"samples": sum(skipped.values()), "by_reason": skipped, "shard_read_errors": counts.get(TAR_ERROR, 0),
+            "notes": {r: n for r, n in counts.items() if is_note(r)},
+            "summary": skip_summary(counts) or "nothing skipped"}

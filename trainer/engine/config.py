@@ -75,6 +75,8 @@ class TrainConfig:
         p.at_least(self, ("max_steps", "grad_accum", "log_every", "keep_last", "eval_beams"), 1, integer=True)
         p.at_least(self, ("eval_every", "save_every"), 0, integer=True)
         p.check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        p.at_least(self, ("seed", "weight_decay"), 0, integer=False)
+        p.at_least(self, ("eval_max_new_tokens",), 1, integer=True)
         p.check(0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
                 f"must be in [0, {p.flag('max_steps')}] = [0, {self.max_steps}], got {self.warmup_steps}")
         p.check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")

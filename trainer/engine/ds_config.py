@@ -185,3 +185,136 @@ def _find_auto(node: Any, path: str = ""):
             yield from _find_auto(v, f"{path}[{i}]")
     elif node == AUTO:
         yield path
+
+
+# ---- checks before any process group starts (launch/train.py's parse step) --------------------------
+# DeepSpeed reads the keys it knows and ignores the rest, so a misspelt key is silently a default. These are
+# the top-level keys DeepSpeed 0.16-0.19 reads (runtime/config.py and the sections it delegates to).
+TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "steps_per_print", "wall_clock_breakdown", "dump_state", "memory_breakdown", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "optimizer", "scheduler", "fp16", "bf16", "bfloat16", "amp",
+    "torch_autocast", "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger",
+    "communication_data_type", "seq_parallel_communication_data_type", "data_types", "compile", "checkpoint",
+    "aio", "elasticity", "autotuning", "compression_training", "data_efficiency", "curriculum_learning",
+    "progressive_layer_drop", "eigenvalue", "quantize_training", "weight_quantization", "sparse_attention",
+    "pipeline", "pipeline_parallel_size", "nebula", "hybrid_engine", "timers", "dataloader_drop_last",
+    "use_node_local_storage", "load_universal_checkpoint", "graph_harvesting", "disable_allgather",
+    "mics_shard_size", "mics_hierarchical_params_gather", "zero_quantized_weights", "zero_quantized_gradients",
+    "tensor_parallel", "gradient_accumulation_dtype", "use_data_before_expert_parallel_", "fp8",
+    "data_sampling", "monitor_config", "expert_parallel_size", "domino", "compiled_autograd", "sequence_parallel_size",
+})
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+# zero_optimization sizes: the smallest value DeepSpeed takes (a bucket of 0 elements never fills)
+ZERO_SIZES = {"reduce_bucket_size": 1, "allgather_bucket_size": 1, "stage3_prefetch_bucket_size": 0,
+              "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 0,
+              "stage3_max_reuse_distance": 0, "sub_group_size": 0}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+
+
+def check_ds_config(raw: Any, *, micro_batch_size: int, grad_accum: int, world_size: int) -> list[str]:
+    """The problems DeepSpeed would find only after the process group, the model and the tokenizer exist
+    (or would never report: a misspelt key), found from the JSON alone. `micro_batch_size`, `grad_accum`
+    and `world_size` are what the experiment config and the launcher imply. Empty: nothing found."""
+    from trainer.config_checks import close_names
+
+    if not isinstance(raw, dict):
+        return ["must be a JSON object (see ds_configs/)"]
+    found = []
+    for key in sorted(set(raw) - TOP_LEVEL_KEYS):
+        meant = close_names(key, TOP_LEVEL_KEYS)
+        found.append(f"unknown key {key!r}" + (f" (did you mean {' or '.join(meant)}?)" if meant else
+                                               " (DeepSpeed would ignore it)"))
+    found += _check_batch(raw, micro_batch_size, grad_accum, world_size)
+    clip = raw.get("gradient_clipping", AUTO)
+    if clip != AUTO and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip >= 0):
+        found.append(f"gradient_clipping is {clip!r}; a number >= 0 or \"auto\" is accepted")
+    zero = raw.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return found + [f"zero_optimization is {zero!r}; a JSON object with a \"stage\" is accepted"]
+    found += _check_zero(zero)
+    if not found and zero:
+        found += _check_zero_with_deepspeed(zero)
+    return found
+
+
+def _check_batch(raw: dict, micro: int, accum: int, world: int) -> list[str]:
+    found = []
+    for key, implied, flag in (("train_micro_batch_size_per_gpu", micro, "--data.max-batch-size"),
+                               ("gradient_accumulation_steps", accum, "--train.grad-accum")):
+        value = raw.get(key, AUTO)
+        if value == AUTO:
+            continue
+        if not _is_int(value) or value < 1:
+            found.append(f"{key} is {value!r}; an int >= 1 or \"auto\" is accepted")
+        elif value != implied:
+            found.append(f"{key} is {value} but {flag} is {implied}: set it to \"auto\" or change {flag}")
+    total = raw.get("train_batch_size", AUTO)
+    if total != AUTO:
+        product = micro * accum * world
+        if not _is_int(total) or total < 1:
+            found.append(f"train_batch_size is {total!r}; an int >= 1 or \"auto\" is accepted")
+        elif total != product:
+            found.append(f"train_batch_size is {total} but micro batch ({micro}) x gradient accumulation ({accum}) "
+                         f"x world size ({world}) = {product}: set it to \"auto\" (or {product})")
+    return found
+
+
+def _check_zero(zero: dict) -> list[str]:
+    found = []
+    stage = zero.get("stage", 0)
+    if not (_is_int(stage) and stage in ZERO_STAGES):
+        found.append(f"zero_optimization.stage is {stage!r}; DeepSpeed accepts 0, 1, 2 or 3")
+    for key, low in ZERO_SIZES.items():
+        value = zero.get(key, AUTO)
+        if value != AUTO and not (_is_int(value) and value >= low):
+            found.append(f"zero_optimization.{key} is {value!r}; an int >= {low} or \"auto\" is accepted")
+    for key, stages in (("offload_optimizer", (1, 2, 3)), ("offload_param", (3,))):
+        off = zero.get(key)
+        if off is None:
+            continue
+        device = off.get("device", "none") if isinstance(off, dict) else off
+        if not isinstance(off, dict) or device not in OFFLOAD_DEVICES:
+            found.append(f"zero_optimization.{key}.device is {device!r}; one of {OFFLOAD_DEVICES} is accepted")
+        elif device != "none" and stage in ZERO_STAGES and stage not in stages:
+            found.append(f"zero_optimization.{key} needs stage {' or '.join(map(str, stages))}, the JSON has {stage}")
+        elif device == "nvme" and not off.get("nvme_path"):
+            found.append(f"zero_optimization.{key}.device is \"nvme\" without an nvme_path (a folder on the NVMe disk)")
+    return found
+
+
+def _check_zero_with_deepspeed(zero: dict) -> list[str]:
+    """DeepSpeed's own model of the section (unknown keys, types, ranges), once the cheap checks pass: it
+    costs DeepSpeed's import. "auto" values are the trainer's to fill, so they are left out here."""
+    from pydantic import ValidationError
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from trainer.config_checks import close_names
+
+    given = {k: v for k, v in zero.items() if v != AUTO}
+    try:
+        DeepSpeedZeroConfig(**given)
+    except ValidationError as err:
+        known = set(DeepSpeedZeroConfig.model_fields)
+        known |= {f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
+        found = []
+        for e in err.errors():
+            where = "zero_optimization." + ".".join(map(str, e["loc"]))
+            if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
+                meant = close_names(str(e["loc"][0]), known)
+                found.append(f"unknown key {where}" + (f" (did you mean {' or '.join(meant)}?)" if meant else ""))
+            else:
+                found.append(f"{where} is {e.get('input')!r}: DeepSpeed says: {e['msg']}")
+        return found
+    devices = {k: zero[k].get("device") for k in ("offload_optimizer", "offload_param") if isinstance(zero.get(k), dict)}
+    if "nvme" in devices.values():
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            return ["offload to \"nvme\" needs DeepSpeed's async_io op, which cannot be built here "
+                    "(libaio missing); use \"cpu\" or install libaio-dev"]
+    return []

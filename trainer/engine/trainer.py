@@ -18,7 +18,7 @@ import torch
 
 from trainer import distributed
 from trainer.config import ExperimentConfig
-from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_summary
+from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_report, skip_summary
 from trainer.data.stream import TrainStream
 from trainer.engine.checkpoint import CheckpointManager, frozen_weight_sums, seed_everything
 from trainer.engine.ds_config import (describe_optimizer, load_ds_config, op_prebuilt, resolve_ds_config, use_bf16,
@@ -211,10 +211,19 @@ class Trainer:
             results[split] = done[split]
         if self.untrained is not None:
             results["test_untrained"] = self.untrained
+        results["data_skipped"] = self._skip_account()
         if self.rank == 0:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
             self.tracker.log_artifact(self.run_dir / "results.json")
         return results
+
+    def _skip_account(self) -> dict:
+        """Training data skipped over this process's steps, all ranks (each split's evaluation reports its
+        own under "skipped/..."), logged as the run's last word on data."""
+        report = skip_report(self.skipped_total)
+        if self.rank == 0:
+            log.info("data skipped in training, all ranks: %s", report["summary"])
+        return report
 
     def _final_stages(self) -> dict:
         """The final stages completed at this step by an earlier, stopped, attempt (rank 0's file,

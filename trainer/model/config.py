@@ -182,7 +182,7 @@ class ModelConfig:
         p.one_of(self, "load_dtype", LOAD_DTYPES)
         p.check(sorted(self.modality_order) == ["audio", "video"], "modality_order",
                 f"must be a permutation of (audio, video), got {self.modality_order}")
-        p.at_least(self, ("audio_rate", "video_rate", "projector_hidden", "lora_r"), 1, integer=True)
+        p.at_least(self, ("audio_rate", "video_rate", "projector_hidden", "lora_r", "lora_alpha"), 1, integer=True)
         p.check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         p.check(bool(self.lora_targets), "lora_targets", "is empty: the LLM would have no trainable adapters")
         p.check(self.decorrelation_weight >= 0, "decorrelation_weight",

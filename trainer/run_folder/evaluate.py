@@ -107,18 +107,40 @@ def check_split(data: DataConfig, split: str) -> None:
     check(data.shard_dir, split)
 
 
+def check_request(req: EvalRequest):
+    """The request's inputs, checked before any model or process group: the run folder is a run, the
+    split has an index, the output folder can be written. Returns the run's config and the data config
+    the evaluation reads; FileNotFoundError or ValueError (one line) otherwise."""
+    from trainer.config_checks import folder_problem
+    from trainer.run_folder.load import load_run_config
+
+    try:
+        cfg = load_run_config(req.run_dir)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"--run-dir: {err}") from None
+    data = dataclasses.replace(cfg.data, shard_dir=req.shards or cfg.data.shard_dir,
+                               num_workers=cfg.data.num_workers if req.workers is None else req.workers)
+    try:
+        check_split(data, req.split)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"--shards {data.shard_dir} / --split {req.split}: {err}") from None
+    if any(c.snr_db is not None for c in req.conditions) and not cfg.model.uses_audio:
+        raise ValueError(f"--snr: the run is {cfg.model.modality} (no audio): noise conditions need audio")
+    if req.checkpoint not in ("latest", "export") and not Path(req.checkpoint).exists():
+        raise FileNotFoundError(f"--checkpoint {req.checkpoint}: no such file or folder (or: latest, export)")
+    problem = folder_problem("--out", req.out_dir)
+    if problem:
+        raise ValueError(problem)
+    return cfg, data
+
+
 def evaluate_run(req: EvalRequest, *, rank: int, world_size: int, device: torch.device) -> dict:
     """Every rank calls this; rank 0 writes the files and returns the full results (others: theirs)."""
     from trainer.data.pipeline import build_eval_loader
     from trainer.run_folder.load import load_run_config, load_trained_model
     from trainer.model.avsr import batch_to_device, build_tokenizer
 
-    cfg = load_run_config(req.run_dir)                 # fails early, before the model is built
-    data = dataclasses.replace(cfg.data, shard_dir=req.shards or cfg.data.shard_dir,
-                               num_workers=cfg.data.num_workers if req.workers is None else req.workers)
-    check_split(data, req.split)
-    if any(c.snr_db is not None for c in req.conditions) and not cfg.model.uses_audio:
-        raise ValueError(f"--snr: the run is {cfg.model.modality} (no audio): noise conditions need audio")
+    cfg, data = check_request(req)                     # fails early, before the model is built
     model, cfg, src = load_trained_model(req.run_dir, req.checkpoint, device)
     tokenizer = build_tokenizer(cfg.model)
     beams = req.beams or cfg.eval_beams

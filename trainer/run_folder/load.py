@@ -100,7 +100,12 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: no experiment.json "
                                 f"(written by launch/train.py)")
-    raw = upgrade_saved_config(json.loads(path.read_text()))
+    try:
+        raw = upgrade_saved_config(json.loads(path.read_text()))
+        raw["model"], raw["data"]          # noqa: B018 (both sections are needed below)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is cut short or not a run's experiment.json ({type(err).__name__}: {err}); "
+                         f"{run_dir} is not a run folder of launch/train.py") from None
     model = build_config(ModelConfig, raw["model"], f"{path} model", "model")
     # The tokenizer the trainer trained lives in the run folder: follow the folder if it moved.
     train = raw.get("train", {})        # read for a few values only: the rest is the training's business
@@ -229,7 +234,7 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "latest", device: 
             msg = (f"the frozen weights differ from those the run trained with (fingerprint {ours} vs "
                    f"{src.fingerprint})")
             if src.kind == "trainable":
-                raise RuntimeError(f"{msg}: trainable-only weights need the run's exact frozen base, which a "
+                raise ValueError(f"{msg}: trainable-only weights need the run's exact frozen base, which a "
                                    f"randomly initialised (tiny) part does not reproduce; load a checkpoint "
                                    f"(--checkpoint latest) or the consolidated export (--checkpoint export)")
             log.warning("%s; a 16-bit export rounds them, otherwise check the pretrained paths", msg)
