@@ -12,20 +12,23 @@ import sys
 
 
 def main() -> int | None:
-    from data_tools.demo import ensure_demo_corpus
     from trainer.config import ConfigError, parse_args
-    from trainer.tracking.tracker import preflight
-    from trainer.engine.trainer import Trainer
+    from trainer.device import DeviceError, settle_device
 
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = parse_args()        # options and inputs validated before any process group starts
-    except ConfigError as err:
+        settle_device(cfg.train.device)     # before deepspeed is imported: it reads DS_ACCELERATOR once
+    except (ConfigError, DeviceError) as err:
         if rank == 0:             # every rank finds the same problem: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2
+    from data_tools.demo import ensure_demo_corpus
+    from trainer.engine.trainer import Trainer
+    from trainer.tracking.tracker import preflight
+
     if rank == 0 and not preflight(cfg.tracking, cfg.train.run_dir):   # the store answers, in seconds
         cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)
     ensure_demo_corpus(cfg.data, rank)

@@ -27,6 +27,10 @@ class TrainConfig:
     """Gradient-norm clipping (0 disables)."""
     seed: int = 1234
     """Seed for model init and dropout (the data order has its own: --data.seed)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto = the GPUs when any are visible (and the run stops, naming the cause, if they are visible
+    but unusable: an inherited DS_ACCELERATOR=cpu, a CPU-only torch, an old driver), else the CPU;
+    cpu = train on the CPU even where GPUs are (the trainer sets DS_ACCELERATOR=cpu for DeepSpeed)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on a GPU that supports it, fp32 on CPU."""
     log_every: int = 10
@@ -72,6 +76,7 @@ class TrainConfig:
         p = Problems("train")
         p.at_least(self, ("max_steps", "grad_accum", "log_every", "keep_last", "eval_beams"), 1, integer=True)
         p.at_least(self, ("eval_every", "save_every"), 0, integer=True)
+        p.one_of(self, "device", ("auto", "cuda", "cpu"))
         p.check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         p.check(0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
                 f"must be in [0, {p.flag('max_steps')}] = [0, {self.max_steps}], got {self.warmup_steps}")
