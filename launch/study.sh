@@ -15,6 +15,7 @@
 # builds its corpus (data/synth_study: 300 utterances, 279 train / 9 val / 12 test: evaluation, greedy
 # decoding with a 135M LLM, is most of a run's time on CPU) on first use. Extra arguments go to train.py.
 set -euo pipefail
+export AVSR_SETUP_APT=${AVSR_SETUP_APT:-1}   # ffmpeg and espeak-ng: the synthetic corpus needs them
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 STUDY_DIR=${STUDY_DIR:-runs/study}
 STEPS=${STEPS:-120}

@@ -56,7 +56,7 @@ def _free_port() -> int:
 def _job_env(cluster: SlurmCluster) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SBATCH_", "AVSR_", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"))}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", AVSR_NPROC_PER_NODE="2",
+    env.update(OMP_NUM_THREADS="1", AVSR_NPROC_PER_NODE="2",
                AVSR_RDZV_PORT=str(_free_port()), MLFLOW_EXPERIMENT_NAME="slurm", PYTHONPATH=str(REPO),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     return cluster.env(env)
@@ -65,7 +65,7 @@ def _job_env(cluster: SlurmCluster) -> dict:
 def _recipe(path: Path, corpus: Path, monitor_every: int = 0) -> Path:
     path.write_text(f"""
 data: {{shard_dir: {corpus}, num_workers: 1, max_frames_per_batch: 600, max_batch_size: 4}}
-train: {{max_steps: {MAX_STEPS}, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
+train: {{device: cpu, max_steps: {MAX_STEPS}, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
         test_at_end: false, eval_untrained: false, export_on_finish: false}}
 monitor: {{every: {monitor_every}, probe_batch_size: 2}}
 """)
