@@ -32,7 +32,7 @@ TRAINER_LAYERS = (
     ("trainer.monitor",),
     ("trainer.tracking",),
     ("trainer.engine", "trainer.config"),
-    ("trainer.run_folder",),
+    ("trainer.run_folder", "trainer.doctor"),
 )
 # packages each top-level folder must not import
 FORBIDDEN = {
