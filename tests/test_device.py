@@ -104,6 +104,16 @@ def test_cuda_asked_without_gpu_is_one_line():
         decide_device("auto", env, facts(env), CUDA12_NO_GPU)
 
 
+def test_a_launchers_cuda_visible_devices_alone_is_no_gpu():
+    """The deepspeed launcher sets CUDA_VISIBLE_DEVICES=0,1 for its ranks on a CPU machine too."""
+    env = env_with(CUDA_VISIBLE_DEVICES="0,1")
+    host = facts(env)
+    assert host.visible_because == ()
+    assert decide_device("auto", env, host, CUDA12_NO_GPU).device == "cpu"
+    env = env_with(CUDA_VISIBLE_DEVICES="0,1", SLURM_STEP_GPUS="4,5")
+    assert facts(env).visible_because == ("SLURM_STEP_GPUS=4,5", "CUDA_VISIBLE_DEVICES=0,1")
+
+
 def test_hidden_gpus_mean_cpu(tmp_path):
     env = env_with(PATH=fake_smi(tmp_path, NEW_ENOUGH), CUDA_VISIBLE_DEVICES="")
     decision = decide_device("auto", env, facts(env), CUDA12_NO_GPU)

@@ -113,12 +113,14 @@ def host_facts(env: Mapping[str, str] = os.environ, driver_file: Path = DRIVER_F
         because.append(f"nvidia-smi lists {len(gpus)} GPU{'s' if len(gpus) > 1 else ''}")
     elif driver:
         because.append(f"an NVIDIA driver {driver} is loaded")
-    if cvd and not hidden:
-        because.append(f"CUDA_VISIBLE_DEVICES={cvd}")
     for var in SLURM_GPU_VARS:
         value = env.get(var, "").strip()
         if value and value not in ("0", "(null)"):
             because.append(f"{var}={value}")
+    # CUDA_VISIBLE_DEVICES alone is no evidence: the deepspeed launcher sets it (0,1,...) on CPU machines
+    # too. Next to a driver or SLURM's GPUs it says which GPUs the run was given.
+    if cvd and not hidden and because:
+        because.append(f"CUDA_VISIBLE_DEVICES={cvd}")
     return HostFacts(gpus, driver, () if hidden else tuple(because), hidden)
 
 
@@ -177,7 +179,7 @@ def decide_device(requested: Requested, env: Mapping[str, str], host: HostFacts,
         raise DeviceError(f"DS_ACCELERATOR={acc} is set but no GPU is usable here: {'; '.join(causes)}"
                           f" (this trainer decides with --train.device; unset DS_ACCELERATOR)")
     hidden = "CUDA_VISIBLE_DEVICES hides them" if host.hidden else \
-        "no nvidia-smi, no NVIDIA driver, no CUDA_VISIBLE_DEVICES, no SLURM GPU variables"
+        "no nvidia-smi, no NVIDIA driver, no SLURM GPU variables"
     return Decision("cpu", f"auto: no GPU on this machine ({hidden})")
 
 

@@ -28,9 +28,10 @@ class TrainConfig:
     seed: int = 1234
     """Seed for model init and dropout (the data order has its own: --data.seed)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """auto = the GPUs when any are visible (and the run stops, naming the cause, if they are visible
-    but unusable: an inherited DS_ACCELERATOR=cpu, a CPU-only torch, an old driver), else the CPU;
-    cpu = train on the CPU even where GPUs are (the trainer sets DS_ACCELERATOR=cpu for DeepSpeed)."""
+    """auto = the GPUs when any are visible (nvidia-smi, an NVIDIA driver, SLURM's GPU variables), else
+    the CPU; GPUs visible but unusable (an inherited DS_ACCELERATOR=cpu, a CPU-only torch, an old driver)
+    stop the run with one line naming the cause. cpu = train on the CPU even where GPUs are (the trainer
+    sets DS_ACCELERATOR=cpu for DeepSpeed). cuda = the GPUs or an error."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = bf16 on a GPU that supports it, fp32 on CPU."""
     log_every: int = 10
