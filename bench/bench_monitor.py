@@ -159,7 +159,7 @@ def main() -> None:
     total_steps = args.warmup + args.steps + 2 * args.check_steps + args.probes + 1
     cfg = ExperimentConfig(
         config=args.ds_config, data=data,
-        train=TrainConfig(run_dir=str(work / "run"), max_steps=total_steps, warmup_steps=1),
+        train=TrainConfig(run_dir=str(work / "run"), max_steps=total_steps, warmup_steps=1, device=device),
         monitor=MonitorConfig(every=args.every, probe_batch_size=args.probe_batch_size),
         tracking=TrackingConfig(experiment="bench_monitor"))
     if Path(args.shards) == REPO / DEMO_SHARD_DIR:     # the demo corpus, built when missing

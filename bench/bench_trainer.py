@@ -116,7 +116,7 @@ def build_config(args, device: str):
     """The decorrelation recipe with this bench's model paths, clips and a short schedule."""
     from trainer.config import load_recipe
 
-    on_gpu = device == "cuda"
+    bf16 = args.precision == "bf16"
     ds_json = REPO / "ds_configs" / f"zero{args.zero}.json"
     if args.optimizer == "torch":       # torch.optim.AdamW inside DeepSpeed: no op to compile (no nvcc needed)
         ds = json.loads(ds_json.read_text())
@@ -126,13 +126,13 @@ def build_config(args, device: str):
     cfg = load_recipe(RECIPE, config=str(ds_json))
     cfg.model = dataclasses.replace(
         cfg.model, llm_path=str(args.models / "llm"), whisper_path=str(args.models / "whisper"),
-        avhubert_path=str(args.models / "avhubert.pt"), load_dtype="bfloat16" if on_gpu else "float32")
+        avhubert_path=str(args.models / "avhubert.pt"), load_dtype="bfloat16" if bf16 else "float32")
     cfg.data = dataclasses.replace(cfg.data, shard_dir=str(args.shards), num_workers=args.num_workers,
                                    max_frames_per_batch=args.max_frames_per_batch,
                                    max_clip_frames=min(cfg.data.max_clip_frames, args.max_frames_per_batch))
     cfg.train = dataclasses.replace(
         cfg.train, run_dir=str(args.run_dir or args.out / "run"), max_steps=1000, warmup_steps=2, lr=args.lr, log_every=1000,
-        precision="bf16" if on_gpu else "fp32", eval_beams=1, eval_max_new_tokens=args.max_new_tokens,
+        precision=args.precision, device=device, eval_beams=1, eval_max_new_tokens=args.max_new_tokens,
         eval_untrained=False, test_at_end=False, save_every=0, keep_last=2, resume="never",
         export_on_finish=False)
     cfg.monitor = dataclasses.replace(cfg.monitor, every=200, probe_batch_size=4, figures=True)
@@ -193,7 +193,7 @@ class Run:
 
         self.args = args
         self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         single_process_env(self.device)
         self.cfg = build_config(args, self.device)
         self.results: dict = {"zero_stage": args.zero, "device": self.device, "optimizer": args.optimizer,
@@ -465,11 +465,23 @@ def run(args) -> int:
     import signal
 
     args.out.mkdir(parents=True, exist_ok=True)
-    r = Run(args)
     failed = []
     signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
+    r = None
+    try:                                        # the build is guarded like a part: reported, not raised
+        r = Run(args)
         r.build()
+    except (Exception, TimeCap) as err:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"[bench_trainer] zero{args.zero} build FAILED: {err!r}", flush=True)
+        traceback.print_exc()
+        results = r.results if r is not None else {"zero_stage": args.zero, "parts": {}}
+        results["parts"]["build"] = {"error": repr(err), "traceback": traceback.format_exc()[-4000:]}
+        (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        (args.out / "summary.md").write_text(render(results))
+        print(render(results))
+        return 1
+    try:
         r.t.stop.uninstall()                    # the trainer's stop-and-checkpoint handler: not wanted here
         signal.signal(signal.SIGTERM, _on_sigterm)
         for part in args.parts:
@@ -588,6 +600,10 @@ def main(argv=None) -> int:
     r.add_argument("--num-workers", type=int, default=4)
     r.add_argument("--decode-clips", type=int, default=4)
     r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16 as a GPU run trains (the CPU dry run too); fp32 for comparison")
+    r.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: cuda if torch sees a GPU, else cpu (passed on as --train.device)")
     r.add_argument("--trace", action="store_true", help="also write the profiled step's Chrome trace")
     r.add_argument("--optimizer", choices=["auto", "fused", "torch"], default="auto",
                    help="DeepSpeed's AdamW: its fused op (JIT-compiled with nvcc on first use) or torch's "

@@ -120,7 +120,6 @@ def comm_breakdown(prof) -> tuple[float, list[tuple[str, float, int]]]:
 
 def main(argv=None) -> int:
     args, rest = parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
     from trainer import distributed
 

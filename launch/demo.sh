@@ -3,6 +3,7 @@
 # (tiny Llama-AVSR, AVSR mode, ZeRO-3 on 2 processes), report held-out WER.
 # Extra arguments go to launch/train.py (e.g. --model.modality asr --train.max-steps 100).
 set -euo pipefail
+export AVSR_SETUP_APT=${AVSR_SETUP_APT:-1}   # ffmpeg and espeak-ng: the synthetic corpus needs them
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 if command -v nvidia-smi >/dev/null 2>&1; then
   NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}

@@ -34,6 +34,7 @@ for spec in $RUNS; do
   [ -f "$(dirname "${BASH_SOURCE[0]}")/recipes/$recipe.yaml" ] || bad "RUNS: $spec: no recipe launch/recipes/$recipe.yaml"
   [[ -z ${lambda:-} || $lambda =~ ^[0-9]+([.][0-9]*)?([eE][-+]?[0-9]+)?$ ]] || bad "RUNS: $spec: lambda $lambda: a number >= 0 is accepted"
 done
+export AVSR_SETUP_APT=${AVSR_SETUP_APT:-1}   # ffmpeg and espeak-ng: the synthetic corpus needs them
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 if command -v nvidia-smi >/dev/null 2>&1; then NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}; else
   NPROC=${NPROC:-1}

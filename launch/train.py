@@ -14,13 +14,15 @@ from pathlib import Path
 
 def main() -> int | None:
     from trainer.config import ConfigError, parse_args     # light: a mistaken input costs no torch import
+    from trainer.device import DeviceError, settle_device
 
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = parse_args()        # options and inputs validated before any process group starts
-    except ConfigError as err:
+        settle_device(cfg.train.device)     # before deepspeed is imported: it reads DS_ACCELERATOR once
+    except (ConfigError, DeviceError) as err:
         if rank == 0:             # every rank finds the same problem: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2

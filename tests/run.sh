@@ -3,6 +3,7 @@
 # Triton kernels run compiled on CUDA, and without one under TRITON_INTERPRET=1: tests/constants.py).
 # Extra arguments go to pytest (e.g. `bash tests/run.sh -k kernel -x`).
 set -euo pipefail
+export AVSR_SETUP_APT=${AVSR_SETUP_APT:-1}   # ffmpeg and espeak-ng: the synthetic corpus needs them
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/setup_env.sh"
 # tests/test_slurm_real.py runs the SLURM scripts on a private one-node SLURM (started and stopped by
 # the tests, from a config in a temp dir): install Debian's packages where missing and we are root.

@@ -29,7 +29,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _env() -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
         env.pop(k, None)
     return env
@@ -147,7 +147,7 @@ def trained_run(tmp_path_factory, synth_corpus) -> Path:
     run = root / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-           "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run), "--data.num-workers", "1",
+           "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run), "--data.num-workers", "1", "--train.device", "cpu",
            "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
            "--data.batches-per-epoch", "4", "--train.max-steps", "3", "--train.save-every", "3",
            "--train.warmup-steps", "1", "--train.eval-max-new-tokens", "4", "--train.test-at-end", "False",

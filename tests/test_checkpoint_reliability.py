@@ -31,7 +31,7 @@ from tests.untrusted import RunsCode
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]   # 2-process runs; slow on a loaded 2-core machine
 STEPS = 8
-ARGS = ["--data.num-workers", "2", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
+ARGS = ["--train.device", "cpu", "--data.num-workers", "2", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
         "--data.batches-per-epoch", "4", "--train.max-steps", str(STEPS), "--train.log-every", "1",
         "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "2", "--train.keep-last", "4",
         "--train.eval-max-new-tokens", "4", "--train.test-at-end", "False", "--train.eval-untrained", "False",
@@ -67,7 +67,7 @@ def _broken_corpus(src: Path, dst: Path) -> Path:
 
 
 def _train(run_dir: Path, corpus: Path, *extra: str) -> str:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
            "--data.shard-dir", str(corpus), "--train.run-dir", str(run_dir), *ARGS, *extra]

@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 
 def _env(blocker_dir: Path) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{blocker_dir}{os.pathsep}{REPO}",
            "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
@@ -67,7 +67,7 @@ def test_trainer_runs_with_mlflow_unimportable(tmp_path, synth_corpus):
 
     run = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-           "--data.shard-dir", str(synth_corpus), "--data.num-workers", "1",
+           "--data.shard-dir", str(synth_corpus), "--data.num-workers", "1", "--train.device", "cpu",
            "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4", "--data.batches-per-epoch", "4",
            "--train.run-dir", str(run), "--train.max-steps", "2", "--train.warmup-steps", "1",
            "--train.log-every", "1", "--train.save-every", "1", "--train.eval-max-new-tokens", "4",

@@ -185,7 +185,7 @@ echo "$@" >> "$SCONTROL_LOG"
 def _tiny_recipe(path: Path, corpus: Path) -> None:
     path.write_text(f"""
 data: {{shard_dir: {corpus}, num_workers: 1, max_frames_per_batch: 600, max_batch_size: 4}}
-train: {{max_steps: 60, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
+train: {{device: cpu, max_steps: 60, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
         test_at_end: false, eval_untrained: false, export_on_finish: false}}
 monitor: {{every: 0}}
 """)
@@ -202,7 +202,7 @@ def _launch(tmp: Path, recipe: Path, *extra: str, restart: int = 0) -> subproces
                      AVSR_NPROC_PER_NODE="1", AVSR_RDZV_PORT=str(_free_port()),
                      AVSR_TORCHRUN=f"{sys.executable} -m torch.distributed.run", AVSR_PYTHON=sys.executable,
                      AVSR_RUN_DIR=str(tmp / "run"), SCONTROL_LOG=str(tmp / "scontrol.log"),
-                     DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+                     OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
                      MLFLOW_EXPERIMENT_NAME="slurm")
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)

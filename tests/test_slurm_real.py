@@ -56,7 +56,7 @@ def _free_port() -> int:
 def _job_env(cluster: SlurmCluster) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SBATCH_", "AVSR_", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"))}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", AVSR_NPROC_PER_NODE="2",
+    env.update(OMP_NUM_THREADS="1", AVSR_NPROC_PER_NODE="2",
                AVSR_RDZV_PORT=str(_free_port()), MLFLOW_EXPERIMENT_NAME="slurm", PYTHONPATH=str(REPO),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     return cluster.env(env)
@@ -65,7 +65,7 @@ def _job_env(cluster: SlurmCluster) -> dict:
 def _recipe(path: Path, corpus: Path, monitor_every: int = 0) -> Path:
     path.write_text(f"""
 data: {{shard_dir: {corpus}, num_workers: 1, max_frames_per_batch: 600, max_batch_size: 4}}
-train: {{max_steps: {MAX_STEPS}, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
+train: {{device: cpu, max_steps: {MAX_STEPS}, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
         test_at_end: false, eval_untrained: false, export_on_finish: false}}
 monitor: {{every: {monitor_every}, probe_batch_size: 2}}
 """)
@@ -236,3 +236,45 @@ def test_dry_run_checks_the_resource_lines_with_the_controller(cluster):
     adapted = subprocess.run(args, env={**env, "AVSR_SBATCH_ARGS": " ".join(CPU_NODE)}, cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert adapted.returncode == 0 and "to start at" in adapted.stdout, adapted.stdout + adapted.stderr
+
+
+# stands in for torchrun: records what the trainer processes would inherit, then ends the job cleanly
+ENV_DUMP = """#!/usr/bin/env bash
+env > "$AVSR_ENV_DUMP.$SLURM_JOB_ID"
+"""
+
+
+def test_a_login_node_without_gpus_passes_no_device_choice(cluster, tmp_path):
+    """A login node without GPUs: `source launch/setup_env.sh`, then sbatch (which exports the shell's
+    environment); once as setup_env.sh leaves the shell, once with an old DS_ACCELERATOR=cpu exported.
+    The job's trainer environment carries no DS_ACCELERATOR, and every node's doctor report is logged."""
+    if not (Path(sys.prefix) / ".avsr-deps-stamp").is_file():
+        pytest.skip("not running in the project's cached venv (setup_env.sh would install one)")
+    dump = tmp_path / "torchrun_env"
+    fake = tmp_path / "torchrun"
+    fake.write_text(ENV_DUMP)
+    fake.chmod(0o755)
+    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "no_corpus_needed")
+    env = {k: v for k, v in _job_env(cluster).items() if k != "DS_ACCELERATOR"}
+    env.update(AVSR_VENV=sys.prefix, AVSR_CACHE=str(tmp_path / "cache"), AVSR_TORCHRUN=str(fake),
+               AVSR_ENV_DUMP=str(dump))
+    jobs = {}
+    for case, exported in (("sourced", ""), ("inherited", "export DS_ACCELERATOR=cpu; ")):
+        login = (f"{exported}source {REPO}/launch/setup_env.sh && env | grep -c '^DS_ACCELERATOR=' ; "
+                 f"sbatch --parsable {' '.join(CPU_NODE)} --job-name=avsr-env-{case} --output={tmp_path}/{case}.out "
+                 f"{SINGLE} {recipe} ds_configs/zero3.json --train.run-dir {tmp_path / case} --train.device auto")
+        p = subprocess.run(["bash", "-c", login], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stdout + p.stderr
+        count, job_id = p.stdout.split()[-2:]
+        assert count == ("0" if case == "sourced" else "1")      # the login shell as the user has it
+        jobs[case] = Watch(cluster, job_id.split(";")[0], tmp_path / f"{case}.out")
+    for case, watch in jobs.items():
+        assert watch.ended()["JobState"] == "COMPLETED", watch.text()
+        trainer_env = Path(f"{dump}.{watch.job}").read_text().splitlines()
+        assert not [v for v in trainer_env if v.startswith("DS_ACCELERATOR=")], watch.text()
+        assert "SLURM_JOB_ID=" + watch.job in trainer_env          # it is the job's environment
+        log = watch.text()
+        assert ("[job] unsetting DS_ACCELERATOR=cpu inherited" in log) == (case == "inherited"), log
+        assert "the trainer will use: device cpu" in log and "\nusable" in log, log
+        reports = list((tmp_path / case / "doctor").glob("doctor-*.txt"))
+        assert len(reports) == 1 and "device: cpu (auto: no GPU on this machine" in reports[0].read_text()

@@ -94,7 +94,7 @@ def _free_port() -> int:
 
 def _deepspeed(recipe: Path, run: Path) -> tuple[subprocess.Popen, list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"))}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MLFLOW_EXPERIMENT_NAME="signals")
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MLFLOW_EXPERIMENT_NAME="signals")
     runner = Path(sys.executable).parent / "deepspeed"
     proc = subprocess.Popen([sys.executable, str(runner), "--num_gpus", "2", "--master_port", str(_free_port()),
                              "launch/train.py", "--config", "ds_configs/zero3.json", "--recipe", str(recipe),
@@ -125,7 +125,7 @@ def test_deepspeed_launcher_stops_with_a_checkpoint_on_sigterm(tmp_path, synth_c
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(f"""
 data: {{shard_dir: {synth_corpus}, num_workers: 1, max_frames_per_batch: 600, max_batch_size: 4}}
-train: {{max_steps: 40, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
+train: {{device: cpu, max_steps: 40, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
         test_at_end: false, eval_untrained: false, export_on_finish: false}}
 monitor: {{every: 0}}
 """)

@@ -46,8 +46,8 @@ def steps(tmp_path_factory, synth_corpus):
                     "--model.tokenizer-path", str(root / "tokenizer"), "--model.lora-dropout", "0",
                     "--model.decorrelation-weight", "1.0", "--train.lr", "1.0", "--train.warmup-steps", "0",
                     "--train.max-steps", "1", "--train.grad-clip", "0", "--tracking.enabled", "False",
-                    "--monitor.every", "0"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+                    "--monitor.every", "0", "--train.device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "dist_grad_layout.py"), "--layouts", json.dumps(LAYOUTS), "--out", str(root),
            "--", *trainer_args]

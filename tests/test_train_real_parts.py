@@ -17,7 +17,7 @@ def test_mini_avsr_trains_under_zero3_with_the_real_parts(pretrained_models, syn
     from mlflow.tracking import MlflowClient
 
     run = tmp_path / "mini"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "MLFLOW_EXPERIMENT_NAME": "real_parts"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MLFLOW_RUN_ID", None)
@@ -26,7 +26,7 @@ def test_mini_avsr_trains_under_zero3_with_the_real_parts(pretrained_models, syn
            "--recipe", str(REPO / "launch" / "recipes" / "mini_avsr.yaml"),
            "--model.llm-path", str(pretrained_models / "SmolLM2-135M-Instruct"),
            "--model.whisper-path", str(pretrained_models / "whisper-tiny.en"),
-           "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run),
+           "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run), "--train.device", "cpu",
            "--data.max-frames-per-batch", "200", "--data.max-batch-size", "2", "--data.batches-per-epoch", "3",
            "--train.max-steps", "2", "--train.warmup-steps", "1", "--train.log-every", "1",
            "--train.eval-untrained", "False", "--train.test-at-end", "False", "--train.eval-max-new-tokens", "3",

@@ -23,7 +23,7 @@ from tests.constants import REPO
 
 pytestmark = pytest.mark.slow
 STEPS = 6
-COMMON = ["--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
+COMMON = ["--train.device", "cpu", "--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
           "--data.batches-per-epoch", "4", "--train.max-steps", str(STEPS), "--train.log-every", "1",
           "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "3",
           "--train.eval-max-new-tokens", "6", "--train.test-at-end", "False", "--train.eval-untrained", "False",
@@ -31,7 +31,7 @@ COMMON = ["--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--da
 
 
 def _env(**extra: str) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "MLFLOW_EXPERIMENT_NAME": "e2e", **extra}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MLFLOW_RUN_ID", None)

@@ -107,6 +107,29 @@ nnodes=${SLURM_NNODES:-1}
 echo "[job] $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) start $(date -Is), restart ${SLURM_RESTART_COUNT:-0}:" \
      "$nnodes node(s) ${SLURM_JOB_NODELIST:-}, run dir $run_dir"
 
+# ---- the device is the trainer's decision; every node's environment is on record -------------------
+# sbatch passes the submitting shell's variables on: a DS_ACCELERATOR=cpu exported on a login node
+# without GPUs would put every rank of a GPU job on the CPU. The trainer decides (--train.device,
+# default auto; --train.device cpu is how to ask for the CPU), so an inherited choice is dropped.
+if [ -n "${DS_ACCELERATOR:-}" ]; then
+  echo "[job] unsetting DS_ACCELERATOR=$DS_ACCELERATOR inherited from the submitting shell: the trainer" \
+       "decides the device (--train.device cpu to train on CPUs)"
+  unset DS_ACCELERATOR
+fi
+# One report per node (python -m trainer.doctor) in the job log and in $run_dir/doctor/; a blocking
+# problem (e.g. GPUs the run could not use) ends the job here. AVSR_DOCTOR=0 skips it.
+if [ "${AVSR_DOCTOR:-1}" != 0 ]; then
+  echo "[job] environment of every node: python -m trainer.doctor -> $run_dir/doctor/"
+  doctor_rc=0
+  ${AVSR_SRUN:-srun} --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 \
+    "$PYTHON" -m trainer.doctor --out "$run_dir/doctor" -- --config "$DS_CONFIG" --recipe "$RECIPE" "$@" \
+    || doctor_rc=$?
+  if [ "$doctor_rc" != 0 ]; then
+    echo "[job] the doctor found a blocking problem on a node (PROBLEM lines above): not starting" >&2
+    exit 1
+  fi
+fi
+
 started=$(mktemp)
 trap 'rm -f "$started"' EXIT
 step_pid=""

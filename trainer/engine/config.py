@@ -27,6 +27,11 @@ class TrainConfig:
     """Gradient-norm clipping (0 disables)."""
     seed: int = 1234
     """Seed for model init and dropout (the data order has its own: --data.seed)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto = the GPUs when any are visible (nvidia-smi, an NVIDIA driver, SLURM's GPU variables), else
+    the CPU; GPUs visible but unusable (an inherited DS_ACCELERATOR=cpu, a CPU-only torch, an old driver)
+    stop the run with one line naming the cause. cpu = train on the CPU even where GPUs are (the trainer
+    sets DS_ACCELERATOR=cpu for DeepSpeed). cuda = the GPUs or an error."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto = the DeepSpeed JSON's explicit bf16.enabled, else bf16 on a GPU that supports it and fp32 on
     CPU. bf16 (GPU or CPU) = DeepSpeed's bf16 mode: every trainable weight in bf16, fp32 master weights and
@@ -74,6 +79,7 @@ class TrainConfig:
         p = Problems("train")
         p.at_least(self, ("max_steps", "grad_accum", "log_every", "keep_last", "eval_beams"), 1, integer=True)
         p.at_least(self, ("eval_every", "save_every"), 0, integer=True)
+        p.one_of(self, "device", ("auto", "cuda", "cpu"))
         p.check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         p.at_least(self, ("seed", "weight_decay"), 0, integer=False)
         p.at_least(self, ("eval_max_new_tokens",), 1, integer=True)

@@ -85,7 +85,7 @@ def choose_adam(cfg: dict, *, on_cpu: bool, fused_adam_prebuilt: bool) -> None:
     if opt is None or str(opt.get("type", "")).lower() not in ("adam", "adamw"):
         return
     params = opt.setdefault("params", {})
-    if "torch_adam" in params or _offloads_optimizer(cfg):
+    if "torch_adam" in params or offloads_optimizer(cfg):
         if params.get("torch_adam") and not on_cpu:
             params.setdefault("fused", True)
         return
@@ -107,7 +107,7 @@ def describe_optimizer(cfg: dict) -> str:
         return f"DeepSpeed {kind}"
     if params.get("torch_adam"):
         return f"torch.optim.AdamW{' (fused)' if params.get('fused') else ''}: no compiled op"
-    if _offloads_optimizer(cfg):
+    if offloads_optimizer(cfg):
         return "DeepSpeed CPU Adam (ZeRO-Offload; op cpu_adam, JIT-compiled unless prebuilt)"
     return "DeepSpeed FusedAdam (op fused_adam, JIT-compiled unless prebuilt)"
 
@@ -171,7 +171,7 @@ def resolve_ds_config(raw: dict, *, hidden_size: int, micro_batch_size: int, gra
     return cfg
 
 
-def _offloads_optimizer(cfg: dict) -> bool:
+def offloads_optimizer(cfg: dict) -> bool:
     off = cfg.get("zero_optimization", {}).get("offload_optimizer", {})
     return off.get("device", "none") not in ("none", None)
 

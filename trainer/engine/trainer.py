@@ -18,6 +18,7 @@ import torch
 
 from trainer import distributed
 from trainer.config import ExperimentConfig
+from trainer.device import DeviceError, settle_device
 from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_report, skip_summary
 from trainer.data.stream import TrainStream
 from trainer.engine.checkpoint import CheckpointManager, frozen_weight_sums, seed_everything
@@ -70,6 +71,7 @@ def final_eval_splits(cfg: ExperimentConfig) -> list[str]:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
+        self.device_decision = settle_device(cfg.train.device)    # before deepspeed reads DS_ACCELERATOR
         import deepspeed
 
         self.cfg = cfg
@@ -247,6 +249,8 @@ class Trainer:
     def _pick_device(self) -> torch.device:
         from deepspeed.accelerator import get_accelerator
         acc = get_accelerator()
+        if acc.device_name() != self.device_decision.device:     # deepspeed was imported before the decision
+            raise DeviceError(f"DeepSpeed's accelerator is {acc.device_name()} but {self.device_decision.line()}")
         if acc.device_name() == "cpu":
             return torch.device("cpu")
         acc.set_device(self.local_rank)
