@@ -49,7 +49,8 @@ def test_blocking_problem_exits_1(tmp_path):
 
 
 def test_optimizer_names():
-    assert optimizer_of({"optimizer": {"type": "AdamW", "params": {}}}) == ("DeepSpeed FusedAdam (op fused_adam)", True)
+    name, needs_op = optimizer_of({"optimizer": {"type": "AdamW", "params": {}}})
+    assert name.startswith("DeepSpeed FusedAdam (op fused_adam") and needs_op is True
     assert optimizer_of({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}})[1] is False
     offload = {"optimizer": {"type": "AdamW", "params": {}}, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
     assert "cpu_adam" in optimizer_of(offload)[0]
