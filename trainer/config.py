@@ -161,6 +161,13 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
             problems.append(f"{flag} {value}: the folder is empty")
     if m.avhubert_path is not None and not Path(m.avhubert_path).is_file():
         problems.append(f"--model.avhubert-path {m.avhubert_path!r}: no such file (the fairseq AV-HuBERT .pt)")
+    elif m.avhubert_path is not None and m.uses_video:     # its architecture and the flags agree (mmap: no tensor read)
+        from trainer.model.avhubert import read_official_checkpoint, resolve_avhubert_config
+        try:
+            resolve_avhubert_config(read_official_checkpoint(m.avhubert_path), m.avhubert_attention_heads,
+                                    m.avhubert_layer_norm_first)
+        except (KeyError, ValueError) as err:
+            problems.append(f"--model.avhubert-path: {_one_line(err.args[0] if err.args else err)}")
     d = cfg.data
     remote = is_remote(d.shard_dir)
     demo = not remote and Path(d.shard_dir).resolve() == Path(DEMO_SHARD_DIR).resolve()   # built on first use

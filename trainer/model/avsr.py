@@ -265,22 +265,25 @@ def build_audio_encoder(cfg: ModelConfig, ds_config: dict | None = None) -> Whis
 
 
 def build_video_encoder(cfg: ModelConfig, init_ctx=nullcontext) -> AVHubertVideoEncoder:
-    """AV-HuBERT built under `init_ctx()` (zero.Init under ZeRO-3), then the official weights copied in."""
-    from .avhubert import config_from_official_state_dict, convert_official_state_dict, read_official_checkpoint
+    """AV-HuBERT built under `init_ctx()` (zero.Init under ZeRO-3), then the official weights copied in.
+    The architecture is the checkpoint's own (its config and tensor shapes); the flags only fill in
+    what it does not say (avhubert.resolve_avhubert_config)."""
+    from .avhubert import convert_official_state_dict, read_official_checkpoint, resolve_avhubert_config
     from .loading import load_state_dict_exact
 
     if cfg.avhubert_path is None:
         av_cfg = AVHubertConfig(layers=cfg.tiny.avhubert_layers, width=cfg.tiny.avhubert_width,
                                 heads=cfg.tiny.avhubert_heads, ffn=cfg.tiny.avhubert_ffn,
                                 resnet_channels=cfg.tiny.avhubert_resnet_channels, conv_pos=16, conv_pos_groups=4,
-                                layer_norm_first=cfg.avhubert_layer_norm_first)
+                                layer_norm_first=cfg.avhubert_layer_norm_first is not False)
         with init_ctx():
             return AVHubertVideoEncoder(av_cfg)
     official = read_official_checkpoint(cfg.avhubert_path)
-    av_cfg = config_from_official_state_dict(official, layer_norm_first=cfg.avhubert_layer_norm_first)
+    av_cfg = resolve_avhubert_config(official, heads=cfg.avhubert_attention_heads,
+                                     layer_norm_first=cfg.avhubert_layer_norm_first)
     with init_ctx():
         encoder = AVHubertVideoEncoder(av_cfg)
-    load_state_dict_exact(encoder, convert_official_state_dict(official), what=f"AV-HuBERT ({cfg.avhubert_path})")
+    load_state_dict_exact(encoder, convert_official_state_dict(official.state), what=official.describe())
     return encoder
 
 

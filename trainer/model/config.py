@@ -111,8 +111,14 @@ class ModelConfig:
     llm_gradient_checkpointing: bool = False
     """Recompute LLM decoder blocks in the backward pass (saves activation memory)."""
 
-    avhubert_layer_norm_first: bool = True
-    """Pre-LN Transformer layers (True for the released AV-HuBERT Base and Large checkpoints)."""
+    avhubert_layer_norm_first: bool | None = None
+    """Pre-LN Transformer layers. None: the checkpoint's own `layer_norm_first` (True in the released
+    Base and Large; True when a file carries no config; True for the tiny AV-HuBERT). A value the
+    checkpoint's config contradicts is refused."""
+    avhubert_attention_heads: int | None = None
+    """Attention heads of a checkpoint's AV-HuBERT (fairseq's `encoder_attention_heads`). None: the
+    file's own (width / 64 when the file carries no config, as in both releases). A value its config
+    contradicts is refused. The tiny AV-HuBERT takes --model.tiny.avhubert-heads."""
 
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Sizes of the tiny stand-ins (`--model.tiny.llm-layers 2`; recipe `model: {tiny: {llm_layers: 2}}`)."""
@@ -183,6 +189,8 @@ class ModelConfig:
         p.check(sorted(self.modality_order) == ["audio", "video"], "modality_order",
                 f"must be a permutation of (audio, video), got {self.modality_order}")
         p.at_least(self, ("audio_rate", "video_rate", "projector_hidden", "lora_r"), 1, integer=True)
+        if self.avhubert_attention_heads is not None:
+            p.at_least(self, ("avhubert_attention_heads",), 1, integer=True)
         p.check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         p.check(bool(self.lora_targets), "lora_targets", "is empty: the LLM would have no trainable adapters")
         p.check(self.decorrelation_weight >= 0, "decorrelation_weight",
