@@ -225,13 +225,16 @@ def _is_zero3(ds_config: dict | None) -> bool:
 def build_tokenizer(cfg: ModelConfig):
     from .tokenizer import add_avsr_special_tokens, character_tokenizer, load_tokenizer
 
-    path = cfg.tokenizer_path or cfg.llm_path
+    from .hub import local_folder
+
+    path = (local_folder(cfg.tokenizer_path) if cfg.tokenizer_path
+            else local_folder(cfg.llm_path, cfg.llm_revision) if cfg.llm_path else None)
     tokenizer = load_tokenizer(path) if path else character_tokenizer()
     return add_avsr_special_tokens(tokenizer)
 
 
 def build_audio_encoder(cfg: ModelConfig, ds_config: dict | None = None) -> WhisperAudioEncoder:
-    """Whisper encoder (frozen) from a local folder, or tiny. Only the encoder's tensors are read
+    """Whisper encoder (frozen) from a hub name or folder, or tiny. Only the encoder's tensors are read
     (never the decoder's). Under ZeRO-3 the plain encoder is partitioned right after loading
     (zero.Init(module=...)): transformers' own ZeRO-3 loading of Whisper crashes in its sinusoid
     init on partitioned (empty) position tables, so it is not used here."""
@@ -251,9 +254,12 @@ def build_audio_encoder(cfg: ModelConfig, ds_config: dict | None = None) -> Whis
                                init_std=cfg.tiny.whisper_init_std)
         encoder = WhisperEncoder(config)
     else:
-        config = WhisperConfig.from_pretrained(cfg.whisper_path, local_files_only=True)
+        from .hub import local_folder
+
+        folder = local_folder(cfg.whisper_path, cfg.whisper_revision)
+        config = WhisperConfig.from_pretrained(folder, local_files_only=True)
         encoder = WhisperEncoder(config)
-        state = read_whisper_encoder_weights(cfg.whisper_path)
+        state = read_whisper_encoder_weights(folder)
         load_state_dict_exact(encoder, state, what=f"Whisper encoder ({cfg.whisper_path})")
         encoder.to(DTYPES[cfg.load_dtype])
     encoder.requires_grad_(False)

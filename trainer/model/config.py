@@ -93,15 +93,20 @@ class ModelConfig:
     """"asr" (audio only: Whisper), "vsr" (video only: AV-HuBERT) or "avsr" (both). The data pipeline
     decodes what this needs (`input_streams`): there is no data-side modality."""
 
-    # --- pretrained parts (local only: nothing is ever downloaded) ---
+    # --- pretrained parts: hub names or local folders (trainer/model/hub.py) ---
     llm_path: str | None = None
-    """Local folder of a transformers causal LM (Llama 3.x); None -> tiny LlamaConfig built in code."""
+    """A transformers causal LM (Llama 3.x): a hub name (meta-llama/Llama-3.2-1B, through the Hugging Face
+    cache; HF_HUB_OFFLINE=1 reads the cache only) or a local folder; None -> tiny LlamaConfig built in code."""
+    llm_revision: str | None = None
+    """Branch, tag or commit of a hub-name llm_path (None: main). The run pins the commit it resolved."""
     tokenizer_path: str | None = None
-    """Local tokenizer folder; None -> the LLM folder's tokenizer, or (tiny LLM) a character-level
+    """Tokenizer, hub name or folder; None -> the LLM's tokenizer, or (tiny LLM) a character-level
     tokenizer built in code. `trainer.model.tokenizer.train_bpe_tokenizer` writes a corpus BPE one."""
     whisper_path: str | None = None
-    """Local folder of a Whisper checkpoint (WhisperModel / WhisperForConditionalGeneration);
-    None -> tiny WhisperConfig built in code."""
+    """A Whisper checkpoint (WhisperModel / WhisperForConditionalGeneration): a hub name
+    (openai/whisper-medium.en) or a local folder; None -> tiny WhisperConfig built in code."""
+    whisper_revision: str | None = None
+    """Branch, tag or commit of a hub-name whisper_path (None: main). The run pins the commit it resolved."""
     avhubert_path: str | None = None
     """Official AV-HuBERT fairseq checkpoint (.pt); None -> tiny AV-HuBERT built in code."""
     load_dtype: str = "float32"
