@@ -1,5 +1,5 @@
 """--model.llm-path / --model.whisper-path as hub names: resolved through huggingface_hub's own cache
-(laid out here from the converted SmolLM2 and Whisper tiny.en, tests/hf_cache.py), offline."""
+(laid out from the converted SmolLM2 and Whisper tiny.en: tests/hf_cache.py, fixture `offline_cache`)."""
 import os
 import subprocess
 import sys
@@ -8,26 +8,9 @@ import pytest
 import torch
 
 from tests.constants import REPO
-from tests.hf_cache import LLM_REPO, WHISPER_REPO, hub_cache
+from tests.hf_cache import LLM_REPO, WHISPER_REPO
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def offline_cache(tmp_path, monkeypatch, pretrained_models):
-    """HF_HUB_CACHE / HF_HUB_OFFLINE=1 for this process (huggingface_hub reads them at import, so its
-    constants are set too) and for subprocesses."""
-    from huggingface_hub import constants
-
-    cache, commits = hub_cache(tmp_path, pretrained_models)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    from trainer.model import hub
-    hub._resolve.cache_clear()
-    yield cache, commits
-    hub._resolve.cache_clear()
 
 
 def test_hub_names_resolve_from_the_cache_and_build_the_same_model(offline_cache, pretrained_models):

@@ -96,3 +96,8 @@ def pretrained_sources(m) -> dict[str, Resolved]:
     if m.tokenizer_path:
         out["tokenizer"] = resolve(m.tokenizer_path, None, "--model.tokenizer-path")
     return out
+
+
+def clear_cache() -> None:
+    """Forget earlier resolutions (a process that changes HF_HUB_CACHE or HF_HUB_OFFLINE)."""
+    _resolve.cache_clear()
