@@ -3,7 +3,7 @@
   synth     synthesise the GRID-style corpus (espeak-ng speech + mouth video)
   lrs3      convert an auto_avsr-prepared LRS3/LRS2 folder
   validate  check a shard set and its index
-  pretrained  fetch, verify and convert the real SmolLM2-135M and Whisper tiny.en weights
+  pretrained  offline path (CI, air-gapped): fetch, verify and convert SmolLM2-135M and Whisper tiny.en weights
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ COMMANDS = {
     "synth": (synth, "synthesise the GRID-style corpus into train/val/test shards"),
     "lrs3": (lrs3, "convert an auto_avsr-prepared LRS3/LRS2 folder into shards"),
     "validate": (validate, "check a shard set: index, tars and every sample"),
-    "pretrained": (pretrained, "fetch, verify and convert SmolLM2-135M and Whisper tiny.en to transformers folders"),
+    "pretrained": (pretrained, "offline path (CI, air-gapped clusters): fetch, verify and convert SmolLM2-135M and Whisper tiny.en to transformers folders"),
 }
 
 

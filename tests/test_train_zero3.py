@@ -49,10 +49,15 @@ def _check(proc_out: tuple[int, str, str]) -> None:
 
 
 def _train(run_dir: Path, corpus: Path | str, *extra: str, launcher: str = "torchrun", env: dict | None = None) -> None:
-    """One node, two processes, started by torchrun or by the `deepspeed` launcher exactly as the
+    """One node, two processes, started by torchrun, `accelerate launch` or the `deepspeed` launcher as the
     README has it (`deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ...`,
     which passes --local_rank to the script)."""
-    if launcher == "deepspeed":
+    if launcher == "accelerate":        # README/ENV.md: accelerate's DeepSpeed launcher starts the trainer too
+        accelerate_bin = Path(sys.executable).with_name("accelerate")
+        cmd = [str(accelerate_bin), "launch", "--num_processes", "2", "--main_process_port", str(_free_port()),
+               "--use_deepspeed", "--deepspeed_config_file", str(REPO / "ds_configs" / "zero3.json"),
+               *_train_args(run_dir, corpus, extra)]
+    elif launcher == "deepspeed":
         deepspeed_bin = Path(sys.executable).with_name("deepspeed")
         cmd = [str(deepspeed_bin), "--num_gpus", "2", "--master_port", str(_free_port()),
                *_train_args(run_dir, corpus, extra)]
@@ -343,3 +348,18 @@ def test_streaming_from_s3_gives_the_same_losses_as_local_files(runs, tmp_path, 
     _, run = _mlflow(streamed)
     assert run.data.params["data.shard_dir"] == "s3://corpus/synth"
     assert not any("testing" in v for v in run.data.params.values())        # no credential in the params
+
+
+def test_accelerate_launch_runs_the_trainer(tmp_path, synth_corpus):
+    """`accelerate launch --use_deepspeed` (the reason accelerate is a declared dependency beside
+    transformers' HfDeepSpeedConfig, which is accelerate's class): two ZeRO-3 ranks, partitioned."""
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "accelerate"
+    _train(run, synth_corpus, "--train.max-steps", "2", "--train.save-every", "0", "--train.final-eval", "False",
+           "--train.export-on-finish", "False", "--monitor.every", "0", launcher="accelerate")
+    run_id = json.loads((run / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")
+    assert client.get_run(run_id).data.params["world_size"] == "2"
+    assert 0.3 < client.get_run(run_id).data.metrics["zero/local_param_fraction"] < 0.7
+    assert len(client.get_metric_history(run_id, "train/loss")) == 2

@@ -29,7 +29,7 @@ def test_avhubert_checkpoint_with_a_planted_object_loads_only_its_tensors(tmp_pa
     path = tmp_path / "avhubert.pt"
     # what fairseq writes (its config objects) plus a planted object
     torch.save({"model": weights, "args": argparse.Namespace(arch="av_hubert"), "cfg": {"task": "x"}}, path)
-    state = read_official_checkpoint(path)             # fairseq's config objects: inert, tensors loaded
+    state = read_official_checkpoint(path).state       # fairseq's config objects: inert, tensors loaded
     assert torch.equal(state["encoder.layers.0.fc1.weight"], weights["encoder.layers.0.fc1.weight"])
     torch.save({"model": weights, "args": argparse.Namespace(arch="av_hubert"), "cfg": RunsCode(marker)}, path)
     with pytest.raises(ValueError, match="refused, it would run code"):

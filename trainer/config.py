@@ -117,7 +117,20 @@ def parse_args(argv: Sequence[str] | None = None, check: bool = True) -> Experim
         problems = check_inputs(cfg)
         if problems:
             raise ConfigError("; ".join(problems))
+        cfg.model = pin_hub_revisions(cfg.model)
     return cfg
+
+
+def pin_hub_revisions(m):
+    """Hub-name parts pinned to the commit they resolved to (experiment.json then names the exact
+    weights: a later evaluation or resume reads the same snapshot, whatever `main` has become)."""
+    import dataclasses
+
+    from trainer.model.hub import pretrained_sources
+
+    pins = {f"{part}_revision": r.commit for part, r in pretrained_sources(m).items()
+            if r.commit and part in ("llm", "whisper")}
+    return dataclasses.replace(m, **pins) if pins else m
 
 
 def _refuse_renamed_flags(args: Sequence[str]) -> None:
@@ -194,23 +207,37 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
     except DeepSpeedConfigError as err:
         problems.append(_one_line(err))
     problems += _check_run_dir(cfg.train.run_dir)
+    from trainer.model.hub import PretrainedNotFound, resolve
+
     m = cfg.model
-    folders = {"llm_path": (m.llm_path, "config.json"), "whisper_path": (m.whisper_path, "config.json"),
-               "tokenizer_path": (m.tokenizer_path, None)}
-    for name, (value, must_hold) in folders.items():
+    folders = {"llm_path": (m.llm_path, m.llm_revision, "config.json"),
+               "whisper_path": (m.whisper_path, m.whisper_revision, "config.json"),
+               "tokenizer_path": (m.tokenizer_path, None, None)}
+    for name, (value, revision, must_hold) in folders.items():
         flag = f"--model.{name.replace('_', '-')}"
         if value is None:
             continue
         if not str(value).strip():
             problems.append(f"{flag} is empty (leave it out for the tiny built-in part)")
-        elif not Path(value).is_dir():
-            problems.append(f"{flag} {value}: no such folder")
-        elif must_hold and not (Path(value) / must_hold).is_file():
+            continue
+        try:                # a folder, or a hub name found in (or fetched into) the Hugging Face cache
+            folder = resolve(value, revision, flag).folder
+        except PretrainedNotFound as err:
+            problems.append(str(err))
+            continue
+        if must_hold and not (folder / must_hold).is_file():
             problems.append(f"{flag} {value}: no {must_hold} in it (a transformers model folder is needed)")
-        elif not any(Path(value).iterdir()):
+        elif not any(folder.iterdir()):
             problems.append(f"{flag} {value}: the folder is empty")
     if m.avhubert_path is not None and not Path(m.avhubert_path).is_file():
         problems.append(f"--model.avhubert-path {m.avhubert_path!r}: no such file (the fairseq AV-HuBERT .pt)")
+    elif m.avhubert_path is not None and m.uses_video:     # its architecture and the flags agree (mmap: no tensor read)
+        from trainer.model.avhubert import read_official_checkpoint, resolve_avhubert_config
+        try:
+            resolve_avhubert_config(read_official_checkpoint(m.avhubert_path), m.avhubert_attention_heads,
+                                    m.avhubert_layer_norm_first)
+        except (KeyError, ValueError) as err:
+            problems.append(f"--model.avhubert-path: {_one_line(err.args[0] if err.args else err)}")
     d = cfg.data
     remote = is_remote(d.shard_dir)
     demo = not remote and Path(d.shard_dir).resolve() == Path(DEMO_SHARD_DIR).resolve()   # built on first use

@@ -39,8 +39,12 @@ def export_trainable(model, out_dir: str | Path, rank: int) -> dict[str, Path]:
                 raise RuntimeError(f"export gathered empty tensors for {empty[:5]}: ZeRO-3 gathering failed")
             save_file(tensors, str(out_dir / "trainable.safetensors"), metadata={KIND_KEY: "trainable"})
             written["trainable"] = out_dir / "trainable.safetensors"
-            # reads the gathered LoRA weights
-            model.llm.save_pretrained(str(out_dir / "adapters"), safe_serialization=True)
+            # reads the gathered LoRA weights. Not the embedding tables: peft would add them for a resized
+            # vocabulary ("auto"), but they are frozen and partitioned (written empty under ZeRO-3), the
+            # new rows are a deterministic mean and the delimiter rows are in trainable.safetensors, so
+            # the adapters load onto the plain base model (docs/exports.md).
+            model.llm.save_pretrained(str(out_dir / "adapters"), safe_serialization=True,
+                                      save_embedding_layers=False)
             written["adapters"] = out_dir / "adapters"
     distributed.barrier()
     return written

@@ -377,7 +377,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "experiment.json").write_text(json.dumps(cfg_dict, indent=2, default=str))
         (self.run_dir / "ds_config.resolved.json").write_text(json.dumps(self.ds_config, indent=2))
-        self.tracker.log_params({**cfg_dict, "world_size": self.world_size,
+        from trainer.model.hub import pretrained_sources
+
+        pretrained = {part: r.params() for part, r in pretrained_sources(self.cfg.model).items()}
+        self.tracker.log_params({**cfg_dict, "world_size": self.world_size, "pretrained": pretrained,
                                  "params": self.param_counts, "device": str(self.device)})
         self.tracker.log_metrics({"zero/local_param_fraction": self._local_param_fraction()}, self.step)
         self.tracker.log_artifact(self.run_dir / "experiment.json", "config")

@@ -14,6 +14,9 @@ The output keeps the 25 Hz frame rate: [B, T, D]. Official sizes: C = 64; Large 
 24 layers, 16 heads, FFN 4096; Base D = 768, 12 layers, 12 heads, FFN 3072.
 
 Module names here are descriptive; `OFFICIAL_TO_LOCAL` is the single documented key mapping.
+What a checkpoint file holds is read, never assumed: the architecture from its own fairseq config
+(omegaconf `cfg` or argparse `args`, also a fine-tuned file's `w2v_args`) checked against its tensor
+shapes; pretrained, fine-tuned seq2seq and CTC layouts; weight norm stored either way.
 """
 from __future__ import annotations
 
@@ -334,9 +337,18 @@ IGNORED_OFFICIAL_PREFIXES: tuple[str, ...] = (
     "feature_extractor_audio.", "mask_emb", "label_embs_concat", "final_proj.", "target_glu.",
 )
 
-# A fine-tuned (seq2seq / CTC) checkpoint wraps the pretrained model as `encoder.w2v_model.*`
-# next to a decoder; only the wrapped encoder is used.
-FINETUNED_PREFIX = "encoder.w2v_model."
+# Fine-tuned checkpoints wrap the pretrained model (av_hubert's hubert_asr.py): the seq2seq model as
+# `encoder.w2v_model.*` next to a decoder, the CTC model as `w2v_encoder.w2v_model.*` next to its
+# output layer `w2v_encoder.proj`. Only the wrapped encoder is used.
+FINETUNED_LAYOUTS: tuple[tuple[str, str], ...] = (
+    ("encoder.w2v_model.", "fine-tuned seq2seq (av_hubert_seq2seq)"),
+    ("w2v_encoder.w2v_model.", "fine-tuned CTC (av_hubert_ctc)"),
+)
+
+# torch >= 2.1's parametrized weight norm (torch.nn.utils.parametrizations.weight_norm) stores the
+# positional conv's g and v under these names; the older torch.nn.utils.weight_norm as weight_g/v.
+PARAMETRIZED_WEIGHT_NORM = {"parametrizations.weight.original0": "weight_g",
+                            "parametrizations.weight.original1": "weight_v"}
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -369,11 +381,28 @@ def local_to_official_key(key: str) -> str | None:
     return _translate(key, _BACKWARD)
 
 
+def checkpoint_layout(state: dict[str, torch.Tensor]) -> str:
+    """What a fairseq state dict holds: "pretrained" or one of FINETUNED_LAYOUTS' descriptions."""
+    for prefix, what in FINETUNED_LAYOUTS:
+        if any(k.startswith(prefix) for k in state):
+            return what
+    return "pretrained"
+
+
 def unwrap_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the pretrained AV-HuBERT keys (strips the fine-tuned wrapper prefix when present)."""
-    if any(k.startswith(FINETUNED_PREFIX) for k in state):
-        return {k[len(FINETUNED_PREFIX):]: v for k, v in state.items() if k.startswith(FINETUNED_PREFIX)}
-    return dict(state)
+    """The pretrained AV-HuBERT keys: the fine-tuned wrapper stripped (its decoder or CTC output layer
+    left out) and parametrized weight-norm names renamed to weight_g / weight_v."""
+    for prefix, _ in FINETUNED_LAYOUTS:
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    out = {}
+    for key, value in state.items():
+        for parametrized, plain_name in PARAMETRIZED_WEIGHT_NORM.items():
+            if key.endswith("." + parametrized):
+                key = key[: -len(parametrized)] + plain_name
+        out[key] = value
+    return out
 
 
 def convert_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -394,45 +423,190 @@ def convert_official_state_dict(state: dict[str, torch.Tensor]) -> dict[str, tor
     return converted
 
 
-def config_from_official_state_dict(state: dict[str, torch.Tensor], layer_norm_first: bool = True) -> AVHubertConfig:
-    """Read the architecture off the tensor shapes. The head count is not stored in a state dict:
-    both released sizes use 64-dim heads, so heads = D / 64."""
-    state = unwrap_official_state_dict(state)
+# ----------------------------------------------------------------------------- the checkpoint's own config
+
+# fairseq AVHubertConfig field -> AVHubertConfig field (av_hubert's hubert.py).
+OFFICIAL_ARCH_FIELDS = {
+    "encoder_layers": "layers", "encoder_embed_dim": "width", "encoder_ffn_embed_dim": "ffn",
+    "encoder_attention_heads": "heads", "layer_norm_first": "layer_norm_first", "conv_pos": "conv_pos",
+    "conv_pos_groups": "conv_pos_groups", "modality_fuse": "fuse",
+}
+# Where the model section sits: new-style checkpoints pickle an omegaconf `cfg`, old-style an argparse
+# `args`; fine-tuned ones keep the pretrained model's section in `w2v_args` (hubert_asr.py).
+_CONFIG_PLACES = (("cfg", "model", "w2v_args", "model"), ("cfg", "model", "w2v_args"), ("cfg", "model"),
+                  ("args", "w2v_args", "model"), ("args", "w2v_args"), ("args",))
+# The fields a flag may set when the checkpoint does not say (shapes give all the others).
+ARCH_FLAGS = {"heads": "--model.avhubert-attention-heads", "layer_norm_first": "--model.avhubert-layer-norm-first"}
+
+
+@dataclass
+class OfficialCheckpoint:
+    path: Path
+    state: dict[str, torch.Tensor]
+    """The `model` state dict as stored."""
+    config: dict
+    """The fairseq model config found in the file (plain values; empty when it carries none)."""
+    config_place: str
+    """Where `config` was found, e.g. "cfg.model" or "cfg.model.w2v_args.model"."""
+    model_name: str | None = None
+    """The file's own model name (cfg.model._name or args.arch): "av_hubert", "av_hubert_ctc", ..."""
+
+    @property
+    def layout(self) -> str:
+        return checkpoint_layout(self.state)
+
+    def describe(self) -> str:
+        name = self.model_name
+        return f"{self.path}: a {self.layout} fairseq checkpoint" + (f" of model {name!r}" if name else "")
+
+
+def _section(tree, place: tuple[str, ...]):
+    for key in place:
+        if not isinstance(tree, dict) or not isinstance(tree.get(key), dict):
+            return None
+        tree = tree[key]
+    return tree
+
+
+def find_model_config(ckpt: dict) -> tuple[dict, str, str | None]:
+    """The fairseq model section of a loaded checkpoint (as plain data), where it was, and the file's
+    own model name."""
+    tree = {"cfg": plain(ckpt.get("cfg")), "args": plain(ckpt.get("args"))}
+    name = (_section(tree, ("cfg", "model")) or {}).get("_name") or (_section(tree, ("args",)) or {}).get("arch")
+    name = name if isinstance(name, str) else None
+    for place in _CONFIG_PLACES:
+        section = _section(tree, place)
+        if section is not None and ("encoder_embed_dim" in section or "encoder_layers" in section):
+            return section, ".".join(place), name
+    return {}, "", name
+
+
+def _arch_from_shapes(state: dict[str, torch.Tensor]) -> dict:
     try:
         width = state["encoder.layer_norm.weight"].shape[0]
         channels = state["feature_extractor_video.resnet.frontend3D.0.weight"].shape[0]
         pos_v = state["encoder.pos_conv.0.weight_v"]
         ffn = state["encoder.layers.0.fc1.weight"].shape[0]
     except KeyError as e:
-        raise KeyError(f"not an AV-HuBERT checkpoint: missing {e}") from None
+        raise KeyError(f"missing {e}") from None
     layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
-    return AVHubertConfig(
-        layers=layers, width=width, heads=max(1, width // 64), ffn=ffn, resnet_channels=channels,
-        conv_pos=pos_v.shape[2], conv_pos_groups=width // pos_v.shape[1], layer_norm_first=layer_norm_first,
-        fuse="concat" if "post_extract_proj.weight" in state else "add",
-    )
+    return dict(layers=layers, width=width, ffn=ffn, resnet_channels=channels, conv_pos=pos_v.shape[2],
+                conv_pos_groups=width // pos_v.shape[1],
+                fuse="concat" if "post_extract_proj.weight" in state else "add")
 
+
+def resolve_avhubert_config(ckpt: OfficialCheckpoint, heads: int | None = None,
+                            layer_norm_first: bool | None = None) -> AVHubertConfig:
+    """The architecture of a checkpoint: sizes from the tensor shapes, checked against the file's own
+    config; heads and layer_norm_first (which no shape shows) from that config. A flag (not None)
+    fills in what the file does not say and must agree with what it does say."""
+    state = unwrap_official_state_dict(ckpt.state)
+    try:
+        arch = _arch_from_shapes(state)
+    except KeyError as err:
+        raise KeyError(f"{ckpt.describe()}, not an AV-HuBERT video encoder ({err.args[0]}; it has "
+                       f"{len(state)} tensors, e.g. {sorted(state)[:5]})") from None
+    own = {OFFICIAL_ARCH_FIELDS[k]: v for k, v in ckpt.config.items()
+           if k in OFFICIAL_ARCH_FIELDS and _usable(OFFICIAL_ARCH_FIELDS[k], v)}
+    where = f"{ckpt.config_place} of {ckpt.path}"
+    clashes = [f"{k}: {own[k]!r} in the config, {arch[k]!r} in the tensors" for k in arch
+               if k in own and own[k] != arch[k]]
+    if clashes:
+        raise ValueError(f"{ckpt.describe()} contradicts itself ({where}): {'; '.join(clashes)}")
+    flags = {"heads": heads, "layer_norm_first": layer_norm_first}
+    refused = [f"{ARCH_FLAGS[k]} {v} disagrees with the checkpoint's own config ({k}={own[k]!r} in {where}); "
+               f"leave the flag out" for k, v in flags.items() if v is not None and k in own and own[k] != v]
+    if refused:
+        raise ValueError("; ".join(refused))
+    arch["heads"] = own.get("heads", heads if heads is not None else max(1, arch["width"] // 64))
+    arch["layer_norm_first"] = own.get("layer_norm_first", True if layer_norm_first is None else layer_norm_first)
+    if arch["width"] % arch["heads"]:
+        raise ValueError(f"{ckpt.path}: width {arch['width']} is not divisible by {arch['heads']} heads")
+    return AVHubertConfig(**arch)
+
+
+def _usable(field: str, value) -> bool:
+    """A config value of the field's type (an omegaconf interpolation string or a None is not)."""
+    kinds = {"layer_norm_first": bool, "fuse": str}
+    kind = kinds.get(field, int)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def config_from_official_state_dict(state: dict[str, torch.Tensor], layer_norm_first: bool = True,
+                                    heads: int | None = None) -> AVHubertConfig:
+    """The architecture from a bare state dict (no config: heads = D / 64, as in both releases)."""
+    return resolve_avhubert_config(OfficialCheckpoint(Path("<state dict>"), state, {}, ""), heads, layer_norm_first)
+
+
+# ----------------------------------------------------------------------------- reading the pickle
 
 class _Inert:
-    """Stands in for every non-tensor object of a fairseq pickle (its argparse/omegaconf config, and
-    anything else): built and filled without running any code of the file's."""
+    """Stands in for every non-tensor object of a fairseq pickle (its argparse/omegaconf config, enums,
+    numpy scalars, and anything else): built and filled without running any code of the file's. It
+    keeps what the pickle hands it (constructor arguments, state) as data, for `plain`."""
+    global_name = ""
 
     def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None
+        return obj
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __setstate__(self, state):
-        pass
+        self.state = state
 
 
-def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The `model` state dict of a fairseq checkpoint, loaded with weights_only=True.
+def _stand_in(name: str) -> type:
+    return type(f"Inert[{name}]", (_Inert,), {"global_name": name})
 
-    fairseq also pickles its config objects; those names are mapped to an inert stand-in, so
-    nothing in the file can run code (a planted `os.system` becomes an inert object too).
-    mmap keeps the tensors on disk until copied."""
+
+def plain(obj, depth: int = 0):
+    """Stand-ins -> plain Python values: omegaconf DictConfig/ListConfig -> dict/list, their nodes ->
+    the value, argparse Namespace -> dict, enum member -> its value, numpy scalar -> number. Anything
+    else (a class reference, an unknown object) -> None."""
+    if depth > 64:
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if isinstance(obj, dict):
+        return {k: plain(v, depth + 1) for k, v in obj.items() if isinstance(k, str)}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v, depth + 1) for v in obj]
+    if not isinstance(obj, _Inert):
+        return None
+    name, state, args = obj.global_name, obj.state, obj.args
+    if name.startswith("omegaconf.") and isinstance(state, dict):
+        return plain(state.get("_content" if "_content" in state else "_val"), depth + 1)
+    if name.endswith("multiarray.scalar") and len(args) == 2 and isinstance(args[1], bytes):
+        return _numpy_scalar(args[0], args[1])
+    if isinstance(state, dict) and not args:
+        return plain(state, depth + 1)                   # argparse.Namespace, plain objects
+    if len(args) == 1 and state is None:
+        return plain(args[0], depth + 1)                 # enum member: EnumClass(value)
+    return None
+
+
+def _numpy_scalar(dtype, raw: bytes):
+    import numpy as np
+
+    code = dtype.args[0] if isinstance(dtype, _Inert) and dtype.args and isinstance(dtype.args[0], str) else None
+    order = dtype.state[1] if isinstance(dtype, _Inert) and isinstance(dtype.state, tuple) and len(dtype.state) > 1 else "|"
+    try:
+        dt = np.dtype(code)
+        dt = dt.newbyteorder(order) if order in "<>" else dt
+        return np.frombuffer(raw, dtype=dt)[0].item()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def read_official_checkpoint(path: str | Path) -> OfficialCheckpoint:
+    """A fairseq checkpoint's `model` state dict and model config, loaded with weights_only=True.
+
+    fairseq also pickles its config objects; each of their names is mapped to an inert stand-in, so
+    nothing in the file can run code (a planted `os.system` is refused by torch outright), and the
+    config is read back from what the stand-ins hold. mmap keeps the tensors on disk until copied."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"AV-HuBERT checkpoint not found: {path}")
@@ -441,7 +615,7 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as err:   # noqa: BLE001 - not a torch zip archive
         raise ValueError(f"{path} is not a torch checkpoint in the zip format ({err})") from err
     try:
-        with torch.serialization.safe_globals([(_Inert, name) for name in names]):
+        with torch.serialization.safe_globals([(_stand_in(name), name) for name in names]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:      # torch blocks os, subprocess, builtins.eval... outright
         raise ValueError(f"{path}: refused, it would run code when loaded "
@@ -449,7 +623,7 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KeyError(f"{path} is not a fairseq checkpoint (no 'model' state dict of tensors)")
-    return state
+    return OfficialCheckpoint(path, state, *find_model_config(ckpt))
 
 
 def export_official_state_dict(encoder: AVHubertVideoEncoder) -> dict[str, torch.Tensor]:

@@ -232,13 +232,16 @@ def _is_zero3(ds_config: dict | None) -> bool:
 def build_tokenizer(cfg: ModelConfig):
     from .tokenizer import add_avsr_special_tokens, character_tokenizer, load_tokenizer
 
-    path = cfg.tokenizer_path or cfg.llm_path
+    from .hub import local_folder
+
+    path = (local_folder(cfg.tokenizer_path) if cfg.tokenizer_path
+            else local_folder(cfg.llm_path, cfg.llm_revision) if cfg.llm_path else None)
     tokenizer = load_tokenizer(path) if path else character_tokenizer()
     return add_avsr_special_tokens(tokenizer)
 
 
 def build_audio_encoder(cfg: ModelConfig, ds_config: dict | None = None) -> WhisperAudioEncoder:
-    """Whisper encoder (frozen) from a local folder, or tiny. Only the encoder's tensors are read
+    """Whisper encoder (frozen) from a hub name or folder, or tiny. Only the encoder's tensors are read
     (never the decoder's). Under ZeRO-3 the plain encoder is partitioned right after loading
     (zero.Init(module=...)): transformers' own ZeRO-3 loading of Whisper crashes in its sinusoid
     init on partitioned (empty) position tables, so it is not used here."""
@@ -258,9 +261,12 @@ def build_audio_encoder(cfg: ModelConfig, ds_config: dict | None = None) -> Whis
                                init_std=cfg.tiny.whisper_init_std)
         encoder = WhisperEncoder(config)
     else:
-        config = WhisperConfig.from_pretrained(cfg.whisper_path, local_files_only=True)
+        from .hub import local_folder
+
+        folder = local_folder(cfg.whisper_path, cfg.whisper_revision)
+        config = WhisperConfig.from_pretrained(folder, local_files_only=True)
         encoder = WhisperEncoder(config)
-        state = read_whisper_encoder_weights(cfg.whisper_path)
+        state = read_whisper_encoder_weights(folder)
         load_state_dict_exact(encoder, state, what=f"Whisper encoder ({cfg.whisper_path})")
         encoder.to(DTYPES[cfg.load_dtype])
     encoder.requires_grad_(False)
@@ -272,22 +278,25 @@ def build_audio_encoder(cfg: ModelConfig, ds_config: dict | None = None) -> Whis
 
 
 def build_video_encoder(cfg: ModelConfig, init_ctx=nullcontext) -> AVHubertVideoEncoder:
-    """AV-HuBERT built under `init_ctx()` (zero.Init under ZeRO-3), then the official weights copied in."""
-    from .avhubert import config_from_official_state_dict, convert_official_state_dict, read_official_checkpoint
+    """AV-HuBERT built under `init_ctx()` (zero.Init under ZeRO-3), then the official weights copied in.
+    The architecture is the checkpoint's own (its config and tensor shapes); the flags only fill in
+    what it does not say (avhubert.resolve_avhubert_config)."""
+    from .avhubert import convert_official_state_dict, read_official_checkpoint, resolve_avhubert_config
     from .loading import load_state_dict_exact
 
     if cfg.avhubert_path is None:
         av_cfg = AVHubertConfig(layers=cfg.tiny.avhubert_layers, width=cfg.tiny.avhubert_width,
                                 heads=cfg.tiny.avhubert_heads, ffn=cfg.tiny.avhubert_ffn,
                                 resnet_channels=cfg.tiny.avhubert_resnet_channels, conv_pos=16, conv_pos_groups=4,
-                                layer_norm_first=cfg.avhubert_layer_norm_first)
+                                layer_norm_first=cfg.avhubert_layer_norm_first is not False)
         with init_ctx():
             return AVHubertVideoEncoder(av_cfg)
     official = read_official_checkpoint(cfg.avhubert_path)
-    av_cfg = config_from_official_state_dict(official, layer_norm_first=cfg.avhubert_layer_norm_first)
+    av_cfg = resolve_avhubert_config(official, heads=cfg.avhubert_attention_heads,
+                                     layer_norm_first=cfg.avhubert_layer_norm_first)
     with init_ctx():
         encoder = AVHubertVideoEncoder(av_cfg)
-    load_state_dict_exact(encoder, convert_official_state_dict(official), what=f"AV-HuBERT ({cfg.avhubert_path})")
+    load_state_dict_exact(encoder, convert_official_state_dict(official.state), what=official.describe())
     return encoder
 
 

@@ -93,15 +93,20 @@ class ModelConfig:
     """"asr" (audio only: Whisper), "vsr" (video only: AV-HuBERT) or "avsr" (both). The data pipeline
     decodes what this needs (`input_streams`): there is no data-side modality."""
 
-    # --- pretrained parts (local only: nothing is ever downloaded) ---
+    # --- pretrained parts: hub names or local folders (trainer/model/hub.py) ---
     llm_path: str | None = None
-    """Local folder of a transformers causal LM (Llama 3.x); None -> tiny LlamaConfig built in code."""
+    """A transformers causal LM (Llama 3.x): a hub name (meta-llama/Llama-3.2-1B, through the Hugging Face
+    cache; HF_HUB_OFFLINE=1 reads the cache only) or a local folder; None -> tiny LlamaConfig built in code."""
+    llm_revision: str | None = None
+    """Branch, tag or commit of a hub-name llm_path (None: main). The run pins the commit it resolved."""
     tokenizer_path: str | None = None
-    """Local tokenizer folder; None -> the LLM folder's tokenizer, or (tiny LLM) a character-level
+    """Tokenizer, hub name or folder; None -> the LLM's tokenizer, or (tiny LLM) a character-level
     tokenizer built in code. `trainer.model.tokenizer.train_bpe_tokenizer` writes a corpus BPE one."""
     whisper_path: str | None = None
-    """Local folder of a Whisper checkpoint (WhisperModel / WhisperForConditionalGeneration);
-    None -> tiny WhisperConfig built in code."""
+    """A Whisper checkpoint (WhisperModel / WhisperForConditionalGeneration): a hub name
+    (openai/whisper-medium.en) or a local folder; None -> tiny WhisperConfig built in code."""
+    whisper_revision: str | None = None
+    """Branch, tag or commit of a hub-name whisper_path (None: main). The run pins the commit it resolved."""
     avhubert_path: str | None = None
     """Official AV-HuBERT fairseq checkpoint (.pt); None -> tiny AV-HuBERT built in code."""
     load_dtype: str = "float32"
@@ -111,8 +116,14 @@ class ModelConfig:
     llm_gradient_checkpointing: bool = False
     """Recompute LLM decoder blocks in the backward pass (saves activation memory)."""
 
-    avhubert_layer_norm_first: bool = True
-    """Pre-LN Transformer layers (True for the released AV-HuBERT Base and Large checkpoints)."""
+    avhubert_layer_norm_first: bool | None = None
+    """Pre-LN Transformer layers. None: the checkpoint's own `layer_norm_first` (True in the released
+    Base and Large; True when a file carries no config; True for the tiny AV-HuBERT). A value the
+    checkpoint's config contradicts is refused."""
+    avhubert_attention_heads: int | None = None
+    """Attention heads of a checkpoint's AV-HuBERT (fairseq's `encoder_attention_heads`). None: the
+    file's own (width / 64 when the file carries no config, as in both releases). A value its config
+    contradicts is refused. The tiny AV-HuBERT takes --model.tiny.avhubert-heads."""
 
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Sizes of the tiny stand-ins (`--model.tiny.llm-layers 2`; recipe `model: {tiny: {llm_layers: 2}}`)."""
@@ -183,6 +194,8 @@ class ModelConfig:
         p.check(sorted(self.modality_order) == ["audio", "video"], "modality_order",
                 f"must be a permutation of (audio, video), got {self.modality_order}")
         p.at_least(self, ("audio_rate", "video_rate", "projector_hidden", "lora_r", "lora_alpha"), 1, integer=True)
+        if self.avhubert_attention_heads is not None:
+            p.at_least(self, ("avhubert_attention_heads",), 1, integer=True)
         p.check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         p.check(bool(self.lora_targets), "lora_targets", "is empty: the LLM would have no trainable adapters")
         p.check(self.decorrelation_weight >= 0, "decorrelation_weight",

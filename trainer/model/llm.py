@@ -26,16 +26,16 @@ def tiny_llama_config(cfg: ModelConfig, vocab_size: int, specials: SpecialTokenI
 
 
 def load_llm(cfg: ModelConfig, vocab_size: int, specials: SpecialTokenIds) -> PreTrainedModel:
-    """Pretrained from cfg.llm_path (local only) or tiny; embeddings resized to the tokenizer.
+    """Pretrained from cfg.llm_path (hub name or folder) or tiny; embeddings resized to the tokenizer.
     Under ZeRO-3 (an HfDeepSpeedConfig alive) transformers partitions the weights as it loads."""
     if cfg.llm_path is None:
         model = LlamaForCausalLM._from_config(tiny_llama_config(cfg, vocab_size, specials),
                                               attn_implementation=cfg.llm_attn_implementation)
     else:
-        if not Path(cfg.llm_path).is_dir():
-            raise FileNotFoundError(f"LLM folder not found: {cfg.llm_path}")
+        from .hub import local_folder
+
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.llm_path, dtype=DTYPES[cfg.load_dtype], local_files_only=True,
+            local_folder(cfg.llm_path, cfg.llm_revision), dtype=DTYPES[cfg.load_dtype], local_files_only=True,
             attn_implementation=cfg.llm_attn_implementation)
         old_rows = model.get_input_embeddings().num_embeddings
         if old_rows < vocab_size:
@@ -86,8 +86,10 @@ def llm_hidden_size(cfg) -> int:
     if cfg.llm_path is None:
         return cfg.tiny.llm_width
     import json
-    from pathlib import Path
-    config_file = Path(cfg.llm_path) / "config.json"
+
+    from .hub import local_folder
+
+    config_file = Path(local_folder(cfg.llm_path, cfg.llm_revision)) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"model.llm_path {cfg.llm_path}: no config.json (a transformers model folder)")
     raw = json.loads(config_file.read_text())
