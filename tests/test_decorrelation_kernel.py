@@ -13,6 +13,8 @@ import torch
 from tests.constants import KERNEL_DEVICE, TRITON_INTERPRETED
 from trainer.kernels import DecorrelationLoss, decorrelation_loss, resolve_impl
 from trainer.kernels.decorrelation_reference import EPS, decorrelation_loss_reference
+from trainer.kernels.decorrelation_triton import block_sizes, decorrelation_loss_triton
+from trainer.kernels.memory import AllocationTracker
 
 # Relative to the largest gradient: the BOS gradient is a difference of near-equal sums, so
 # its small entries carry fp32 roundoff of order 1e-6 of the largest, in the kernel and in an
@@ -54,9 +56,9 @@ def triton_impl(h, m):
     return decorrelation_loss(h, m, impl="triton")
 
 
-def assert_matches_reference(hidden, mask, dtype):
-    """Kernel on `hidden` (in `dtype`) vs the reference on the same values in fp64."""
-    loss, grads = loss_and_grads(triton_impl, hidden, mask)
+def assert_matches_reference(hidden, mask, dtype, tiling=None):
+    """Kernel on `hidden` (in `dtype`, block sizes of `tiling`) vs the reference on the same values in fp64."""
+    loss, grads = loss_and_grads(lambda h, m: decorrelation_loss_triton(h, m, tiling=tiling), hidden, mask)
     exact = [h.double() for h in hidden] if isinstance(hidden, list) else hidden.double()
     ref_loss, ref_grads = loss_and_grads(decorrelation_loss_reference, exact, mask)
     assert loss.dtype == torch.float32 and loss.dim() == 0
@@ -100,6 +102,55 @@ def test_reference_gradcheck():
 @pytest.mark.parametrize("L", [1, 3])
 def test_triton_matches_reference(L, T, D, dtype):
     assert_matches_reference(make_hidden(L, 4, T, D, dtype, seed=T * D + L), make_mask(4, T, seed=T), dtype)
+
+
+def tiles(T: int, D: int, tiling: str) -> dict[str, tuple[int, int]]:
+    """Per pass, how many tiles a program loops over or the grid spans: (along T, along D)."""
+    out = {}
+    for which in ("fwd", "bwd"):
+        bs, bd, _ = block_sizes(T, D, which, tiling)
+        out[which] = (-(-(T - 1) // bs), -(-D // bd))
+    return out
+
+
+def test_block_sizes():
+    assert block_sizes(300, 2100, "fwd", "gpu") == (16, 256, 4)
+    assert block_sizes(300, 2100, "bwd", "gpu") == (32, 128, 4)
+    assert block_sizes(300, 2100, "bwd", "interpreter") == (128, 1024, 1)
+    assert block_sizes(7, 24, "fwd", "interpreter") == (8, 32, 1)        # one tile: a program per (l, b)
+    assert block_sizes(7, 24, "bwd", "gpu") == (32, 32, 4)               # BLOCK_D never above D's power of 2
+    with pytest.raises(ValueError):
+        block_sizes(7, 24, "bwd", "cuda")
+    with pytest.raises(ValueError):
+        decorrelation_loss_triton(make_hidden(1, 2, 7, 24), make_mask(2, 7), tiling="cuda")
+
+
+# GPU tiling under the interpreter: shapes over several T and D tiles in both passes (the forward loops
+# over D tiles and its grid spans T tiles, the backward the other way round), last tiles partial (one
+# row, one column), D odd or not a multiple of 16 (no 16-byte vectors), rows of every kind of mask
+# (random prefix, 1 token, empty, full), a list of layers (the trainer's form) and a stacked tensor.
+GPU_TILED = [(2, 4, 50, 300, "list"), (3, 3, 34, 257, "stacked"), (1, 4, 70, 601, "stacked")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("L,B,T,D,form", GPU_TILED)
+def test_gpu_tiling_matches_reference(L, B, T, D, form, dtype):
+    n = tiles(T, D, "gpu")
+    assert min(n["fwd"]) >= 2 and min(n["bwd"]) >= 2, n
+    hidden, mask = make_hidden(L, B, T, D, dtype, seed=D), make_mask(B, T, seed=T)
+    assert_matches_reference(list(hidden.unbind(0)) if form == "list" else hidden, mask, dtype, tiling="gpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="the CUDA tests run these tile sizes compiled")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tiling", ["gpu", "interpreter"])
+def test_tiling_at_llama_like_sizes(tiling, dtype):
+    """T=300, D=2100: 19 x 9 forward and 10 x 17 backward GPU tiles (30-60 s interpreted here)."""
+    L, B, T, D = 2, 4, 300, 2100
+    assert min(min(n) for n in tiles(T, D, tiling).values()) >= 2
+    hidden = make_hidden(L, B, T, D, dtype, seed=1)
+    assert_matches_reference(list(hidden.unbind(0)), make_mask(B, T, seed=3), dtype, tiling=tiling)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
