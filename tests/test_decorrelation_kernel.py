@@ -4,6 +4,7 @@ Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (tests/con
 before anything imports triton); on a GPU the same tests run the compiled kernels on CUDA tensors,
 and the tests marked by CUDA add larger shapes.
 """
+import gc
 import os
 from pathlib import Path
 
@@ -237,6 +238,87 @@ def test_saves_no_copy_of_hidden_states():
     L, B, T, _ = hidden.shape
     for t in saved:
         assert t.data_ptr() == hidden.data_ptr() or t.numel() <= L * B * T, tuple(t.shape)
+
+
+# ---------------------------------------------------------------- memory of the backward
+# Measured with AllocationTracker (trainer/kernels/memory.py): bytes of the torch storages created
+# inside a block and still alive, on CPU too. The Triton interpreter keeps a launch's arguments in a
+# reference cycle until the next collection (its _init_args_hst closure), hence a collection before
+# reading what is alive; a compiled launch holds nothing.
+
+@pytest.fixture
+def collect():
+    """gc.collect over what the test made: gc.freeze() sets the older heap aside (300k objects once
+    torch and triton are imported), so a collection costs microseconds rather than most of a second."""
+    gc.freeze()
+    yield gc.collect
+    gc.unfreeze()
+
+
+def test_allocation_tracker_counts_storages_until_freed():
+    with AllocationTracker() as t:
+        a = torch.empty(1000, dtype=torch.float32)   # 4000 bytes
+        v = a[10:]                                    # a view: no new storage
+        a.add_(1)                                     # in place: none either
+        b = a * 2                                     # 4000 more
+    assert (t.peak, t.live) == (8000, 8000)
+    del a
+    assert t.live == 8000                             # the view keeps its storage
+    del v, b
+    assert (t.peak, t.live) == (8000, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", ["list", "stacked"])
+def test_backward_allocates_only_the_gradients(form, dtype, collect):
+    """Beyond the gradients it returns, the backward allocates less than one [L, B, T] fp32 statistic; the
+    gradients become the leaves' .grad as written (no copy), one storage per layer for a list."""
+    L, B, T, D = 3, 4, 37, 100
+    hidden, mask = make_hidden(L, B, T, D, dtype), make_mask(B, T)
+    leaves = [h.clone().requires_grad_() for h in hidden] if form == "list" else [hidden.clone().requires_grad_()]
+    loss = decorrelation_loss(leaves if form == "list" else leaves[0], mask, impl="triton")
+    with AllocationTracker() as t:
+        loss.backward()
+    collect()
+    unit = B * T * D * hidden.element_size()
+    storages = [h.grad.untyped_storage().nbytes() for h in leaves]
+    assert storages == ([unit] * L if form == "list" else [L * unit])
+    assert t.peak - L * unit < L * B * T * 4, t.peak - L * unit
+    assert t.live == L * unit
+    for i, h in enumerate(leaves):            # each layer's gradient is freed on its own
+        h.grad = None
+        collect()
+        assert t.live == L * unit - sum(storages[:i + 1]), (i, t.live / unit)
+
+
+def test_backward_frees_each_layer_gradient_once_used(collect):
+    """As in the model: layer l's output feeds layer l+1 and the loss. The loss's gradient for a layer is
+    accumulated into in place and freed when the backward has gone through that layer, so what the loss
+    holds shrinks by a layer per layer; a shared [L, B, T, D] buffer would stay whole to the end."""
+    L, B, T, D = 6, 4, 37, 100
+    mask = make_mask(B, T)
+    x = make_hidden(1, B, T, D)[0].requires_grad_()
+    layers, h = [], x
+    for _ in range(L):
+        h = torch.tanh(h)      # its backward saves only its output: no activations to account for
+        layers.append(h)
+    loss = decorrelation_loss(layers, mask, impl="triton") + layers[-1].square().mean()  # "CE" on the last
+    live = {}
+
+    def record(l):
+        def hook(grad):
+            collect()
+            live[l] = t.live
+        return hook
+
+    for l, h in enumerate(layers):
+        h.register_hook(record(l))
+    with AllocationTracker() as t:
+        loss.backward()
+    unit, small = B * T * D * 4, L * B * T * 4
+    # reaching layer l: the loss's gradients of layers below, and layer l's own (accumulated) gradient
+    assert all(live[l] <= (l + 1) * unit + small for l in range(L)), {l: v / unit for l, v in live.items()}
+    assert t.peak <= (L + 2) * unit + small, t.peak / unit   # + the "CE" gradient and tanh's output
 
 
 def test_module_and_dispatch():
