@@ -147,7 +147,7 @@ def test_gpu_tiling_matches_reference(L, B, T, D, form, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tiling", ["gpu", "interpreter"])
 def test_tiling_at_llama_like_sizes(tiling, dtype):
-    """T=300, D=2100: 19 x 9 forward and 10 x 17 backward GPU tiles (30-60 s interpreted here)."""
+    """T=300, D=2100: 19 x 9 forward and 10 x 17 backward GPU tiles (~35 s each interpreted here)."""
     L, B, T, D = 2, 4, 300, 2100
     assert min(min(n) for n in tiles(T, D, tiling).values()) >= 2
     hidden = make_hidden(L, B, T, D, dtype, seed=1)
