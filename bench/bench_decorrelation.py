@@ -5,6 +5,12 @@ peak memory above the inputs (torch.cuda.max_memory_allocated), the bytes-moved 
 achieved fraction of the device's measured copy bandwidth. One CSV row per measurement, with
 the GPU name and versions.
 
+Memory on any device, CPU included (trainer.kernels.memory.AllocationTracker, not for compile):
+alloc_mib, the peak of what the pass allocates; extra_mib, that minus the gradients it returns
+(L*B*T*D elements for backward and full); held_mib (backward rows): in the backward of a chain
+of L layers (h_l = tanh(h_{l-1}), the loss on every h_l, as on the model's hidden states), the
+most alive at a layer beyond the loss's gradients of the layers below and that layer's own.
+
 Bytes floor: what any implementation must move. Forward reads the BOS row and the P prefix
 rows of every (l, b) once; backward reads them again and writes the whole gradient (zeros
 off the prefix included) once. Transcript/padding rows need not be read.
@@ -12,9 +18,12 @@ off the prefix included) once. Transcript/padding rows need not be read.
     python bench/bench_decorrelation.py --csv decorrelation.csv        # GPU: Llama-3.2-3B sizes
     python bench/bench_decorrelation.py --sweep                        # GPU: try block sizes
     python bench/bench_decorrelation.py                                # no GPU: interpreter smoke run
+    python bench/bench_decorrelation.py --no-smoke --layers 6 --dim 512 --batch 4 --prefix 100
+                                                                       # no GPU: memory columns at a small size
 """
 import argparse
 import csv
+import gc
 import os
 import statistics
 import sys
@@ -31,6 +40,7 @@ import triton  # noqa: E402
 
 from trainer.kernels import decorrelation_loss, decorrelation_loss_reference  # noqa: E402
 from trainer.kernels import decorrelation_triton  # noqa: E402
+from trainer.kernels.memory import AllocationTracker  # noqa: E402
 
 MODES = ("forward", "backward", "full")
 IMPLS = ("triton", "eager", "compile")
@@ -49,7 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="passes to time")
     p.add_argument("--csv", type=Path, default=None, help="append rows to this CSV file (always printed too)")
     p.add_argument("--sweep", action="store_true", help="GPU: time Triton block-size candidates on the largest size")
-    p.add_argument("--smoke", action="store_true", help="tiny size (implied without CUDA)")
+    p.add_argument("--smoke", action="store_true", help="tiny size (implied without CUDA unless --no-smoke)")
+    p.add_argument("--no-smoke", action="store_true",
+                   help="without CUDA, run the sizes given instead of the tiny one (interpreted: keep them small)")
     return p.parse_args()
 
 
@@ -88,6 +100,41 @@ def peak_mib(fn, device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def tracked_mib(fn) -> float:
+    """Peak MiB of the storages fn allocates (AllocationTracker: any device)."""
+    with AllocationTracker() as t:
+        fn()
+    return t.peak / 2**20
+
+
+def held_mib(fn, L, B, T, D, dtype, device) -> float:
+    """In a layer chain's backward, the most MiB alive beyond what must be: at layer l, the loss's
+    gradients of layers 0..l-1 (not reached yet) and layer l's own (accumulated) gradient."""
+    x = torch.randn(B, T, D, device=device, dtype=dtype, requires_grad=True)
+    layers, h = [], x
+    for _ in range(L):
+        h = torch.tanh(h)  # its backward saves only its output
+        layers.append(h)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    mask[:, 1:T // 2] = True
+    loss = fn(layers, mask)
+    unit = B * T * D * x.element_size()
+    held = []
+
+    def at(l):
+        def hook(grad):
+            if device.type != "cuda":
+                gc.collect()  # the Triton interpreter holds a launch's arguments in a reference cycle
+            held.append(t.live - (l + 1) * unit)
+        return hook
+
+    for l, h in enumerate(layers):
+        h.register_hook(at(l))
+    with AllocationTracker() as t:
+        loss.backward()
+    return max(held) / 2**20
+
+
 def copy_bandwidth(device) -> float:
     """GB/s of a 1 GiB device-to-device copy (read + write)."""
     if device.type != "cuda":
@@ -116,8 +163,8 @@ def loss_fns(impls):
     return fns
 
 
-def measure(fn, mode, layers, mask, device):
-    """(ms, peak MiB) of one pass."""
+def measure(fn, mode, layers, mask, device, track=True):
+    """(ms, peak MiB, tracked alloc MiB) of one pass."""
     if mode == "forward":
         run = lambda: fn(layers, mask)  # noqa: E731
     elif mode == "full":
@@ -131,13 +178,16 @@ def measure(fn, mode, layers, mask, device):
     mem = peak_mib(run, device)
     for h in layers:
         h.grad = None
-    return timed_ms(run, layers, device), mem
+    alloc = tracked_mib(run) if track else float("nan")
+    for h in layers:
+        h.grad = None
+    return timed_ms(run, layers, device), mem, alloc
 
 
 def main():
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    smoke = args.smoke or device.type != "cuda"
+    smoke = args.smoke or (device.type != "cuda" and not args.no_smoke)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     L, D, batches, prefixes = args.layers, args.dim, args.batch, args.prefix
     impls = args.impls or [i for i in IMPLS if device.type == "cuda" or i != "compile"]  # inductor's CPU build is slow
@@ -156,7 +206,7 @@ def main():
         return
 
     fields = ["gpu", "torch", "triton", "cuda", "impl", "mode", "L", "B", "P", "T", "D", "dtype",
-              "ms", "peak_mib", "floor_bytes", "gb_s", "frac_copy_bw"]
+              "ms", "peak_mib", "alloc_mib", "extra_mib", "held_mib", "floor_bytes", "gb_s", "frac_copy_bw"]
     new_file = args.csv is not None and not args.csv.exists()
     out = open(args.csv, "a", newline="") if args.csv else None
     writers = [csv.DictWriter(sys.stdout, fields)] + ([csv.DictWriter(out, fields)] if out else [])
@@ -169,16 +219,22 @@ def main():
             T = 1 + P + args.transcript
             layers, mask = make_inputs(L, B, P, T, D, dtype, device)
             for name, fn in fns.items():
+                track = name != "compile"  # a dispatch mode around a compiled graph measures dynamo
                 for mode in args.modes:
+                    held = float("nan")
                     try:
-                        ms, mem = measure(fn, mode, layers, mask, device)
+                        ms, mem, alloc = measure(fn, mode, layers, mask, device, track)
+                        if mode == "backward" and track:
+                            held = held_mib(fn, L, B, T, D, dtype, device)
                     except torch.cuda.OutOfMemoryError:
-                        ms, mem = float("nan"), float("inf")
+                        ms, mem, alloc = float("nan"), float("inf"), float("inf")
                         torch.cuda.empty_cache()
                     nbytes = floor_bytes(mode, L, B, P, T, D, layers[0].element_size())
+                    grads = 0 if mode == "forward" else L * B * T * D * layers[0].element_size() / 2**20
                     row = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                                impl=name, mode=mode, L=L, B=B, P=P, T=T, D=D, dtype=args.dtype,
-                               ms=f"{ms:.4f}", peak_mib=f"{mem:.1f}", floor_bytes=nbytes,
+                               ms=f"{ms:.4f}", peak_mib=f"{mem:.1f}", alloc_mib=f"{alloc:.2f}",
+                               extra_mib=f"{alloc - grads:.2f}", held_mib=f"{held:.2f}", floor_bytes=nbytes,
                                gb_s=f"{nbytes / ms / 1e6:.1f}", frac_copy_bw=f"{nbytes / ms / 1e6 / bw:.3f}")
                     for w in writers:
                         w.writerow(row)
@@ -197,7 +253,7 @@ def sweep(L, B, P, transcript, D, dtype, device):
     for which, mode in (("fwd", "forward"), ("bwd", "backward")):
         for cand in candidates:
             decorrelation_triton.GPU_BLOCKS[which] = cand
-            ms, _ = measure(fn, mode, layers, mask, device)
+            ms, _, _ = measure(fn, mode, layers, mask, device, track=False)
             nbytes = floor_bytes(mode, L, B, P, T, D, layers[0].element_size())
             print(f"{which} BLOCK_S,BLOCK_D,warps={cand}: {ms:.4f} ms  {nbytes / ms / 1e6:.0f} GB/s"
                   + ("  (default)" if cand == default[which] else ""))

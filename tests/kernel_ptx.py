@@ -5,7 +5,8 @@ the global load/store instructions of each kernel's PTX.
     python tests/kernel_ptx.py [--arch 90]       # must run without TRITON_INTERPRET=1
 
 The arguments are specialised as Triton's JIT does for a real launch at Llama sizes: pointers
-16-byte aligned and D (3072) divisible by 16; block sizes and warps are the launcher's GPU choices.
+16-byte aligned and D (3072) divisible by 16; block sizes and warps are what the launcher's
+block_sizes picks for the 'gpu' tiling.
 """
 import argparse
 import collections
@@ -27,17 +28,17 @@ from trainer.kernels import decorrelation_triton as dk  # noqa: E402
 POINTERS = {
     "fwd": {"tab_ptr": "*i64", "h0_ptr": "H", "mask_ptr": "*u8", "cos_ptr": "*fp32", "rn_ptr": "*fp32",
             "kap_ptr": "*fp32"},
-    "bwd": {"tab_ptr": "*i64", "h0_ptr": "H", "grad_ptr": "H", "mask_ptr": "*u8", "cos_ptr": "*fp32",
-            "rn_ptr": "*fp32", "kap_ptr": "*fp32", "scale_ptr": "*fp32"},
+    "bwd": {"tab_ptr": "*i64", "h0_ptr": "H", "gtab_ptr": "*i64", "grad_ptr": "H", "mask_ptr": "*u8",
+            "cos_ptr": "*fp32", "rn_ptr": "*fp32", "kap_ptr": "*fp32", "scale_ptr": "*fp32"},
 }
 KERNELS = {"fwd": dk._decorrelation_fwd_kernel, "bwd": dk._decorrelation_bwd_kernel}
 DTYPES = {"bf16": ("*bf16", 2), "fp32": ("*fp32", 4)}
 
 
-def compile_kernel(which: str, dtype: str, arch: int, D: int = 3072):
+def compile_kernel(which: str, dtype: str, arch: int, T: int = 333, D: int = 3072):
     fn = KERNELS[which]
     h_type, size = DTYPES[dtype]
-    block_s, block_d, warps = dk.GPU_BLOCKS[which]
+    block_s, block_d, warps = dk.block_sizes(T, D, which, "gpu")
     signature, constexprs = {}, {}
     for name in fn.arg_names:
         if name in POINTERS[which]:
@@ -48,7 +49,9 @@ def compile_kernel(which: str, dtype: str, arch: int, D: int = 3072):
             signature[name] = "i32"
         else:
             signature[name] = "constexpr"
-    constexprs = {"D_CONTIG": True, "VEC": 16 // size, "BLOCK_S": block_s, "BLOCK_D": min(block_d, D)}
+    constexprs = {"D_CONTIG": True, "VEC": 16 // size, "BLOCK_S": block_s, "BLOCK_D": block_d}
+    if which == "bwd":
+        constexprs["GVEC"] = 16 // size
     aligned = [n for n in fn.arg_names if n.endswith("_ptr")] + ["D"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

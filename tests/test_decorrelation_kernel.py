@@ -4,6 +4,7 @@ Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (tests/con
 before anything imports triton); on a GPU the same tests run the compiled kernels on CUDA tensors,
 and the tests marked by CUDA add larger shapes.
 """
+import gc
 import os
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from tests.constants import KERNEL_DEVICE, TRITON_INTERPRETED
 from trainer.kernels import DecorrelationLoss, decorrelation_loss, resolve_impl
 from trainer.kernels.decorrelation_reference import EPS, decorrelation_loss_reference
+from trainer.kernels.decorrelation_triton import block_sizes, decorrelation_loss_triton
+from trainer.kernels.memory import AllocationTracker
 
 # Relative to the largest gradient: the BOS gradient is a difference of near-equal sums, so
 # its small entries carry fp32 roundoff of order 1e-6 of the largest, in the kernel and in an
@@ -54,9 +57,9 @@ def triton_impl(h, m):
     return decorrelation_loss(h, m, impl="triton")
 
 
-def assert_matches_reference(hidden, mask, dtype):
-    """Kernel on `hidden` (in `dtype`) vs the reference on the same values in fp64."""
-    loss, grads = loss_and_grads(triton_impl, hidden, mask)
+def assert_matches_reference(hidden, mask, dtype, tiling=None):
+    """Kernel on `hidden` (in `dtype`, block sizes of `tiling`) vs the reference on the same values in fp64."""
+    loss, grads = loss_and_grads(lambda h, m: decorrelation_loss_triton(h, m, tiling=tiling), hidden, mask)
     exact = [h.double() for h in hidden] if isinstance(hidden, list) else hidden.double()
     ref_loss, ref_grads = loss_and_grads(decorrelation_loss_reference, exact, mask)
     assert loss.dtype == torch.float32 and loss.dim() == 0
@@ -100,6 +103,55 @@ def test_reference_gradcheck():
 @pytest.mark.parametrize("L", [1, 3])
 def test_triton_matches_reference(L, T, D, dtype):
     assert_matches_reference(make_hidden(L, 4, T, D, dtype, seed=T * D + L), make_mask(4, T, seed=T), dtype)
+
+
+def tiles(T: int, D: int, tiling: str) -> dict[str, tuple[int, int]]:
+    """Per pass, how many tiles a program loops over or the grid spans: (along T, along D)."""
+    out = {}
+    for which in ("fwd", "bwd"):
+        bs, bd, _ = block_sizes(T, D, which, tiling)
+        out[which] = (-(-(T - 1) // bs), -(-D // bd))
+    return out
+
+
+def test_block_sizes():
+    assert block_sizes(300, 2100, "fwd", "gpu") == (16, 256, 4)
+    assert block_sizes(300, 2100, "bwd", "gpu") == (32, 128, 4)
+    assert block_sizes(300, 2100, "bwd", "interpreter") == (128, 1024, 1)
+    assert block_sizes(7, 24, "fwd", "interpreter") == (8, 32, 1)        # one tile: a program per (l, b)
+    assert block_sizes(7, 24, "bwd", "gpu") == (32, 32, 4)               # BLOCK_D never above D's power of 2
+    with pytest.raises(ValueError):
+        block_sizes(7, 24, "bwd", "cuda")
+    with pytest.raises(ValueError):
+        decorrelation_loss_triton(make_hidden(1, 2, 7, 24), make_mask(2, 7), tiling="cuda")
+
+
+# GPU tiling under the interpreter: shapes over several T and D tiles in both passes (the forward loops
+# over D tiles and its grid spans T tiles, the backward the other way round), last tiles partial (one
+# row, one column), D odd or not a multiple of 16 (no 16-byte vectors), rows of every kind of mask
+# (random prefix, 1 token, empty, full), a list of layers (the trainer's form) and a stacked tensor.
+GPU_TILED = [(2, 4, 50, 300, "list"), (3, 3, 34, 257, "stacked"), (1, 4, 70, 601, "stacked")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("L,B,T,D,form", GPU_TILED)
+def test_gpu_tiling_matches_reference(L, B, T, D, form, dtype):
+    n = tiles(T, D, "gpu")
+    assert min(n["fwd"]) >= 2 and min(n["bwd"]) >= 2, n
+    hidden, mask = make_hidden(L, B, T, D, dtype, seed=D), make_mask(B, T, seed=T)
+    assert_matches_reference(list(hidden.unbind(0)) if form == "list" else hidden, mask, dtype, tiling="gpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="the CUDA tests run these tile sizes compiled")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tiling", ["gpu", "interpreter"])
+def test_tiling_at_llama_like_sizes(tiling, dtype):
+    """T=300, D=2100: 19 x 9 forward and 10 x 17 backward GPU tiles (~35 s each interpreted here)."""
+    L, B, T, D = 2, 4, 300, 2100
+    assert min(min(n) for n in tiles(T, D, tiling).values()) >= 2
+    hidden = make_hidden(L, B, T, D, dtype, seed=1)
+    assert_matches_reference(list(hidden.unbind(0)), make_mask(B, T, seed=3), dtype, tiling=tiling)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -186,6 +238,88 @@ def test_saves_no_copy_of_hidden_states():
     L, B, T, _ = hidden.shape
     for t in saved:
         assert t.data_ptr() == hidden.data_ptr() or t.numel() <= L * B * T, tuple(t.shape)
+
+
+# ---------------------------------------------------------------- memory of the backward
+# Measured with AllocationTracker (trainer/kernels/memory.py): bytes of the torch storages created
+# inside a block and still alive, on CPU too. The Triton interpreter keeps a launch's arguments in a
+# reference cycle until the next collection (its _init_args_hst closure), hence a collection before
+# reading what is alive; a compiled launch holds nothing.
+
+@pytest.fixture
+def collect():
+    """gc.collect over what the test made: gc.freeze() sets the older heap aside (300k objects once
+    torch and triton are imported), so a collection costs microseconds rather than most of a second."""
+    gc.freeze()
+    yield gc.collect
+    gc.unfreeze()
+
+
+def test_allocation_tracker_counts_storages_until_freed():
+    with AllocationTracker() as t:
+        a = torch.empty(1000, dtype=torch.float32)   # 4000 bytes
+        v = a[10:]                                    # a view: no new storage
+        a.add_(1)                                     # in place: none either
+        b = a * 2                                     # 4000 more
+    assert (t.peak, t.live) == (8000, 8000)
+    del a
+    assert t.live == 8000                             # the view keeps its storage
+    del v, b
+    assert (t.peak, t.live) == (8000, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", ["list", "stacked"])
+def test_backward_allocates_only_the_gradients(form, dtype, collect):
+    """Beyond the gradients it returns, the backward allocates less than one [L, B, T] fp32 statistic; the
+    gradients become the leaves' .grad as written (no copy), one storage per layer for a list."""
+    L, B, T, D = 3, 4, 37, 100
+    hidden, mask = make_hidden(L, B, T, D, dtype), make_mask(B, T)
+    leaves = [h.clone().requires_grad_() for h in hidden] if form == "list" else [hidden.clone().requires_grad_()]
+    loss = decorrelation_loss(leaves if form == "list" else leaves[0], mask, impl="triton")
+    with AllocationTracker() as t:
+        loss.backward()
+    collect()
+    unit = B * T * D * hidden.element_size()
+    storages = [h.grad.untyped_storage().nbytes() for h in leaves]
+    assert storages == ([unit] * L if form == "list" else [L * unit])
+    assert t.peak - L * unit < L * B * T * 4, t.peak - L * unit
+    assert t.live == L * unit
+    for i, h in enumerate(leaves):            # each layer's gradient is freed on its own
+        h.grad = None
+        collect()
+        assert t.live == L * unit - sum(storages[:i + 1]), (i, t.live / unit)
+
+
+def test_backward_frees_each_layer_gradient_once_used(collect):
+    """As in the model: layer l's output feeds layer l+1 and the loss. The loss's gradient for a layer is
+    accumulated into in place and freed when the backward has gone through that layer, so what the loss
+    holds shrinks by a layer per layer. (Views of one shared [L, B, T, D] buffer kept all of it until the
+    backward reached layer 0, and ruled out in-place accumulation: 7 layers' worth at layers 5 to 1.)"""
+    L, B, T, D = 6, 4, 37, 100
+    mask = make_mask(B, T)
+    x = make_hidden(1, B, T, D)[0].requires_grad_()
+    layers, h = [], x
+    for _ in range(L):
+        h = torch.tanh(h)      # its backward saves only its output: no activations to account for
+        layers.append(h)
+    loss = decorrelation_loss(layers, mask, impl="triton") + layers[-1].square().mean()  # "CE" on the last
+    live = {}
+
+    def record(l):
+        def hook(grad):
+            collect()
+            live[l] = t.live
+        return hook
+
+    for l, h in enumerate(layers):
+        h.register_hook(record(l))
+    with AllocationTracker() as t:
+        loss.backward()
+    unit, small = B * T * D * 4, L * B * T * 4
+    # reaching layer l: the loss's gradients of layers below, and layer l's own (accumulated) gradient
+    assert all(live[l] <= (l + 1) * unit + small for l in range(L)), {l: v / unit for l, v in live.items()}
+    assert t.peak <= (L + 2) * unit + small, t.peak / unit   # + the "CE" gradient and tanh's output
 
 
 def test_module_and_dispatch():
