@@ -118,10 +118,10 @@ def build_config(args, device: str):
 
     bf16 = args.precision == "bf16"
     ds_json = REPO / "ds_configs" / f"zero{args.zero}.json"
-    if args.optimizer == "torch":       # torch.optim.AdamW inside DeepSpeed: no op to compile (no nvcc needed)
+    if args.optimizer != "auto":        # an explicit choice in the JSON; auto: the trainer's (choose_adam)
         ds = json.loads(ds_json.read_text())
-        ds["optimizer"]["params"]["torch_adam"] = True
-        ds_json = args.out / f"ds_zero{args.zero}_torch_adam.json"
+        ds["optimizer"]["params"]["torch_adam"] = args.optimizer == "torch"
+        ds_json = args.out / f"ds_zero{args.zero}_{args.optimizer}_adam.json"
         ds_json.write_text(json.dumps(ds, indent=2))
     cfg = load_recipe(RECIPE, config=str(ds_json))
     cfg.model = dataclasses.replace(
@@ -217,6 +217,8 @@ class Run:
         self.t = Trainer(self.cfg)
         self.t._resume_or_start()          # data stream and the monitor's fixed probe batch
         self.results["build_s"] = time.perf_counter() - t0
+        from trainer.engine.ds_config import describe_optimizer
+        self.results["optimizer"] = describe_optimizer(self.t.ds_config)     # what DeepSpeed built
         self.results["params"] = self.t.param_counts
         self.results["zero_local_param_fraction"] = self.t._local_param_fraction()
         self.save()
@@ -605,13 +607,10 @@ def main(argv=None) -> int:
     r.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: cuda if torch sees a GPU, else cpu (passed on as --train.device)")
     r.add_argument("--trace", action="store_true", help="also write the profiled step's Chrome trace")
-    r.add_argument("--optimizer", choices=["auto", "fused", "torch"], default="auto",
-                   help="DeepSpeed's AdamW: its fused op (JIT-compiled with nvcc on first use) or torch's "
-                        "(\"torch_adam\"); auto = fused where nvcc is found")
+    r.add_argument("--optimizer", choices=["auto", "deepspeed", "torch"], default="auto",
+                   help="auto: the trainer's choice (torch's fused AdamW on a GPU unless DeepSpeed's FusedAdam is "
+                        "prebuilt); deepspeed: FusedAdam (JIT-compiled with nvcc on first use); torch: torch's AdamW")
     args = ap.parse_args(argv)
-    if getattr(args, "optimizer", None) == "auto":
-        import shutil
-        args.optimizer = "fused" if shutil.which("nvcc") or os.environ.get("CUDA_HOME") else "torch"
     for name in ("out", "models", "shards", "run_dir"):
         if getattr(args, name, None) is not None:
             setattr(args, name, getattr(args, name).resolve())
