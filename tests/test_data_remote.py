@@ -282,7 +282,7 @@ def test_analyze_sinks_takes_a_remote_shard_location(servers, tmp_path, capsys):
     cfg["train"]["run_dir"] = str(run)
     (run / "experiment.json").write_text(json.dumps(cfg))
     web = servers["web"].url
-    assert module.main(["--run-dir", str(run), "--shards", web, "--split", "test", "--out", str(tmp_path / "o")]) == 1
+    assert module.main(["--run-dir", str(run), "--shards", web, "--split", "test", "--out", str(tmp_path / "o")]) == 2
     assert f"no split 'test' at {web}" in capsys.readouterr().err
     assert module.main(["--run-dir", str(run), "--shards", web, "--out", str(tmp_path / "o")]) == 1
     assert "no complete checkpoint" in capsys.readouterr().err          # past the shard check
@@ -304,6 +304,6 @@ def test_a_run_folder_never_chooses_a_command_to_run(tmp_path, capsys):
     cfg["data"]["shard_dir"] = f"pipe:touch {marker}; cat /dev/null/{{name}}"
     (run / "experiment.json").write_text(json.dumps(cfg))
     assert load_run_config(run).data.shard_dir == ""
-    assert module.main(["--run-dir", str(run), "--out", str(tmp_path / "o")]) == 1
+    assert module.main(["--run-dir", str(run), "--out", str(tmp_path / "o")]) == 2
     assert "pass --shards" in capsys.readouterr().err
     assert not marker.exists()
