@@ -284,7 +284,7 @@ def test_analyze_sinks_takes_a_remote_shard_location(servers, tmp_path, capsys):
     web = servers["web"].url
     assert module.main(["--run-dir", str(run), "--shards", web, "--split", "test", "--out", str(tmp_path / "o")]) == 2
     assert f"no split 'test' at {web}" in capsys.readouterr().err
-    assert module.main(["--run-dir", str(run), "--shards", web, "--out", str(tmp_path / "o")]) == 1
+    assert module.main(["--run-dir", str(run), "--shards", web, "--out", str(tmp_path / "o")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err          # past the shard check
 
 
