@@ -89,3 +89,20 @@ def test_logged_values_are_the_global_token_means(steps):
         values = json.loads((steps / str(i) / "values.json").read_text())
         for k in ("loss", "ce_loss", "dec_loss_raw", "grad_norm", "lr"):
             assert values[k] == pytest.approx(ref[k], rel=1e-5), (i, k, values[k], ref[k])
+
+
+def test_term_gradient_norms_are_those_of_the_global_gradient(steps):
+    """The CE and lambda * L_dec gradient norms (logged on log steps; max-steps 1 makes step 1 one) are
+    measured on the global batch: the same in every layout, and the two terms add up to the step's
+    gradient, whose norm the weights' change gives (triangle inequality both ways)."""
+    ref = json.loads((steps / "0" / "values.json").read_text())
+    g_ce, g_dec = ref["grad_norm_ce"], ref["grad_norm_dec"]
+    assert g_ce > 0 and g_dec > 0
+    assert ref["decorrelation_weight"] == 1.0
+    total = float(torch.cat([g.reshape(-1) for g, _ in _grads(steps / "0").values()]).norm())
+    assert abs(g_ce - g_dec) * (1 - 1e-4) <= total <= (g_ce + g_dec) * (1 + 1e-4)
+    assert ref["grad_norm"] == pytest.approx(total, rel=1e-3)      # the engine's own norm (no clipping)
+    for i in range(1, len(LAYOUTS)):
+        values = json.loads((steps / str(i) / "values.json").read_text())
+        for k in ("grad_norm_ce", "grad_norm_dec"):
+            assert values[k] == pytest.approx(ref[k], rel=1e-4), (i, k, values[k], ref[k])

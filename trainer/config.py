@@ -195,6 +195,9 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
         problems.append(_one_line(err))
     problems += _check_run_dir(cfg.train.run_dir)
     m = cfg.model
+    if m.decorrelation_warmup_steps > cfg.train.max_steps:
+        problems.append(f"--model.decorrelation-warmup-steps {m.decorrelation_warmup_steps} is more than "
+                        f"--train.max-steps {cfg.train.max_steps}: lambda would never reach its value")
     folders = {"llm_path": (m.llm_path, "config.json"), "whisper_path": (m.whisper_path, "config.json"),
                "tokenizer_path": (m.tokenizer_path, None)}
     for name, (value, must_hold) in folders.items():
