@@ -37,7 +37,7 @@ class TrainConfig:
     CPU. bf16 (GPU or CPU) = DeepSpeed's bf16 mode: every trainable weight in bf16, fp32 master weights and
     Adam moments in the optimizer, losses summed in fp32; frozen parts keep --model.load-dtype."""
     log_every: int = 10
-    """Steps between metric logs."""
+    """Steps between metric logs (the first and the last step are logged too)."""
     eval_every: int = 0
     """Steps between WER evaluations on the validation split (0 = only at the end)."""
     eval_max_samples: Optional[int] = None

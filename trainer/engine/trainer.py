@@ -154,8 +154,9 @@ class Trainer:
                     self._probe_sinks()
                 if self.periodic_eval.should_run(self.step):
                     self._evaluate(self.cfg.data.eval_split, self.cfg.train.eval_max_samples)
-                if self.periodic_loss.should_run(self.step):
-                    self._validation_loss()
+                if self.periodic_loss.should_run(self.step) or (self.periodic_loss.every
+                                                                and self.step == self.cfg.train.max_steps):
+                    self._validation_loss()          # the curve ends at the last step
                 if self.ckpt.should_run(self.step):
                     self._save()
                 if self.stop.agreed(self.device):
@@ -390,6 +391,9 @@ class Trainer:
         self.tracker.log_artifact(self.run_dir / "ds_config.resolved.json", "config")
         self.tracker.log_datasets(shard_datasets(self.cfg.data))
         log.info("params: %s; world size %d on %s", self.param_counts, self.world_size, self.device)
+        if self.zero3:
+            log.info("the CE and lambda*L_dec gradient norms are not measured under ZeRO-3 (partitioned parameters); "
+                     "ZeRO-2 (ds_configs/zero2.json) logs them as train/grad_norm_ce and train/grad_norm_dec")
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
@@ -401,8 +405,9 @@ class Trainer:
         return [with_transcript_ids(self.tokenizer, next(self.stream)) for _ in range(self.cfg.train.grad_accum)]
 
     def is_log_step(self, step: int) -> bool:
-        """Whether the metrics of the step that ends at `step` (1-based) are logged."""
-        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
+        """Whether the metrics of the step that ends at `step` (1-based) are logged: every log_every-th, the
+        first (where every curve starts: the decorrelation term is largest against CE there) and the last."""
+        return step % self.cfg.train.log_every == 0 or step in (1, self.cfg.train.max_steps)
 
     def _train_step(self, meter: ThroughputMeter) -> dict:
         """One optimizer step over the global batch: token means over all its micro-batches and ranks
@@ -412,8 +417,9 @@ class Trainer:
         syncs: the all-reduce of the token counts before the first forward (the loss weights need the
         global counts), and after the backward of each micro-batch the check of its counts and the
         throughput figures, then the logged values once per step. On log steps the gradient norms of
-        the cross-entropy and of lambda * L_dec alone are measured too (loss.term_grad_norms: one more
-        backward per term), so that a run shows which term drives the update."""
+        the cross-entropy and of lambda * L_dec alone are measured too, unless ZeRO-3 partitions the
+        parameters (loss.term_grad_norms: one more backward per term), so that a run shows which term
+        drives the update."""
         self.ds_engine.train()
         batches = self.next_micro_batches()
         local = [self.model.token_counts(b) for b in batches]
@@ -421,7 +427,10 @@ class Trainer:
         shares = []
         lr = float(self.ds_engine.get_lr()[0])       # before ds_engine.step(): the lr this step trains with
         ramp = decorrelation_ramp(self.step, self.cfg.model.decorrelation_warmup_steps)
-        measure = self.is_log_step(self.step + 1)
+        # autograd.grad cannot reach ZeRO-3's partitioned parameters (their .data is released after the
+        # forward; the engine's own backward re-gathers them, a bare autograd.grad does not): measured
+        # under ZeRO-0/1/2 only (the study runs ZeRO-2), said once at the start otherwise.
+        measure = self.is_log_step(self.step + 1) and not self.zero3
         grads: dict[str, torch.Tensor | None] = {"ce": None, "dec": None}    # summed over micro-batches
         trainable = [p for p in self.model.parameters() if p.requires_grad] if measure else []
         for batch, expected in zip(batches, local):
