@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.engine.loss import (GlobalCounts, decorrelation_ramp, micro_batch_share, objective_terms,
-                                 term_grad_norms, term_gradient)
+from trainer.engine.loss import GlobalCounts, decorrelation_ramp, micro_batch_share, term_grad_norms, term_gradients
 from trainer.model.config import ModelConfig
 
 
@@ -26,21 +25,34 @@ def test_ramp_scales_only_the_decorrelation_share():
     assert ramped.tolist() == pytest.approx([1.0 + 12.5, 1.0, 12.5, 0.005])      # the raw L_dec is not ramped
 
 
-def test_term_gradient_norms_hand_computed():
-    # two parameters; ce = w . x (gradient x), dec = 3 * |v|^2 (gradient 6 v); a frozen term has none
-    w = torch.tensor([1.0, 2.0], requires_grad=True)
-    v = torch.tensor([0.5], requires_grad=True)
-    x = torch.tensor([3.0, 4.0])
-    out = SimpleNamespace(ce_loss=w @ x, dec_loss=3 * (v ** 2).sum())
-    ce, dec = objective_terms(out, GlobalCounts(targets=1, prefix=1), (1, 1))
-    g_ce, g_dec = term_gradient(ce, [w, v]), term_gradient(dec, [w, v])
-    assert g_ce.tolist() == [3.0, 4.0, 0.0] and g_dec.tolist() == [0.0, 0.0, 3.0]
-    assert term_gradient(torch.tensor(5.0), [w, v]) is None
+class _TwoTerms(torch.nn.Module):
+    """ce = w . x (gradient x), dec = lam * |v|^2 (gradient 2 lam v); `frozen` takes part in neither gradient."""
+
+    def __init__(self, lam: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        self.v = torch.nn.Parameter(torch.tensor([0.5]))
+        self.frozen = torch.nn.Parameter(torch.tensor([7.0]), requires_grad=False)
+        self.lam = lam
+
+    def forward(self, batch):
+        dec = self.lam * (self.v ** 2).sum() if self.lam else torch.tensor(0.0)
+        return SimpleNamespace(ce_loss=self.w @ batch["x"] * self.frozen / 7.0, dec_loss=dec)
+
+
+def test_term_gradients_hand_computed():
+    model = _TwoTerms(lam=3.0)
+    batch = {"x": torch.tensor([3.0, 4.0])}
+    grads = term_gradients(model, batch, GlobalCounts(targets=1, prefix=1), (1, 1))
+    assert grads["ce"].tolist() == [3.0, 4.0, 0.0] and grads["dec"].tolist() == [0.0, 0.0, 3.0]
+    assert model.w.grad is None and model.v.grad is None       # the model's own parameters are not touched
+    # weighted as the objective: half the targets and a ramp of 0.5 on the decorrelation share
+    half = term_gradients(model, batch, GlobalCounts(targets=2, prefix=1), (1, 1), ramp=0.5)
+    assert half["ce"].tolist() == [1.5, 2.0, 0.0] and half["dec"].tolist() == [0.0, 0.0, 1.5]
+    assert term_gradients(_TwoTerms(lam=0.0), batch, GlobalCounts(1, 1), (1, 1))["dec"] is None
     # summed over two micro-batches before the norm: |2 * (3, 4)| = 10, not 5 + 5 per micro-batch
-    norms = term_grad_norms({"ce": g_ce + g_ce, "dec": g_dec, "none": None}, torch.device("cpu"))
+    norms = term_grad_norms({"ce": grads["ce"] * 2, "dec": grads["dec"], "none": None}, torch.device("cpu"))
     assert norms == {"ce": pytest.approx(10.0), "dec": pytest.approx(3.0), "none": 0.0}
-    (ce + dec).backward()                      # the graph was kept for the step's own backward
-    assert w.grad.tolist() == [3.0, 4.0]
 
 
 def test_config_rejects_a_negative_ramp():

@@ -87,21 +87,36 @@ def backward(ds_engine, loss: torch.Tensor) -> None:
     ds_engine.backward(loss * ds_engine.dp_world_size, scale_wrt_gas=False)
 
 
-def term_gradient(term: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor | None:
-    """d term / d params, flattened into one fp32 vector, by torch.autograd.grad before the step's
-    backward (retain_graph: that backward still needs the graph); None for a term with no graph (lambda
-    0). A partitioned ZeRO-3 parameter has an empty .data outside its module's forward: a parameter the
-    term does not reach gets zeros of its full ds_shape."""
-    if not term.requires_grad:
-        return None
-    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(g if g is not None else p.new_zeros(getattr(p, "ds_shape", p.shape))).reshape(-1).float()
-                      for g, p in zip(grads, params)])
+def term_gradients(model, batch: dict, counts: GlobalCounts, expected: tuple[int, int],
+                   ramp: float = 1.0) -> dict[str, torch.Tensor | None]:
+    """d term / d trainable parameters for each term of this micro-batch's share of the objective ("ce" and
+    "dec" = lambda * ramp * L_dec, `objective_terms`), each flattened into one fp32 vector; None for a term
+    with no graph (lambda 0). A measuring forward of its own: the model runs with its trainable parameters
+    swapped for detached leaves of the same values (torch.func.functional_call), and autograd.grad is
+    taken w.r.t. those. The engine's forward and backward cannot be used: DeepSpeed hooks every backward
+    of its parameters (and of its engine's outputs) to reduce and partition the gradients, so a bare
+    autograd.grad there corrupts its bookkeeping. Not for ZeRO-3, whose parameters are empty outside its
+    own forward. With dropout, this forward draws its own masks."""
+    from torch.func import functional_call
+
+    leaves = {n: p.detach().requires_grad_() for n, p in model.named_parameters() if p.requires_grad}
+    out = functional_call(model, leaves, (batch,), strict=False)
+    terms = dict(zip(("ce", "dec"), objective_terms(out, counts, expected, ramp)))
+    grads: dict[str, torch.Tensor | None] = {}
+    params = list(leaves.values())
+    for name, term in terms.items():
+        if not term.requires_grad:
+            grads[name] = None
+            continue
+        g = torch.autograd.grad(term, params, retain_graph=name != "dec", allow_unused=True)
+        grads[name] = torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1).float()
+                                 for x, p in zip(g, params)])
+    return grads
 
 
 def term_grad_norms(gradients: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, float]:
     """The gradient norm of each term of the objective alone (before clipping): its gradient (the sum of
-    `term_gradient` of the `objective_terms` shares over the step's micro-batches) summed over ranks, as
+    `term_gradients` over the step's micro-batches) summed over ranks, as
     the engine's gradient is, then the 2-norm; 0 for a term without one. Costs one extra backward per
     term and micro-batch: the trainer measures it on log steps only. Every rank must call it (all-reduce)."""
     return {name: float(distributed.all_reduce_(g.to(device)).norm()) if g is not None else 0.0

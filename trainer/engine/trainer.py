@@ -27,7 +27,7 @@ from trainer.engine.ds_config import (describe_optimizer, load_ds_config, op_pre
 from trainer.engine.evaluate import EvalInterrupted, PeriodicEval, evaluate_loss, evaluate_wer
 from trainer.engine.export import export_consolidated, export_trainable
 from trainer.engine.loss import (LOGGED, GlobalCounts, backward, check_counts, decorrelation_ramp, micro_batch_share,
-                                 objective_terms, term_grad_norms, term_gradient)
+                                 term_grad_norms, term_gradients)
 from trainer.engine.schedule import warmup_cosine
 from trainer.engine.signals import StopSignal
 from trainer.engine.flops import StepFlops
@@ -427,20 +427,17 @@ class Trainer:
         shares = []
         lr = float(self.ds_engine.get_lr()[0])       # before ds_engine.step(): the lr this step trains with
         ramp = decorrelation_ramp(self.step, self.cfg.model.decorrelation_warmup_steps)
-        # autograd.grad cannot reach ZeRO-3's partitioned parameters (their .data is released after the
-        # forward; the engine's own backward re-gathers them, a bare autograd.grad does not): measured
-        # under ZeRO-0/1/2 only (the study runs ZeRO-2), said once at the start otherwise.
+        # Measured on a forward of its own (loss.term_gradients), before the step changes the weights;
+        # not under ZeRO-3, whose partitioned parameters are empty outside its forward (said at the start).
         measure = self.is_log_step(self.step + 1) and not self.zero3
         grads: dict[str, torch.Tensor | None] = {"ce": None, "dec": None}    # summed over micro-batches
-        trainable = [p for p in self.model.parameters() if p.requires_grad] if measure else []
         for batch, expected in zip(batches, local):
-            out = self.ds_engine(self.to_device(batch))
-            loss, share = micro_batch_share(out, counts, expected, ramp)
-            if measure:         # before the backward frees the graph
-                for name, term in zip(("ce", "dec"), objective_terms(out, counts, expected, ramp)):
-                    g = term_gradient(term, trainable)
+            if measure:
+                for name, g in term_gradients(self.model, self.to_device(batch), counts, expected, ramp).items():
                     if g is not None:
                         grads[name] = g if grads[name] is None else grads[name] + g
+            out = self.ds_engine(self.to_device(batch))
+            loss, share = micro_batch_share(out, counts, expected, ramp)
             backward(self.ds_engine, loss)
             self.ds_engine.step()
             shares.append(share)
