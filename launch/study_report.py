@@ -248,6 +248,12 @@ def sink_clips(run: dict, key: str) -> list[float]:
     return per_clip
 
 
+def ce_takes_over(curves: dict) -> int | None:
+    """The first logged step at which the CE gradient norm exceeds the lambda * L_dec one; None if never."""
+    dec = dict(curves.get("train/grad_norm_dec", []))
+    return next((step for step, ce in curves.get("train/grad_norm_ce", []) if step in dec and ce > dec[step]), None)
+
+
 def plateau(curve: list[tuple[int, float]]) -> dict:
     """Whether the validation curve has flattened: its relative fall over the last quarter of the steps."""
     if len(curve) < 3:
@@ -306,6 +312,11 @@ def conclusion(runs: list[dict], table: dict) -> str:
                      + f"); test loss per token difference {_f(vs.get('loss_diff'), '{:.3f}')} "
                      f"{_ci(vs.get('loss_diff_ci95'), 1, '{:.3f}')}.")
         if vs["differs_in"] == "decorrelation":
+            curves = table[n]["curves"]
+            if curves.get("train/grad_norm_dec"):
+                step = table[n]["ce_takes_over_step"]
+                parts.append(f"In {n} the CE gradient outgrows the lambda * L_dec one "
+                             + (f"from step {step} on." if step is not None else "at no logged step."))
             if sink_ci and sink_ci[1] < 0:
                 fewer.append(n)
             if wer_ci and wer_ci[1] < 0:
@@ -593,6 +604,7 @@ def build_table(runs: list[dict], sums: dict) -> dict:
         table[run["name"]] = {
             "config": describe(run), "test": test_statistics(run), "vs": vs, "plateau": plateau(run["val_curve"]),
             "val_curve": run["val_curve"], "curves": run["curves"],
+            "ce_takes_over_step": ce_takes_over(run["curves"]) if describe(run)["lambda"] else None,
             "sinks": {"mid_intermediate_start": ends["first"].value, "mid_intermediate_start_ci95": ends["first"].ci,
                       "mid_intermediate_end": ends["last"].value, "mid_intermediate_end_ci95": ends["last"].ci,
                       "probe_clips": len(run["sink_clips"]["last"])}}
@@ -626,6 +638,7 @@ def main() -> int:
         summary[r["name"]] = {
             "config": t["config"], "results": {**r["results"], "test": {**r["results"].get("test", {}), **t["test"]}},
             "vs_baseline": t["vs"], "val_curve": t["val_curve"], "plateau": t["plateau"], "curves": t["curves"],
+            "ce_takes_over_step": t["ce_takes_over_step"],
             "sinks": {**t["sinks"], **sums[r["name"]]}}
     (args.study_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     files = draw(runs, sums, table, args.study_dir)
