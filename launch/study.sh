@@ -29,6 +29,7 @@
 # process (ZeRO-2, 2 threads; 2 processes need ~2 x 2.7 GB and were OOM-killed on a shared 24 GB machine);
 # PORT fixes the launcher's port (default: a free one). Extra arguments go to every train.py.
 set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."        # relative paths are the checkout's (setup_env.sh changes into it too)
 STUDY_DIR=${STUDY_DIR:-runs/study}
 STEPS=${STEPS:-100}
 CORPUS=${CORPUS:-data/synth_study}
@@ -60,7 +61,7 @@ for spec in $RUNS; do
 done
 [[ $RUNS != *:match* || $ref_lambda =~ ^0+([.]0*)?$ ]] || bad "RUNS: lambda \"match\" needs a first run with lambda 0"
 export AVSR_SETUP_APT=${AVSR_SETUP_APT:-1}   # ffmpeg and espeak-ng: the synthetic corpus needs them
-source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+source launch/setup_env.sh
 if command -v nvidia-smi >/dev/null 2>&1; then NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}; else
   NPROC=${NPROC:-1}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
