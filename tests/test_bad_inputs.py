@@ -286,7 +286,7 @@ def _entry_cases(tmp: Path) -> list[tuple[list[str], dict, str]]:
         ([py, str(REPO / "launch" / "slurm" / "plan.py"), "dry-run", recipe, stage7],
          {**slurm, "SLURM_NNODES": "two"}, "invalid literal"),
         (["bash", str(REPO / "launch" / "study.sh")], {"STEPS": "lots"}, "STEPS=lots"),
-        (["bash", str(REPO / "launch" / "study.sh")], {"RUNS": "a:mini_avsr:16"}, "RUNS: a:mini_avsr:16"),
+        (["bash", str(REPO / "launch" / "study.sh")], {"RUNS": "a:1:ln"}, "RUNS: a:1:ln"),
     ]
 
 

@@ -44,3 +44,18 @@ def test_all_problems_are_reported_at_once():
         DataConfig(shard_dir="x", num_workers=-1, noise="pink", crop_size=0)
     message = str(err.value)
     assert all(f in message for f in ("--data.num-workers", "--data.noise", "--data.crop-size")), message
+
+
+def test_eval_batches_have_their_own_budget():
+    from trainer.data.config import DataConfig
+    from trainer.data.pipeline import batch_budget
+
+    same = DataConfig(max_frames_per_batch=400, max_batch_size=8, max_clip_frames=150)
+    assert batch_budget(same, train=True) == batch_budget(same, train=False) == (400, 8)
+    big = DataConfig(max_frames_per_batch=400, max_batch_size=8, max_clip_frames=150,
+                     eval_max_frames_per_batch=4800, eval_max_batch_size=32)
+    assert batch_budget(big, train=True) == (400, 8) and batch_budget(big, train=False) == (4800, 32)
+    with pytest.raises(ValueError, match="--data.eval-max-frames-per-batch"):
+        DataConfig(max_frames_per_batch=400, max_clip_frames=150, eval_max_frames_per_batch=100)
+    with pytest.raises(ValueError, match="--data.eval-max-batch-size must be an int >= 1"):
+        DataConfig(eval_max_batch_size=0)

@@ -167,6 +167,39 @@ def test_evaluate_wer_caps_samples_and_writes_report(tmp_path):
     assert full["num_utterances"] == 12 and full["wer"] == 0
 
 
+class _NllEcho(_EchoModel):
+    """Echo decoding plus a teacher-forced pass: each utterance's summed CE is its key's last digit,
+    over len(transcript_ids) + 1 target tokens."""
+
+    def target_nll(self, batch):
+        assert "transcript_ids" in batch          # the references are tokenized for the loss pass
+        return (torch.tensor([float(k[-1]) for k in batch["keys"]]),
+                torch.tensor([len(t) + 1 for t in batch["transcript_ids"]]))
+
+
+def test_evaluation_reports_per_utterance_counts_and_the_loss_per_token(tmp_path, monkeypatch):
+    from trainer.engine import evaluate
+    from trainer.model import prompt_text
+
+    monkeypatch.setattr(prompt_text, "with_transcript_ids",
+                        lambda tok, b: {**b, "transcript_ids": [list(t.encode()) for t in b["text"]]})
+    batches = [{"keys": [f"u{i}{j}" for j in range(2)], "text": ["a b", "c d e"]} for i in range(2)]
+    report = tmp_path / "eval.json"
+    res = evaluate.evaluate_wer(_NllEcho(wrong={"u01"}), batches, tokenizer=BYTES, device=torch.device("cpu"),
+                                to_device=lambda b: b, num_beams=1, max_new_tokens=8, synced_gpus=False,
+                                report_path=report, loss=True)
+    rows = {r["key"]: r for r in json.loads(report.read_text())["utterances"]}
+    assert rows["u01"]["word_errors"] == 3 and rows["u01"]["ref_words"] == 3       # "x" for "c d e"
+    assert rows["u00"]["word_errors"] == 0 and rows["u00"]["ref_words"] == 2
+    assert sum(r["word_errors"] for r in rows.values()) / sum(r["ref_words"] for r in rows.values()) == res["wer"]
+    assert rows["u11"]["nll"] == 1.0 and rows["u11"]["target_tokens"] == 6
+    # CE sums 0 + 1 + 0 + 1 over 4 + 6 + 4 + 6 target tokens
+    assert res["loss_per_token"] == pytest.approx(2 / 20) and res["target_tokens"] == 20
+    only = evaluate.evaluate_loss(_NllEcho(), batches, tokenizer=BYTES, device=torch.device("cpu"),
+                                  to_device=lambda b: b, max_samples=2)
+    assert only["loss_per_token"] == pytest.approx(1 / 10) and "wer" not in only and only["num_utterances"] == 2
+
+
 def test_evaluate_wer_stops_at_once_on_a_stop_signal(tmp_path):
     """A SLURM time-limit signal during a long eval: the next batch is not decoded, nothing is reported,
     train mode is restored, and the trainer gets EvalInterrupted to checkpoint and exit."""

@@ -6,7 +6,7 @@ interpreter, not from a reader). The rules (README "Layout", docs/DESIGN.md):
   - trainer/ (the library) imports none of data_tools/, launch/, bench/, tests/;
   - data_tools/ imports none of launch/, bench/, tests/; nothing imports tests/;
   - inside trainer/, a module imports only its own layer or those below:
-      helper_signals, distributed, device -> data -> kernels -> model -> monitor -> tracking -> engine
+      helper_signals, distributed, device, stats -> data -> kernels -> model -> monitor -> tracking -> engine
     (with trainer.config) -> run_folder;
   - no module imports another module's private (_underscore) names.
 Read from the source with ast: nothing is imported, so the test needs no GPU and no optional package.
@@ -25,7 +25,7 @@ INTERNAL = (*ROOTS, "tests")
 # config (trainer.config) assembles the sections' configs and is what the engine runs: it shares the
 # engine's layer (the module graph itself has no cycle). Every trainer module must be in a layer.
 TRAINER_LAYERS = (
-    ("trainer.helper_signals", "trainer.distributed", "trainer.config_checks", "trainer.device"),
+    ("trainer.helper_signals", "trainer.distributed", "trainer.config_checks", "trainer.device", "trainer.stats"),
     ("trainer.data",),
     ("trainer.kernels",),
     ("trainer.model",),

@@ -96,22 +96,40 @@ def test_missing_modality_raises(avsr_model):
         avsr_model(batch)
 
 
-def test_gradients_only_on_trainable_parts():
+@pytest.mark.parametrize("freeze_delimiters", [True, False])
+def test_gradients_only_on_trainable_parts(freeze_delimiters):
     torch.manual_seed(0)
-    model = build_model(tiny_config(modality="avsr"))
+    model = build_model(tiny_config(modality="avsr", freeze_delimiters=freeze_delimiters))
     trainable = set(model.trainable_parameter_names())
     assert trainable and all("lora_" in n or n.startswith(("audio_projector.", "video_projector.",
                                                             "delimiter_embeddings.")) for n in trainable)
     assert any(n.startswith("audio_projector.") for n in trainable) and any("lora_B" in n for n in trainable)
+    assert ("delimiter_embeddings.weight" in trainable) is not freeze_delimiters     # frozen: the paper's code
     model(make_batch()).loss.backward()
     for name, p in model.named_parameters():
         if name in trainable:
             assert p.grad is not None, name
         else:
             assert p.grad is None, f"frozen parameter {name} got a gradient"
-    for name in ("audio_projector.fc1.weight", "video_projector.fc1.weight", "delimiter_embeddings.weight",
-                 "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"):
+    for name in ("audio_projector.fc1.weight", "video_projector.fc1.weight",
+                 "llm.base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight",
+                 *(() if freeze_delimiters else ("delimiter_embeddings.weight",))):
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_target_nll_sums_the_training_cross_entropy_per_sample():
+    """The test-loss pass: per sample, the summed CE of its targets; over the batch it gives back the
+    forward's mean CE (the training loss), and each sample's count is its transcript + EOS."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(modality="avsr")).eval()
+    batch = make_batch(texts=("place blue at f two now", "set red", "bin"))
+    nll, tokens = model.target_nll(batch)
+    assert tokens.tolist() == [len(t) + 1 for t in batch["transcript_ids"]]
+    with torch.no_grad():
+        out = model(batch)
+    assert float(nll.sum() / tokens.sum()) == pytest.approx(float(out.ce_loss), rel=1e-5)
+    alone, n_alone = model.target_nll({k: (v[1:2] if isinstance(v, (list, torch.Tensor)) else v) for k, v in batch.items()})
+    assert int(n_alone) == int(tokens[1]) and float(alone) == pytest.approx(float(nll[1]), rel=1e-4)
 
 
 def test_video_lora_makes_only_adapters_trainable():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from trainer.model.config import ModelConfig
-from trainer.model.metrics import ErrorCounts, error_counts, normalize_text
+from trainer.model.metrics import ErrorCounts, error_counts, normalize_text, utterance_counts
 from trainer.model.projector import Projector, downsampled_lengths
 from trainer.model.prompt import assemble
 from trainer.model.roles import TokenRole, prefix_mask
@@ -116,6 +116,10 @@ def test_text_normalisation_and_error_counts():
     assert (empty.word_errors, empty.ref_words) == (2, 0)
     total = c + empty
     assert ErrorCounts.from_tensor(total.to_tensor()) == total
+    # per utterance: what the bootstrap resamples; they add up to the corpus counts
+    each = utterance_counts(["a b c d", "x y", ""], ["a z c", "x y", "one"])
+    assert [(u.word_errors, u.ref_words, u.utterances) for u in each] == [(2, 4, 1), (0, 2, 1), (1, 0, 1)]
+    assert sum(each, ErrorCounts()) == error_counts(["a b c d", "x y", ""], ["a z c", "x y", "one"])
 
 
 def test_config_validation_names_the_flag():

@@ -35,21 +35,24 @@ DS_CONFIG = {
 
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory, synth_corpus):
+    return _run_layouts(tmp_path_factory.mktemp("layouts"), synth_corpus, DS_CONFIG, LAYOUTS)
+
+
+def _run_layouts(root, synth_corpus, ds_config: dict, layouts: list):
     from trainer.data.text import iter_transcripts
     from trainer.model.tokenizer import train_bpe_tokenizer
 
-    root = tmp_path_factory.mktemp("layouts")
-    (root / "sgd_zero3.json").write_text(json.dumps(DS_CONFIG))
+    (root / "sgd.json").write_text(json.dumps(ds_config))
     train_bpe_tokenizer(list(iter_transcripts(str(synth_corpus), "train")), vocab_size=200) \
         .save_pretrained(str(root / "tokenizer"))
-    trainer_args = ["--config", str(root / "sgd_zero3.json"), "--data.shard-dir", str(synth_corpus),
+    trainer_args = ["--config", str(root / "sgd.json"), "--data.shard-dir", str(synth_corpus),
                     "--model.tokenizer-path", str(root / "tokenizer"), "--model.lora-dropout", "0",
                     "--model.decorrelation-weight", "1.0", "--train.lr", "1.0", "--train.warmup-steps", "0",
                     "--train.max-steps", "1", "--train.grad-clip", "0", "--tracking.enabled", "False",
                     "--monitor.every", "0", "--train.device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "dist_grad_layout.py"), "--layouts", json.dumps(LAYOUTS), "--out", str(root),
+           str(REPO / "tests" / "dist_grad_layout.py"), "--layouts", json.dumps(layouts), "--out", str(root),
            "--", *trainer_args]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"layout run failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
@@ -89,3 +92,29 @@ def test_logged_values_are_the_global_token_means(steps):
         values = json.loads((steps / str(i) / "values.json").read_text())
         for k in ("loss", "ce_loss", "dec_loss_raw", "grad_norm", "lr"):
             assert values[k] == pytest.approx(ref[k], rel=1e-5), (i, k, values[k], ref[k])
+
+
+@pytest.fixture(scope="module")
+def steps_zero2(tmp_path_factory, synth_corpus):
+    """Two of the layouts under ZeRO-2, where the trainer measures the CE and lambda * L_dec gradient norms
+    (ZeRO-3's partitioned parameters are out of autograd.grad's reach)."""
+    cfg = {**DS_CONFIG, "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}
+    return _run_layouts(tmp_path_factory.mktemp("layouts_zero2"), synth_corpus, cfg, LAYOUTS[:2])
+
+
+def test_term_gradient_norms_are_those_of_the_global_gradient(steps_zero2, steps):
+    """The CE and lambda * L_dec gradient norms (logged on log steps; max-steps 1 makes step 1 one) are
+    measured on the global batch: the same in both layouts (micro-batches and ranks summed), and the two
+    terms add up to the step's gradient, whose norm the weights' change gives (triangle inequality both
+    ways). Under ZeRO-3 they are not logged."""
+    ref = json.loads((steps_zero2 / "0" / "values.json").read_text())
+    g_ce, g_dec = ref["grad_norm_ce"], ref["grad_norm_dec"]
+    assert g_ce > 0 and g_dec > 0
+    assert ref["decorrelation_weight"] == 1.0
+    total = float(torch.cat([g.reshape(-1) for g, _ in _grads(steps_zero2 / "0").values()]).norm())
+    assert abs(g_ce - g_dec) * (1 - 1e-4) <= total <= (g_ce + g_dec) * (1 + 1e-4)
+    assert ref["grad_norm"] == pytest.approx(total, rel=1e-3)      # the engine's own norm (no clipping)
+    values = json.loads((steps_zero2 / "1" / "values.json").read_text())
+    for k in ("grad_norm_ce", "grad_norm_dec", "loss"):
+        assert values[k] == pytest.approx(ref[k], rel=1e-4), (k, values[k], ref[k])
+    assert "grad_norm_ce" not in json.loads((steps / "0" / "values.json").read_text())

@@ -210,6 +210,9 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
     from trainer.model.hub import PretrainedNotFound, resolve
 
     m = cfg.model
+    if m.decorrelation_warmup_steps > cfg.train.max_steps:
+        problems.append(f"--model.decorrelation-warmup-steps {m.decorrelation_warmup_steps} is more than "
+                        f"--train.max-steps {cfg.train.max_steps}: lambda would never reach its value")
     folders = {"llm_path": (m.llm_path, m.llm_revision, "config.json"),
                "whisper_path": (m.whisper_path, m.whisper_revision, "config.json"),
                "tokenizer_path": (m.tokenizer_path, None, None)}

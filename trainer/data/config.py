@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from trainer.config_checks import Problems
 
@@ -43,6 +44,13 @@ class DataConfig:
     (25 fps, so 1500 = 60 s of padded video). Audio cost follows (4 mel frames per video frame)."""
     max_batch_size: int = 64
     """Hard cap on clips per batch, whatever the budget allows."""
+    eval_max_frames_per_batch: Optional[int] = None
+    """max_frames_per_batch of evaluation batches (validation, test, the sink probe); None = the training
+    value. Greedy decoding on a CPU reads every weight once per generated token whatever the batch size,
+    so larger eval batches decode many times faster and change no result."""
+    eval_max_batch_size: Optional[int] = None
+    """max_batch_size of evaluation batches; None = the training value. The sink probe takes its clips
+    from the first validation batch, so --monitor.probe-batch-size N needs eval batches of >= N clips."""
     max_clip_frames: int = 600
     """Clips longer than this (video frames; 600 = 24 s) are skipped and counted as "too_long"."""
     min_clip_frames: int = 2
@@ -108,7 +116,12 @@ class DataConfig:
                           "crop_size", "prefetch_factor", "max_initial_failures"), 1, integer=True)
         p.at_least(self, ("sort_buffer", "shuffle_buffer", "num_workers", "samples_per_epoch",
                           "batches_per_epoch", "babble_reservoir"), 0, integer=True)
+        p.at_least(self, [n for n in ("eval_max_frames_per_batch", "eval_max_batch_size")
+                          if getattr(self, n) is not None], 1, integer=True)
         if not p.found:                # the relations below assume numbers
+            p.check(self.max_clip_frames <= (self.eval_max_frames_per_batch or self.max_frames_per_batch),
+                    "max_clip_frames", f"({self.max_clip_frames}) must be <= {p.flag('eval_max_frames_per_batch')} "
+                    f"({self.eval_max_frames_per_batch}), or the longest allowed clip could not form an eval batch")
             p.check(self.max_clip_frames <= self.max_frames_per_batch, "max_clip_frames",
                     f"({self.max_clip_frames}) must be <= {p.flag('max_frames_per_batch')} "
                     f"({self.max_frames_per_batch}), or the longest allowed clip could not form a batch")

@@ -189,7 +189,7 @@ class AVSRStream(IterableDataset):
             shuffle = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=random.Random(seed + 1))
             samples = shuffle(samples)
         clips = decode_stream(samples, cfg, self.streams, counter, train=self.train, rng=aug_rng, noise_rng=noise_rng)
-        batches = budget_batches(clips, cfg.max_frames_per_batch, cfg.max_batch_size,
+        batches = budget_batches(clips, *batch_budget(cfg, self.train),
                                  cfg.sort_buffer if self.train else 0, batch_rng if self.train else None)
         out = collate_stream(batches, counter)
         if self.train:   # this worker's share of the rank's batches; shares differ by at most one
@@ -303,6 +303,13 @@ def eval_workers(cfg: DataConfig, num_shards: int, rank: int, world_size: int) -
                     rank, own, cfg.num_workers, own)
         return own
     return cfg.num_workers
+
+
+def batch_budget(cfg: DataConfig, train: bool) -> tuple[int, int]:
+    """(max frames per batch, max clips per batch) of training or evaluation batches."""
+    if train:
+        return cfg.max_frames_per_batch, cfg.max_batch_size
+    return cfg.eval_max_frames_per_batch or cfg.max_frames_per_batch, cfg.eval_max_batch_size or cfg.max_batch_size
 
 
 def build_eval_loader(cfg: DataConfig, streams: Streams, split: str | None, rank: int, world_size: int) -> DataLoader:

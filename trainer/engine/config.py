@@ -37,7 +37,7 @@ class TrainConfig:
     CPU. bf16 (GPU or CPU) = DeepSpeed's bf16 mode: every trainable weight in bf16, fp32 master weights and
     Adam moments in the optimizer, losses summed in fp32; frozen parts keep --model.load-dtype."""
     log_every: int = 10
-    """Steps between metric logs."""
+    """Steps between metric logs (the first and the last step are logged too)."""
     eval_every: int = 0
     """Steps between WER evaluations on the validation split (0 = only at the end)."""
     eval_max_samples: Optional[int] = None
@@ -46,6 +46,12 @@ class TrainConfig:
     """Beam width for evaluation decoding (1 = greedy; the paper uses 15)."""
     eval_max_new_tokens: int = 32
     """Longest transcript generated in evaluation."""
+    eval_loss: bool = True
+    """With every WER evaluation, the teacher-forced loss per target token on the same utterances (the
+    training cross-entropy, one forward per batch, no generation): continuous where WER counts words."""
+    val_loss_every: int = 0
+    """Steps between teacher-forced loss passes over the validation split (no generation; at most
+    eval_max_samples utterances), from step 0 of a fresh run: the validation loss curve. 0 = never."""
     eval_untrained: bool = True
     """Before the first step of a fresh run, report the untrained model's WER on the test split
     (the baseline in results.json)."""
@@ -78,7 +84,7 @@ class TrainConfig:
     def __post_init__(self):
         p = Problems("train")
         p.at_least(self, ("max_steps", "grad_accum", "log_every", "keep_last", "eval_beams"), 1, integer=True)
-        p.at_least(self, ("eval_every", "save_every"), 0, integer=True)
+        p.at_least(self, ("eval_every", "save_every", "val_loss_every"), 0, integer=True)
         p.one_of(self, "device", ("auto", "cuda", "cpu"))
         p.check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         p.at_least(self, ("seed", "weight_decay"), 0, integer=False)

@@ -24,9 +24,10 @@ from trainer.data.stream import TrainStream
 from trainer.engine.checkpoint import CheckpointManager, frozen_weight_sums, seed_everything
 from trainer.engine.ds_config import (describe_optimizer, load_ds_config, op_prebuilt, resolve_ds_config, use_bf16,
                                      zero_stage)
-from trainer.engine.evaluate import EvalInterrupted, PeriodicEval, evaluate_wer
+from trainer.engine.evaluate import EvalInterrupted, PeriodicEval, evaluate_loss, evaluate_wer
 from trainer.engine.export import export_consolidated, export_trainable
-from trainer.engine.loss import LOGGED, GlobalCounts, backward, check_counts, micro_batch_share
+from trainer.engine.loss import (LOGGED, GlobalCounts, backward, check_counts, decorrelation_ramp, micro_batch_share,
+                                 term_grad_norms, term_gradients)
 from trainer.engine.schedule import warmup_cosine
 from trainer.engine.signals import StopSignal
 from trainer.engine.flops import StepFlops
@@ -81,6 +82,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, cfg.train.keep_last, self.rank, self.world_size,
                                       every=cfg.train.save_every)
         self.periodic_eval = PeriodicEval(every=cfg.train.eval_every, max_steps=cfg.train.max_steps)
+        self.periodic_loss = PeriodicEval(every=cfg.train.val_loss_every, max_steps=cfg.train.max_steps)
         self.ckpt.check_start(cfg.train.resume)       # before anything is built, written or logged
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = self._pick_device()
@@ -139,17 +141,22 @@ class Trainer:
                 self.untrained = self._evaluate(self.cfg.data.test_split, None, tag="untrained")
             if self.step == 0 and self.monitor is not None:
                 self._probe_sinks()          # step 0: the pretrained LLM's sinks, the baseline to compare with
+            if self.step == 0 and self.cfg.train.val_loss_every:
+                self._validation_loss()      # the curve's first point
             meter = ThroughputMeter(self.world_size)
             start = self.step
             while self.step < self.cfg.train.max_steps:
                 stats = self._train_step(meter)
                 self.step += 1
-                if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.max_steps:
+                if self.is_log_step(self.step):
                     self._log_step(stats, meter)
                 if self.monitor is not None and self.monitor.should_run(self.step):
                     self._probe_sinks()
                 if self.periodic_eval.should_run(self.step):
                     self._evaluate(self.cfg.data.eval_split, self.cfg.train.eval_max_samples)
+                if self.periodic_loss.should_run(self.step) or (self.periodic_loss.every
+                                                                and self.step == self.cfg.train.max_steps):
+                    self._validation_loss()          # the curve ends at the last step
                 if self.ckpt.should_run(self.step):
                     self._save()
                 if self.stop.agreed(self.device):
@@ -387,6 +394,9 @@ class Trainer:
         self.tracker.log_artifact(self.run_dir / "ds_config.resolved.json", "config")
         self.tracker.log_datasets(shard_datasets(self.cfg.data))
         log.info("params: %s; world size %d on %s", self.param_counts, self.world_size, self.device)
+        if self.zero3:
+            log.info("the CE and lambda*L_dec gradient norms are not measured under ZeRO-3 (partitioned parameters); "
+                     "ZeRO-2 (ds_configs/zero2.json) logs them as train/grad_norm_ce and train/grad_norm_dec")
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
@@ -397,6 +407,11 @@ class Trainer:
         """The step's grad_accum micro-batches, their transcripts tokenized (the model takes ids)."""
         return [with_transcript_ids(self.tokenizer, next(self.stream)) for _ in range(self.cfg.train.grad_accum)]
 
+    def is_log_step(self, step: int) -> bool:
+        """Whether the metrics of the step that ends at `step` (1-based) are logged: every log_every-th, the
+        first (where every curve starts: the decorrelation term is largest against CE there) and the last."""
+        return step % self.cfg.train.log_every == 0 or step in (1, self.cfg.train.max_steps)
+
     def _train_step(self, meter: ThroughputMeter) -> dict:
         """One optimizer step over the global batch: token means over all its micro-batches and ranks
         (trainer/engine/loss.py). Returns this rank's shares of the logged values and the lr used.
@@ -404,16 +419,28 @@ class Trainer:
         Nothing between a forward and its backward reads a device value on the host. The step's host
         syncs: the all-reduce of the token counts before the first forward (the loss weights need the
         global counts), and after the backward of each micro-batch the check of its counts and the
-        throughput figures, then the logged values once per step."""
+        throughput figures, then the logged values once per step. On log steps the gradient norms of
+        the cross-entropy and of lambda * L_dec alone are measured too, unless ZeRO-3 partitions the
+        parameters (loss.term_grad_norms: one more backward per term), so that a run shows which term
+        drives the update."""
         self.ds_engine.train()
         batches = self.next_micro_batches()
         local = [self.model.token_counts(b) for b in batches]
         counts = GlobalCounts.all_reduced(local, self.device)
         shares = []
         lr = float(self.ds_engine.get_lr()[0])       # before ds_engine.step(): the lr this step trains with
+        ramp = decorrelation_ramp(self.step, self.cfg.model.decorrelation_warmup_steps)
+        # Measured on a forward of its own (loss.term_gradients), before the step changes the weights;
+        # not under ZeRO-3, whose partitioned parameters are empty outside its forward (said at the start).
+        measure = self.is_log_step(self.step + 1) and not self.zero3
+        grads: dict[str, torch.Tensor | None] = {"ce": None, "dec": None}    # summed over micro-batches
         for batch, expected in zip(batches, local):
+            if measure:
+                for name, g in term_gradients(self.model, self.to_device(batch), counts, expected, ramp).items():
+                    if g is not None:
+                        grads[name] = g if grads[name] is None else grads[name] + g
             out = self.ds_engine(self.to_device(batch))
-            loss, share = micro_batch_share(out, counts, expected)
+            loss, share = micro_batch_share(out, counts, expected, ramp)
             backward(self.ds_engine, loss)
             self.ds_engine.step()
             shares.append(share)
@@ -425,12 +452,16 @@ class Trainer:
         meter.step()
         sums = dict(zip(LOGGED, torch.stack(shares).sum(0).tolist()))
         gn = self.ds_engine.get_global_grad_norm()
-        return {**sums, "grad_norm": float(gn) if gn is not None else float("nan"), "lr": lr}
+        term_norms = term_grad_norms(grads, self.device) if measure else {}
+        return {**sums, "grad_norm": float(gn) if gn is not None else float("nan"), "lr": lr,
+                "decorrelation_weight": self.cfg.model.decorrelation_weight * ramp,
+                **{f"grad_norm_{k}": v for k, v in term_norms.items()}}
 
     def step_values(self, stats: dict) -> dict:
         """The step's logged values from every rank's shares (a collective: all ranks call it)."""
         reduced = dict(zip(LOGGED, _all_sum([stats[k] for k in LOGGED], self.device)))
-        return {**reduced, "grad_norm": stats["grad_norm"], "lr": stats["lr"]}     # the same on every rank
+        same = ("grad_norm", "lr", "decorrelation_weight", "grad_norm_ce", "grad_norm_dec")
+        return {**reduced, **{k: stats[k] for k in same if k in stats}}     # the same on every rank
 
     def _log_step(self, stats: dict, meter: ThroughputMeter) -> None:
         reduced = self.step_values(stats)
@@ -445,9 +476,10 @@ class Trainer:
         if self.figure_queue is not None:
             self._log_sink_files(self.figure_queue.finished())
         if self.rank == 0:
-            log.info("step %d/%d loss %.4f ce %.4f dec %.4g lr %.2e gnorm %.3f %.1f samples/s",
-                     self.step, self.cfg.train.max_steps, reduced["loss"], reduced["ce_loss"],
+            log.info("step %d/%d loss %.4f ce %.4f dec %.4g lr %.2e gnorm %.3f (ce %.3g, lambda*dec %.3g) "
+                     "%.1f samples/s", self.step, self.cfg.train.max_steps, reduced["loss"], reduced["ce_loss"],
                      reduced["dec_loss_raw"], metrics["train/lr"], reduced["grad_norm"],
+                     reduced.get("grad_norm_ce", float("nan")), reduced.get("grad_norm_dec", float("nan")),
                      metrics["perf/samples_per_s"])
             line = skip_summary(skipped)
             if line:
@@ -489,7 +521,7 @@ class Trainer:
             num_beams=num_beams or self.cfg.train.eval_beams, max_new_tokens=self.cfg.train.eval_max_new_tokens,
             synced_gpus=self.zero3 and self.world_size > 1, max_samples=max_samples, rank=self.rank,
             desc=f"{split} {tag or f'step {self.step}'}", report_path=self.run_dir / "eval" / f"{name}.json",
-            stop_requested=self.stop.requested)
+            stop_requested=self.stop.requested, loss=self.cfg.train.eval_loss)
         mod = self.cfg.model.modality
         self.tracker.log_metrics({f"{split}{'_' + tag if tag else ''}/{mod}/{k}": v for k, v in result.items()},
                                  self.step)
@@ -502,6 +534,25 @@ class Trainer:
             report = self.run_dir / "eval" / f"{name}.json"
             if report.is_file():
                 self.tracker.log_artifact(report, "eval")
+        return result
+
+    def _validation_loss(self) -> dict:
+        """The teacher-forced loss per token on the validation split (no generation): one point of the
+        validation curve, logged as val/loss_per_token and kept in eval/<split>_loss_step<N>.json. The
+        run's last point is the final evaluation's own (with --train.eval-loss)."""
+        from trainer.data.pipeline import build_eval_loader
+        split = self.cfg.data.eval_split
+        loader = build_eval_loader(self.cfg.data, self.model.input_streams, split, rank=self.rank,
+                                   world_size=self.world_size)
+        result = evaluate_loss(self.model, loader, tokenizer=self.tokenizer, device=self.device,
+                               to_device=self.to_device, max_samples=self.cfg.train.eval_max_samples, rank=self.rank,
+                               desc=f"{split} loss step {self.step}",
+                               report_path=self.run_dir / "eval" / f"{split}_loss_step{self.step:08d}.json",
+                               stop_requested=self.stop.requested)
+        self.tracker.log_metrics({f"{split}/loss_per_token": result["loss_per_token"]}, self.step)
+        if self.rank == 0:
+            log.info("%s loss per token %.4f on %d utterances (step %d)", split, result["loss_per_token"],
+                     int(result["num_utterances"]), self.step)
         return result
 
     def _save(self) -> None:

@@ -1,12 +1,13 @@
 """LlamaAVSR: encoders -> projectors -> prompt -> LoRA LLM, and `build_model`.
 
-Trainable: LoRA adapters of the LLM, the projectors, the four delimiter embeddings, and (by
-config) AV-HuBERT LoRA adapters or all of AV-HuBERT. Frozen: Whisper, AV-HuBERT (default) and
-the LLM base, including its embedding table.
+Trainable: LoRA adapters of the LLM, the projectors, and (by config) the four delimiter
+embeddings (frozen by default, as in the paper's code), AV-HuBERT LoRA adapters or all of
+AV-HuBERT. Frozen: Whisper, AV-HuBERT (default) and the LLM base, including its embedding table.
 
 Delimiter tokens: <audio> </audio> <video> </video> get rows in the resized LLM vocabulary (so
 every id is valid for the tokenizer, the monitor and generate), but their input embeddings are
-taken from `delimiter_embeddings`, a small trainable [4, D] table initialised from those rows.
+taken from `delimiter_embeddings`, a small [4, D] table initialised from those rows (trainable with
+--model.freeze-delimiters false).
 Training rows of the LLM's table instead would mean a trainable 128k x D matrix (and, with the
 tied embeddings of Llama 3.2, changing output logits too); the small table is also ZeRO-3
 friendly. The model never has to emit these tokens: generation suppresses them.
@@ -181,13 +182,30 @@ class LlamaAVSR(nn.Module):
             prefix += 2 + downsampled_lengths(lengths, rate)          # <modality> tokens </modality>
         return targets, int(prefix.sum())
 
-    def _cross_entropy(self, hidden: torch.Tensor, inputs: AssembledInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token CE on target positions only: the LM head runs on those rows alone, not on
-        [B, T, vocab], which matters with a 128k vocabulary."""
+    def _token_nll(self, hidden: torch.Tensor, inputs: AssembledInputs) -> torch.Tensor:
+        """Next-token cross-entropy [N] of each target position, in fp32. The LM head runs on those rows
+        alone, not on [B, T, vocab], which matters with a 128k vocabulary."""
         logits = self.base_llm.get_output_embeddings()(hidden[inputs.predicting_positions])
+        return F.cross_entropy(logits.float(), inputs.target_ids, reduction="none")
+
+    def _cross_entropy(self, hidden: torch.Tensor, inputs: AssembledInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's mean CE over its target tokens, and their number."""
         num = torch.tensor(inputs.target_ids.numel(), device=hidden.device)
-        ce = F.cross_entropy(logits.float(), inputs.target_ids, reduction="sum") / num.clamp_min(1)
-        return ce, num
+        return self._token_nll(hidden, inputs).sum() / num.clamp_min(1), num
+
+    @torch.no_grad()
+    def target_nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample: the summed teacher-forced cross-entropy of its target tokens (transcript + EOS),
+        exactly the training loss's terms, and their number ([B] fp32, [B] long). No hidden states, no
+        decorrelation term: the cheap pass behind the test loss per token."""
+        inputs = self.assemble(batch)
+        out = self.decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                           position_ids=inputs.position_ids, use_cache=False)
+        rows = inputs.predicting_positions[0]
+        b = inputs.inputs_embeds.shape[0]
+        nll = torch.zeros(b, dtype=torch.float32, device=rows.device).index_add_(
+            0, rows, self._token_nll(out.last_hidden_state, inputs))
+        return nll, torch.bincount(rows, minlength=b)
 
     def _decorrelation(self, hidden_states, token_roles: torch.Tensor) -> torch.Tensor:
         from trainer.kernels import decorrelation_loss   # lazy: the kernel package is built separately
@@ -403,5 +421,6 @@ def assemble_model(cfg: ModelConfig, prompt: PromptIds, llm, audio_encoder: Whis
     audio_projector = projector(audio_encoder.out_dim, cfg.audio_rate) if audio_encoder is not None else None
     video_projector = projector(video_encoder.out_dim, cfg.video_rate) if video_encoder is not None else None
     delimiters = _delimiter_table(llm, prompt.specials, init_ctx)
+    delimiters.requires_grad_(not cfg.freeze_delimiters)
     llm = add_lora(llm, cfg)
     return LlamaAVSR(cfg, prompt, llm, audio_encoder, video_encoder, audio_projector, video_projector, delimiters)

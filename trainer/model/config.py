@@ -149,6 +149,10 @@ class ModelConfig:
     """Dropout on the LoRA branch input."""
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     """LLM linear layers that get LoRA adapters."""
+    freeze_delimiters: bool = False
+    """Keep the embeddings of <audio> </audio> <video> </video> at their initial values (the paper's
+    code trains only the projectors and LoRA: the mini and LRS3 recipes set it); False trains the
+    [4, D] delimiter table (the demo, whose tiny LLM's rows are random)."""
 
     # --- video encoder training ---
     freeze_video_encoder: bool = True
@@ -159,6 +163,10 @@ class ModelConfig:
     # --- decorrelation loss (DESIGN.md section 3) ---
     decorrelation_weight: float = 0.0
     """lambda: total loss = CE + lambda * L_dec_raw. 0 turns the loss off (the public code used 1e4)."""
+    decorrelation_warmup_steps: int = 0
+    """Ramp lambda linearly over the first N optimizer steps (step s trains with lambda * min(1, (s + 1) / N));
+    0 = the full lambda from the first step, as the paper's code. A ramp lets the cross-entropy shape the
+    model before the decorrelation term can dominate it."""
     decorrelation_layers: tuple[int, ...] | None = None
     """Indices into the LLM's `hidden_states` (0 = embeddings, i = output of block i, L = final normed);
     None -> 1 .. L-1."""
@@ -200,6 +208,7 @@ class ModelConfig:
         p.check(bool(self.lora_targets), "lora_targets", "is empty: the LLM would have no trainable adapters")
         p.check(self.decorrelation_weight >= 0, "decorrelation_weight",
                 f"must be >= 0, got {self.decorrelation_weight}")
+        p.at_least(self, ("decorrelation_warmup_steps",), 0, integer=True)
         layers = self.decorrelation_layers
         if layers is not None:
             p.check(bool(layers), "decorrelation_layers", "is empty (leave it out for the default 1 .. L-1)")

@@ -65,26 +65,25 @@ def _errors(out) -> int:
     return out.substitutions + out.deletions + out.insertions
 
 
-def error_counts(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorCounts:
+def utterance_counts(references: Sequence[str], hypotheses: Sequence[str]) -> list[ErrorCounts]:
+    """Error counts of each utterance: what a bootstrap over utterances resamples (trainer/stats.py).
+    Their sum is the corpus's counts (`error_counts`)."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    refs = [normalize_text(r) for r in references]
-    hyps = [normalize_text(h) for h in hypotheses]
-    counts = ErrorCounts(utterances=len(refs))
-    # jiwer rejects empty references: an empty reference only has insertions.
-    pairs = [(r, h) for r, h in zip(refs, hyps) if r]
-    for r, h in zip(refs, hyps):
-        if not r:
-            counts.word_errors += len(h.split())
-            counts.char_errors += len(h)
-    if pairs:
-        rs, hs = [p[0] for p in pairs], [p[1] for p in pairs]
-        words, chars = jiwer.process_words(rs, hs), jiwer.process_characters(rs, hs)
-        counts.word_errors += _errors(words)
-        counts.char_errors += _errors(chars)
-        counts.ref_words += sum(len(r.split()) for r in rs)
-        counts.ref_chars += sum(len(r) for r in rs)
-    return counts
+    out = []
+    for ref, hyp in zip(references, hypotheses):
+        r, h = normalize_text(ref), normalize_text(hyp)
+        if not r:          # jiwer rejects empty references: an empty reference only has insertions
+            out.append(ErrorCounts(word_errors=len(h.split()), char_errors=len(h), utterances=1))
+            continue
+        out.append(ErrorCounts(word_errors=_errors(jiwer.process_words(r, h)), ref_words=len(r.split()),
+                               char_errors=_errors(jiwer.process_characters(r, h)), ref_chars=len(r),
+                               utterances=1))
+    return out
+
+
+def error_counts(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorCounts:
+    return sum(utterance_counts(references, hypotheses), ErrorCounts())
 
 
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
