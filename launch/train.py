@@ -15,6 +15,7 @@ def main() -> int | None:
     from data_tools.demo import ensure_demo_corpus
     from trainer.config import ConfigError, parse_args
     from trainer.tracking.tracker import preflight
+    from trainer.engine.checkpoint import check_world_size
     from trainer.engine.trainer import Trainer
 
     rank = int(os.environ.get("RANK", 0))
@@ -25,6 +26,11 @@ def main() -> int | None:
     except ConfigError as err:
         if rank == 0:             # every rank finds the same problem: say it once
             print(f"error: {err}", file=sys.stderr)
+        return 2
+    problem = check_world_size(cfg.train.run_dir, cfg.train.resume, int(os.environ.get("WORLD_SIZE", 1)))
+    if problem:
+        if rank == 0:
+            print(f"error: {problem}", file=sys.stderr)
         return 2
     if rank == 0 and not preflight(cfg.tracking, cfg.train.run_dir):   # the store answers, in seconds
         cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from trainer import distributed
+from trainer.data.stream import repartition
+from trainer.engine import portable
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +266,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         ds_engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        portable.save(ds_engine, folder, self.rank, rank_state.get("data"))     # any world size resumes it
         torch.save({"rng": capture_rng(), "rank_state": rank_state, "world_size": self.world_size},
                    folder / f"rng_rank{self.rank}.pt")
         distributed.barrier()                                   # every rank's files are on disk
@@ -367,25 +370,75 @@ class CheckpointManager:
 
     def load(self, ds_engine, folder: Path) -> ResumeState:
         """`folder` must have verified (resolve): its pickles were checked before DeepSpeed unpickles them,
-        which it then does with weights_only=True too."""
+        which it then does with weights_only=True too. Written by another world size: its portable/ copy
+        is loaded instead of DeepSpeed's per-rank files (trainer/engine/portable.py)."""
+        trainer_state = json.loads((folder / "trainer_state.json").read_text())
+        saved_world = int(read_manifest(folder).get("world_size", self.world_size))
+        if saved_world != self.world_size:
+            return self._load_portable(ds_engine, folder, saved_world, trainer_state)
         weights_only_loads(ds_engine.checkpoint_engine)
         load_path, client_state = ds_engine.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {folder}")
-        trainer_state = json.loads((folder / "trainer_state.json").read_text())
-        rank_file = folder / f"rng_rank{self.rank}.pt"
-        rank_state: dict = {}
+        rank_file, rank_state = folder / f"rng_rank{self.rank}.pt", {}
         if rank_file.is_file():
             saved = safe_load(rank_file)
-            if saved.get("world_size") == self.world_size:
-                restore_rng(saved["rng"])
-                rank_state = saved["rank_state"]
-            else:
-                log.warning("checkpoint was written by %s ranks, resuming on %s: RNG and data position are "
-                            "re-seeded, not restored", saved.get("world_size"), self.world_size)
+            restore_rng(saved["rng"])
+            rank_state = saved["rank_state"]
         return ResumeState(step=int(trainer_state["step"]), tag=folder.name, client_state=client_state or {},
                            rank_state=rank_state, trainer_state=trainer_state)
+
+    def _load_portable(self, ds_engine, folder: Path, saved_world: int, trainer_state: dict) -> ResumeState:
+        problem = world_size_problem(folder, saved_world, self.world_size)
+        if problem:
+            raise RuntimeError(problem)
+        meta = portable.load(ds_engine, folder)
+        data = repartition(meta["data"], saved_world, self.world_size) if meta.get("data") else None
+        if self.rank == 0:
+            log.warning("checkpoint %s was written by %d ranks, resuming on %d: model, optimizer state and lr "
+                        "schedule loaded exactly from its portable/ copy; data stream repartitioned at global "
+                        "micro-batch %d of epoch %s (now %s per rank); RNG streams are this world size's own",
+                        folder.name, saved_world, self.world_size,
+                        meta["data"]["position"] * saved_world if data else 0,
+                        data["epoch"] if data else 0, data["position"] if data else 0)
+        return ResumeState(step=int(trainer_state["step"]), tag=folder.name,
+                           client_state={"step": int(trainer_state["step"])},
+                           rank_state={"data": data} if data else {}, trainer_state=trainer_state)
+
+
+def world_size_problem(folder: Path, saved_world: int, world_size: int) -> str | None:
+    """One line when a checkpoint of `saved_world` ranks cannot be resumed on `world_size`, else None."""
+    if saved_world == world_size or portable.present(folder):
+        return None
+    return (f"checkpoint {folder} was written by {saved_world} ranks and has no world-size-independent copy "
+            f"({portable.FOLDER}/, written since this trainer resumes on other world sizes); this run has "
+            f"{world_size}: resume it on {saved_world} ranks, or pass --train.resume never with a new "
+            f"--train.run-dir to start afresh")
+
+
+def resume_candidate(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a resume would most likely take (the newest with a manifest; not verified): what the
+    checks before the process group starts look at."""
+    if resume == "never":
+        return None
+    path = Path(run_dir) / "checkpoints" if resume == "auto" else Path(resume)
+    if (path / MANIFEST).is_file():
+        return path
+    complete = sorted((p for p in path.glob("step_*") if (p / MANIFEST).is_file()), key=step_of, reverse=True)
+    return complete[0] if complete else None
+
+
+def check_world_size(run_dir: str | Path, resume: str, world_size: int) -> str | None:
+    """Before any process group starts: why this run cannot resume its checkpoint on `world_size` ranks."""
+    folder = resume_candidate(Path(run_dir), resume)
+    if folder is None:
+        return None
+    try:
+        saved = int(read_manifest(folder).get("world_size", world_size))
+    except ValueError:
+        return None          # resume itself names the damaged manifest and falls back
+    return world_size_problem(folder, saved, world_size)
 
 
 def newest_verified(root: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
