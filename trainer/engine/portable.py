@@ -89,6 +89,8 @@ def load(ds_engine, folder: Path) -> dict:
                            f"(of {len(missing)}): it was written for another model")
     opt = _base_optimizer(ds_engine)
     _ensure_adam_state(opt, getattr(ds_engine.optimizer, "fp32_partitioned_groups_flat", None))
+    if hasattr(ds_engine.optimizer, "_lazy_init_hp_params_optimizer_state"):   # ZeRO-1/2: link the new moments
+        ds_engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, p in _trainable(module):
         device = p.device
         safe_set_full_fp32_param(p, tensors[f"param/{name}"].to(device))
