@@ -15,7 +15,7 @@ def main() -> int | None:
     from data_tools.demo import ensure_demo_corpus
     from trainer.config import ConfigError, parse_args
     from trainer.tracking.tracker import preflight
-    from trainer.engine.checkpoint import check_world_size
+    from trainer.engine.checkpoint import SaveFailed, check_world_size
     from trainer.engine.trainer import Trainer
 
     rank = int(os.environ.get("RANK", 0))
@@ -35,16 +35,25 @@ def main() -> int | None:
     if rank == 0 and not preflight(cfg.tracking, cfg.train.run_dir):   # the store answers, in seconds
         cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)
     ensure_demo_corpus(cfg.data, rank)
-    results = Trainer(cfg).train()
+    try:
+        results = Trainer(cfg).train()
+    except SaveFailed as err:     # every rank raises it (a full disk): one line, no traceback
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return _exit(1)
     if rank == 0:
         logging.getLogger("trainer").info("done: %s", results)
     # Everything is written (checkpoint, MLflow status, results): skip the interpreter's teardown,
     # whose final garbage collection alone took 10-20 s here, out of the 30 s SLURM allows between
     # its SIGTERM and SIGKILL for the checkpoint *and* the exit.
+    return _exit(0)
+
+
+def _exit(code: int):
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from trainer import distributed
 from trainer.config import ExperimentConfig
 from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_summary
 from trainer.data.stream import TrainStream
-from trainer.engine.checkpoint import CheckpointManager, frozen_weight_sums, seed_everything
+from trainer.engine.checkpoint import CheckpointManager, SaveFailed, frozen_weight_sums, seed_everything
 from trainer.engine.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from trainer.engine.evaluate import EvalInterrupted, PeriodicEval, evaluate_wer
 from trainer.engine.export import export_consolidated, export_trainable
@@ -165,6 +165,9 @@ class Trainer:
             status = KILLED
             log.warning("%s; checkpoint at step %d; resume with the same command", stopped, self.step)
             return {"step": self.step, "status": status, "stopped_by": "signal during evaluation"}
+        except SaveFailed as failed:         # FAILED, and why, where the run is looked at
+            self.tracker.set_tags({"failure": str(failed)[:5000]})
+            raise
         except KeyboardInterrupt:
             status = KILLED
             raise
