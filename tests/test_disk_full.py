@@ -105,6 +105,7 @@ def test_a_full_shard_cache_evicts_and_reads_on(tmp_path, caplog):
     assert "full" in full[0].getMessage() and "reading on without caching" in full[0].getMessage()
 
 
+@pytest.mark.slow          # ~30 s, most of it creating MLflow's store
 def test_a_full_mlflow_store_stops_tracking_not_training(tmp_path, caplog, monkeypatch):
     """The run folder's own MLflow store (mlflow.db) and its spill file on a disk that fills after the start:
     every tracking call returns, finish() returns, and each of the two problems is said once."""
