@@ -5,8 +5,9 @@ ranks saving at step 3; a copy of its folder resumed from step 3 on M ranks by t
 which writes the state it loaded (gathered again on M ranks) before training on. The master weights, both
 Adam moments, Adam's step, the lr, the schedule and the engine's counters must equal the checkpoint's
 bit for bit, and the losses of steps 4-6 stay close to the uninterrupted run's (the data stream is
-repartitioned, so they are not equal: their mean is compared). Also: a checkpoint without its portable copy, resumed on another
-world size, is one line naming both world sizes and the way out, before any process group starts.
+repartitioned, so they are not equal: their mean is compared). Also: a checkpoint without its portable
+copy, resumed on another world size, is one line naming both world sizes and the way out, before any
+process group starts.
 """
 import json
 import os
@@ -77,7 +78,8 @@ def test_resume_on_another_world_size_carries_the_state_exactly(uninterrupted, s
              synth_corpus, "--train.resume", str(step3))
     out = p.stdout + p.stderr
     assert f"was written by {saved} ranks, resuming on {resumed}" in out, out[-4000:]
-    want, got = load_file(str(step3 / "portable" / "state.safetensors")), load_file(str(dump / "portable" / "state.safetensors"))
+    want = load_file(str(step3 / "portable" / "state.safetensors"))
+    got = load_file(str(dump / "portable" / "state.safetensors"))
     assert sorted(want) == sorted(got)
     assert any(k.startswith("exp_avg_sq/") for k in want) and any(k.startswith("param/") for k in want)
     unequal = [k for k in want if not torch.equal(want[k], got[k])]

@@ -344,8 +344,8 @@ class CheckpointManager:
             head = f"checkpoint {folder.name} could not be written ({path}: {what})"
         kept = (f"the previous checkpoint {previous.name} is intact and the same command resumes there once there "
                 f"is room" if previous is not None else "no earlier checkpoint: the same command starts afresh")
-        where = f"; the unfinished folder was moved to {aside}" if aside is not None and (aside / folder.name).exists() \
-            else ""
+        moved = aside is not None and (aside / folder.name).exists()
+        where = f"; the unfinished folder was moved to {aside}" if moved else ""
         raise SaveFailed(f"{head}; {kept}{where}")
 
     def _point_latest(self, tag: str) -> None:

@@ -62,8 +62,8 @@ def save(ds_engine, folder: Path, rank: int, data_state: dict) -> None:
             "data": data_state, "world_size": distributed.world_size()}
     out = folder / FOLDER
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() if k.startswith(("param/",) + tuple(f"{m}/" for m in MOMENTS))
-               else v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / TENSORS))
+    # masters and moments come gathered in fp32; buffers keep their dtype
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(out / TENSORS))
     (out / META).write_text(json.dumps(meta, indent=1) + "\n")
 
 
