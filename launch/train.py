@@ -27,7 +27,9 @@ def main() -> int | None:
         if rank == 0:             # every rank finds the same problem: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2
-    problem = check_world_size(cfg.train.run_dir, cfg.train.resume, int(os.environ.get("WORLD_SIZE", 1)))
+    # the launchers' WORLD_SIZE; srun starting the ranks itself sets only SLURM_NTASKS
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    problem = check_world_size(cfg.train.run_dir, cfg.train.resume, world)
     if problem:
         if rank == 0:
             print(f"error: {problem}", file=sys.stderr)
