@@ -27,9 +27,17 @@ def main() -> int | None:
             print(f"error: {err}", file=sys.stderr)
         return 2
     from data_tools.demo import ensure_demo_corpus
+    from trainer.engine.checkpoint import SaveFailed, check_world_size
     from trainer.engine.trainer import Trainer
     from trainer.tracking.tracker import preflight
 
+    # the launchers' WORLD_SIZE; srun starting the ranks itself sets only SLURM_NTASKS
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    problem = check_world_size(cfg.train.run_dir, cfg.train.resume, world)
+    if problem:
+        if rank == 0:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         log_path = _log_to_run_folder(cfg.train.run_dir, rank)
     except OSError as err:       # a folder the checks could not foresee (/proc, a full disk)
@@ -40,6 +48,10 @@ def main() -> int | None:
             cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)
         ensure_demo_corpus(cfg.data, rank)
         results = Trainer(cfg).train()
+    except SaveFailed as err:     # every rank raises it (a full disk): one line, no traceback
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return _exit(1)
     except Exception:            # an internal error: its traceback, on the console and kept in the run folder
         logging.getLogger("trainer").exception("rank %d failed", rank)
         print(f"internal error on rank {rank}: traceback above and in {log_path}", file=sys.stderr, flush=True)
@@ -49,10 +61,14 @@ def main() -> int | None:
     # Everything is written (checkpoint, MLflow status, results): skip the interpreter's teardown,
     # whose final garbage collection alone took 10-20 s here, out of the 30 s SLURM allows between
     # its SIGTERM and SIGKILL for the checkpoint *and* the exit.
+    return _exit(0)
+
+
+def _exit(code: int):
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _log_to_run_folder(run_dir: str, rank: int) -> Path:

@@ -5,11 +5,17 @@ tee that writes the bytes it reads into the folder, admitted only once the shard
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import logging
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+_said_full = False          # the full-disk warning, once per process
 
 
 class ShardCache:
@@ -46,7 +52,9 @@ class ShardCache:
         os.replace(tmp, final)
         self.evict()
 
-    def evict(self) -> None:
+    def evict(self, free_at_least: int = 0) -> None:
+        """Least recently used first, until the cache holds at most max_bytes and (a full disk) the disk
+        has `free_at_least` bytes free."""
         entries = []
         for p in self.folder.iterdir():
             if p.name.startswith(".part-"):
@@ -58,7 +66,7 @@ class ShardCache:
             entries.append((st.st_mtime, st.st_size, p))
         total = sum(size for _, size, _ in entries)
         for _, size, p in sorted(entries, key=lambda e: e[0]):
-            if total <= self.max_bytes:
+            if total <= self.max_bytes and (not free_at_least or shutil.disk_usage(self.folder).free >= free_at_least):
                 break
             p.unlink(missing_ok=True)
             total -= size
@@ -74,6 +82,7 @@ class _CacheTee(io.RawIOBase):
         self.tmp = final.with_name(f".part-{os.getpid()}-{final.name}")
         self.out = open(self.tmp, "wb")
         self.eof = False
+        self.written = 0
 
     def readable(self) -> bool:
         return True
@@ -82,24 +91,54 @@ class _CacheTee(io.RawIOBase):
         data = self.stream.read(len(buf))
         if not data:
             self.eof = True
-        self.out.write(data)
+        self._copy(data)
         buf[:len(data)] = data
         return len(data)
+
+    def _copy(self, data: bytes) -> None:
+        """Into the cache file; a full disk stops caching this shard (the read goes on) and evicts."""
+        if self.out is None:
+            return
+        try:
+            self.out.write(data)
+            self.written += len(data)
+        except OSError as err:
+            self._give_up(err)
+
+    def _give_up(self, err: OSError) -> None:
+        global _said_full
+        try:
+            self.out.close()
+        except OSError:
+            pass
+        self.out = None
+        self.tmp.unlink(missing_ok=True)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise err
+        self.cache.evict(free_at_least=self.written + (1 << 20))
+        if not _said_full:
+            _said_full = True
+            log.warning("shard cache %s: disk full (%s); evicted the least recently used shards and reading on "
+                        "without caching this one (said once)", self.cache.folder, err.strerror)
 
     def close(self) -> None:
         if self.closed:
             return
         try:
-            if not self.eof:
+            if not self.eof and self.out is not None:
                 rest = self.stream.read(self.DRAIN_LIMIT) if not self.stream.closed else b""
-                self.out.write(rest)
+                self._copy(rest)
                 self.eof = len(rest) < self.DRAIN_LIMIT and not self.stream.read(1)
         except Exception:
             self.eof = False     # the shard failed: nothing goes into the cache
         finally:
-            self.out.close()
+            if self.out is not None:
+                try:
+                    self.out.close()
+                except OSError as err:
+                    self._give_up(err)
             self.stream.close()
-            if self.eof:
+            if self.eof and self.out is not None:
                 self.cache.admit(self.tmp, self.final)
             else:
                 self.tmp.unlink(missing_ok=True)

@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from itertools import islice
 from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
+
+
+def repartition(state: dict, old_world: int, new_world: int) -> dict:
+    """A stream position saved by `old_world` ranks, for `new_world` ranks: the same data epoch at the
+    same global micro-batch position (micro-batches summed over ranks), rounded down to a whole number
+    per new rank. Each rank's stream is its own seeded draw of the shards (pipeline.py), so the new
+    ranks' batches are not the old ones' continuation: the rest of the epoch is a fresh draw, in which
+    samples already seen this epoch may come again and others not at all, as across any two epochs."""
+    return {"epoch": int(state["epoch"]), "position": int(state["position"]) * old_world // new_world}
 
 
 class TrainStream:
@@ -43,9 +53,12 @@ class TrainStream:
                 self._it = iter(self._make_loader(self.epoch))
                 if self._pending_skip:
                     log.info("fast-forwarding %d micro-batches of data epoch %d", self._pending_skip, self.epoch)
-                    for _ in range(self._pending_skip):
-                        next(self._it)
+                    skipped = sum(1 for _ in islice(self._it, self._pending_skip))
+                    if skipped < self._pending_skip:     # a shorter epoch (other world size): the next one
+                        self.epoch, self.position, self._it = self.epoch + 1, 0, None
                     self._pending_skip = 0
+                    if self._it is None:
+                        continue
             try:
                 batch = next(self._it)
             except StopIteration:

@@ -20,6 +20,7 @@ before we know every rank finished.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -35,6 +36,8 @@ import numpy as np
 import torch
 
 from trainer import distributed
+from trainer.data.stream import repartition
+from trainer.engine import portable
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +250,8 @@ class CheckpointManager:
 
     # ---- saving ------------------------------------------------------------------------------------
     def save(self, ds_engine, step: int, client_state: dict, rank_state: dict, trainer_state: dict) -> Path:
-        """Every rank must call this (ZeRO partitions are written by their owners)."""
+        """Every rank must call this (ZeRO partitions are written by their owners). A write that fails on
+        any rank (a full disk) raises SaveFailed on every rank, the unfinished folder set aside."""
         tag = tag_for(step)
         folder = self.root / tag
         if self.known_good == tag:
@@ -263,23 +267,34 @@ class CheckpointManager:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
+        room = self._room()
+        failures: list[tuple[str, str, bool]] = []             # (file, error, disk full) per failed write
+        record_write_failures(ds_engine.checkpoint_engine, failures)
         ds_engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        torch.save({"rng": capture_rng(), "rank_state": rank_state, "world_size": self.world_size},
-                   folder / f"rng_rank{self.rank}.pt")
-        distributed.barrier()                                   # every rank's files are on disk
+        _attempt(failures, folder / portable.FOLDER,      # any world size resumes it
+                 lambda: portable.save(ds_engine, folder, self.rank, rank_state.get("data")))
+        rank_file = folder / f"rng_rank{self.rank}.pt"
+        _attempt(failures, rank_file, lambda: torch.save(
+            {"rng": capture_rng(), "rank_state": rank_state, "world_size": self.world_size}, rank_file))
+        self._agree(failures, folder, step, room)               # every rank's files are on disk
         if self.rank == 0:
-            (folder / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-        distributed.barrier()
-        self._write_manifest(folder, step)
+            _attempt(failures, folder / "trainer_state.json", lambda: (folder / "trainer_state.json").write_text(
+                json.dumps({**trainer_state, "step": step}, indent=2)))
+        self._agree(failures, folder, step, room)
+        self._write_manifest(folder, step, failures)
+        self._agree(failures, folder, step, room)
         if self.rank == 0:
-            self._point_latest(tag)
+            _attempt(failures, self.root / LATEST, lambda: self._point_latest(tag))
+        self._agree(failures, folder, step, room)
+        if self.rank == 0:
             self._prune(keep=tag)
             log.info("checkpoint %s written and its manifest (%s) sealed", folder, MANIFEST)
+            self._warn_if_next_does_not_fit(folder)
         distributed.barrier()
         self.known_good = tag
         return folder
 
-    def _write_manifest(self, folder: Path, step: int) -> None:
+    def _write_manifest(self, folder: Path, step: int, failures: list) -> None:
         """Each rank fsyncs and hashes a share of the files; rank 0 writes the manifest last."""
         names = distributed.broadcast_object(list_files(folder) if self.rank == 0 else None, src=0)
         mine = {n: {"size": (folder / n).stat().st_size, HASH: file_digest(folder / n, durable=True)}
@@ -287,7 +302,51 @@ class CheckpointManager:
         parts = distributed.all_gather_object(mine)
         if self.rank == 0:
             entries = {k: v for part in parts for k, v in part.items()}
-            write_manifest(folder, step, entries, self.world_size)
+            _attempt(failures, folder / MANIFEST, lambda: write_manifest(folder, step, entries, self.world_size))
+
+    # ---- a full disk ---------------------------------------------------------------------------------
+    def _room(self) -> tuple[int, int | None, Path | None]:
+        """(bytes free under checkpoints/, bytes the save needs: the newest complete checkpoint's size, or
+        None before the first, that checkpoint)."""
+        previous = next(iter(self.complete()), None)
+        need = None
+        if previous is not None:
+            try:
+                need = sum(int(e["size"]) for e in read_manifest(previous)["files"].values())
+            except ValueError:
+                need = None
+        return shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free, need, previous
+
+    def _warn_if_next_does_not_fit(self, folder: Path) -> None:
+        size = sum(int(e["size"]) for e in read_manifest(folder)["files"].values())
+        free = shutil.disk_usage(self.root).free
+        if free < size:
+            log.warning("the next checkpoint will not fit: %s free under %s, a checkpoint takes %s; free space or "
+                        "move the run folder to a disk with room (the same command resumes it there)",
+                        _mb(free), self.root, _mb(size))
+
+    def _agree(self, failures: list, folder: Path, step: int, room: tuple) -> None:
+        """Collective, where a barrier would be: if a write failed on any rank, every rank sets the unfinished
+        folder aside and raises SaveFailed with the same one line."""
+        seen = [f for part in distributed.all_gather_object(failures) for f in part] if self.world_size > 1 \
+            else failures
+        if not seen:
+            return
+        path, what, full = next((f for f in seen if f[2]), seen[0])      # a full disk explains the rest
+        aside = self._set_aside([(folder, [f"save interrupted: {path}: {what}"])], "save-failed")
+        free, need, previous = room
+        if full:
+            needs = (f"the save needs about {_mb(need)} (the size of {previous.name})" if need
+                     else "the first checkpoint's size was not known yet")
+            head = f"disk full: checkpoint {folder.name} could not be written ({path}); {_mb(free)} were free " \
+                   f"under {self.root} when the save began and {needs}"
+        else:
+            head = f"checkpoint {folder.name} could not be written ({path}: {what})"
+        kept = (f"the previous checkpoint {previous.name} is intact and the same command resumes there once there "
+                f"is room" if previous is not None else "no earlier checkpoint: the same command starts afresh")
+        moved = aside is not None and (aside / folder.name).exists()
+        where = f"; the unfinished folder was moved to {aside}" if moved else ""
+        raise SaveFailed(f"{head}; {kept}{where}")
 
     def _point_latest(self, tag: str) -> None:
         if self.rank == 0:
@@ -299,19 +358,23 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _set_aside(self, folders: list[tuple[Path, list[str]]], why: str) -> Path | None:
-        """Rank 0 moves the folders to set_aside/<time>-<why>/ with a WHY.txt; collective (barrier)."""
+        """Rank 0 moves the folders to set_aside/<time>-<why>/ with a WHY.txt; collective (barrier). On a full
+        disk the move (a rename) still works; a WHY.txt that cannot be written is only logged."""
         dest = None            # the barrier below is unconditional: ranks may see different lists
         if folders:
             dest = self.root / SET_ASIDE / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{why}"
             if self.rank == 0:
-                dest.mkdir(parents=True, exist_ok=True)
                 lines = []
-                for folder, reasons in folders:
-                    os.replace(folder, dest / folder.name)
-                    lines.append(f"{folder.name}: " + ("; ".join(reasons) or why))
-                    log.warning("moved %s to %s (%s); it is kept, not deleted", folder.name, dest,
-                                "; ".join(reasons) or why)
-                (dest / "WHY.txt").write_text("\n".join(lines) + "\n")
+                try:
+                    dest.mkdir(parents=True, exist_ok=True)
+                    for folder, reasons in folders:
+                        os.replace(folder, dest / folder.name)
+                        lines.append(f"{folder.name}: " + ("; ".join(reasons) or why))
+                        log.warning("moved %s to %s (%s); it is kept, not deleted", folder.name, dest,
+                                    "; ".join(reasons) or why)
+                    (dest / "WHY.txt").write_text("\n".join(lines) + "\n")
+                except OSError as err:
+                    log.warning("could not finish setting aside %s in %s (%s)", [f.name for f, _ in folders], dest, err)
         distributed.barrier()
         return dest
 
@@ -367,25 +430,117 @@ class CheckpointManager:
 
     def load(self, ds_engine, folder: Path) -> ResumeState:
         """`folder` must have verified (resolve): its pickles were checked before DeepSpeed unpickles them,
-        which it then does with weights_only=True too."""
+        which it then does with weights_only=True too. Written by another world size: its portable/ copy
+        is loaded instead of DeepSpeed's per-rank files (trainer/engine/portable.py)."""
+        trainer_state = json.loads((folder / "trainer_state.json").read_text())
+        saved_world = int(read_manifest(folder).get("world_size", self.world_size))
+        if saved_world != self.world_size:
+            return self._load_portable(ds_engine, folder, saved_world, trainer_state)
         weights_only_loads(ds_engine.checkpoint_engine)
         load_path, client_state = ds_engine.load_checkpoint(
             str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {folder}")
-        trainer_state = json.loads((folder / "trainer_state.json").read_text())
-        rank_file = folder / f"rng_rank{self.rank}.pt"
-        rank_state: dict = {}
+        rank_file, rank_state = folder / f"rng_rank{self.rank}.pt", {}
         if rank_file.is_file():
             saved = safe_load(rank_file)
-            if saved.get("world_size") == self.world_size:
-                restore_rng(saved["rng"])
-                rank_state = saved["rank_state"]
-            else:
-                log.warning("checkpoint was written by %s ranks, resuming on %s: RNG and data position are "
-                            "re-seeded, not restored", saved.get("world_size"), self.world_size)
+            restore_rng(saved["rng"])
+            rank_state = saved["rank_state"]
         return ResumeState(step=int(trainer_state["step"]), tag=folder.name, client_state=client_state or {},
                            rank_state=rank_state, trainer_state=trainer_state)
+
+    def _load_portable(self, ds_engine, folder: Path, saved_world: int, trainer_state: dict) -> ResumeState:
+        problem = world_size_problem(folder, saved_world, self.world_size)
+        if problem:
+            raise RuntimeError(problem)
+        meta = portable.load(ds_engine, folder)
+        data = repartition(meta["data"], saved_world, self.world_size) if meta.get("data") else None
+        if self.rank == 0:
+            log.warning("checkpoint %s was written by %d ranks, resuming on %d: model, optimizer state and lr "
+                        "schedule loaded exactly from its portable/ copy; data stream repartitioned at global "
+                        "micro-batch %d of epoch %s (now %s per rank); RNG streams are this world size's own",
+                        folder.name, saved_world, self.world_size,
+                        meta["data"]["position"] * saved_world if data else 0,
+                        data["epoch"] if data else 0, data["position"] if data else 0)
+        return ResumeState(step=int(trainer_state["step"]), tag=folder.name,
+                           client_state={"step": int(trainer_state["step"])},
+                           rank_state={"data": data} if data else {}, trainer_state=trainer_state)
+
+
+def world_size_problem(folder: Path, saved_world: int, world_size: int) -> str | None:
+    """One line when a checkpoint of `saved_world` ranks cannot be resumed on `world_size`, else None."""
+    if saved_world == world_size or portable.present(folder):
+        return None
+    return (f"checkpoint {folder} was written by {saved_world} ranks and has no world-size-independent copy "
+            f"({portable.FOLDER}/, written since this trainer resumes on other world sizes); this run has "
+            f"{world_size}: resume it on {saved_world} ranks, or pass --train.resume never with a new "
+            f"--train.run-dir to start afresh")
+
+
+def resume_candidate(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a resume would most likely take (the newest with a manifest; not verified): what the
+    checks before the process group starts look at."""
+    if resume == "never":
+        return None
+    path = Path(run_dir) / "checkpoints" if resume == "auto" else Path(resume)
+    if (path / MANIFEST).is_file():
+        return path
+    complete = sorted((p for p in path.glob("step_*") if (p / MANIFEST).is_file()), key=step_of, reverse=True)
+    return complete[0] if complete else None
+
+
+def check_world_size(run_dir: str | Path, resume: str, world_size: int) -> str | None:
+    """Before any process group starts: why this run cannot resume its checkpoint on `world_size` ranks."""
+    folder = resume_candidate(Path(run_dir), resume)
+    if folder is None:
+        return None
+    try:
+        saved = int(read_manifest(folder).get("world_size", world_size))
+    except ValueError:
+        return None          # resume itself names the damaged manifest and falls back
+    return world_size_problem(folder, saved, world_size)
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written; the message is the one line for the user. Every rank raises it."""
+
+
+def record_write_failures(checkpoint_engine, failures: list) -> None:
+    """Make a DeepSpeed checkpoint engine record a failed file write in `failures` instead of raising.
+
+    DeepSpeed runs collectives after writing (its tag check, ZeRO-3's epilogue gather, a closing
+    barrier): a rank that raised out of a write would leave the others waiting in them forever."""
+    original = getattr(checkpoint_engine, "_raising_save", checkpoint_engine.save)
+    checkpoint_engine._raising_save = original
+
+    def save(state_dict, path):
+        _attempt(failures, Path(path), lambda: original(state_dict, path))
+    checkpoint_engine.save = save
+
+
+def _attempt(failures: list, path: Path, write) -> None:
+    try:
+        write()
+    except Exception as err:    # noqa: BLE001 - writers have their own types (torch: RuntimeError, safetensors)
+        failures.append((str(path), _describe(err), _disk_full(err, path)))
+
+
+def _disk_full(err: BaseException, path: Path) -> bool:
+    """Said by the error, or (torch.save says only "unexpected pos 128 vs 0") by the room left right after it."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower():
+        return True
+    try:
+        return shutil.disk_usage(next(p for p in Path(path).parents if p.exists())).free < (1 << 20)
+    except (OSError, StopIteration):
+        return False
+
+
+def _describe(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e6:.1f} MB"
 
 
 def newest_verified(root: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:

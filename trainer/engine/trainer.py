@@ -21,7 +21,7 @@ from trainer.config import ExperimentConfig
 from trainer.device import DeviceError, settle_device
 from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_report, skip_summary
 from trainer.data.stream import TrainStream
-from trainer.engine.checkpoint import CheckpointManager, frozen_weight_sums, seed_everything
+from trainer.engine.checkpoint import CheckpointManager, SaveFailed, frozen_weight_sums, seed_everything
 from trainer.engine.ds_config import (describe_optimizer, load_ds_config, op_prebuilt, resolve_ds_config, use_bf16,
                                      zero_stage)
 from trainer.engine.evaluate import EvalInterrupted, PeriodicEval, evaluate_loss, evaluate_wer
@@ -180,6 +180,9 @@ class Trainer:
             status = KILLED
             log.warning("%s; checkpoint at step %d; resume with the same command", stopped, self.step)
             return {"step": self.step, "status": status, "stopped_by": "signal during evaluation"}
+        except SaveFailed as failed:         # FAILED, and why, where the run is looked at
+            self.tracker.set_tags({"failure": str(failed)[:5000]})
+            raise
         except KeyboardInterrupt:
             status = KILLED
             raise

@@ -119,18 +119,26 @@ class SpillFile:
         self.path = tracking_dir(run_dir) / name
         self._lock = threading.Lock()
         self.count = 0
+        self.dropped = 0
 
     def write(self, ops: Iterable[dict], reason: str = "") -> None:
         ops = list(ops)
         if not ops:
             return
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                for op in ops:
-                    f.write(json.dumps({**op, "reason": reason} if reason else op) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a") as f:
+                    for op in ops:
+                        f.write(json.dumps({**op, "reason": reason} if reason else op) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as err:          # a full disk: tracking stops here, training must not
+                if not self.dropped:
+                    log.error("MLflow: tracking ops could not be kept in %s either (%s): from now on what the store "
+                              "does not take is dropped; training goes on (said once)", self.path, err.strerror or err)
+                self.dropped += len(ops)
+                return
             self.count += len(ops)
 
 
@@ -264,8 +272,11 @@ class Courier:
                 self.retries += 1
                 if self.failing_since is None:
                     self.failing_since = time.monotonic()
-                    log.warning("MLflow store not answering (%s: %s); training continues, ops are buffered "
-                                "and retried", type(err).__name__, str(err).splitlines()[0][:200])
+                    first = str(err).splitlines()[0][:200] if str(err) else ""
+                    full = any(t in str(err).lower() for t in ("disk is full", "no space left"))
+                    log.warning("MLflow store %s (%s: %s); training continues, ops are buffered and retried (spilled "
+                                "to %s when the queue fills)", "out of disk space" if full else "not answering",
+                                type(err).__name__, first, self.spill.path)
             wait = min(backoff, self._deadline - time.monotonic())
             if wait <= 0:
                 return False

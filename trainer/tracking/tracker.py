@@ -220,8 +220,15 @@ class MLflowTracker(NullTracker):
         self.courier.put({"op": "terminate", "run_id": self.run_id, "status": status,
                           "end_time": int(time.time() * 1000)})
         all_delivered = self.courier.close(self.exit_timeout_s)
-        write_owner(self.run_dir, self.run_id, ended=status)
-        if not all_delivered:
+        try:
+            write_owner(self.run_dir, self.run_id, ended=status)
+        except OSError as err:       # a full disk: the next start treats the run as not ended, which is safe
+            log.warning("MLflow: could not record the run's end in %s (%s)", self.run_dir / "tracking", err)
+        if self.courier.spill.dropped:
+            log.error("MLflow: %d tracking ops (the run's end state %s among them, if it was not delivered) were "
+                      "dropped: neither the store nor %s had room", self.courier.spill.dropped, status,
+                      self.courier.spill.path)
+        elif not all_delivered:
             log.error("MLflow: %d tracking ops (the run's end state %s among them) were not delivered; they are "
                       "in %s and are delivered by the next start of this run folder or by "
                       "`python launch/replay_tracking.py --run-dir %s`", self.courier.spill.count, status,
