@@ -510,6 +510,9 @@ def run(args) -> int:
             r.results["finish_error"] = repr(err)
         r.save()
         (args.out / "summary.md").write_text(render(r.results))
+        t = getattr(r, "t", None)
+        if t is not None and t.stream is not None:
+            t.stream.close()    # its DataLoader workers ignore SIGTERM: left alive, they hung the exit (seen)
         print(render(r.results))
     return 1 if failed else 0
 
