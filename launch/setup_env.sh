@@ -58,7 +58,8 @@ INSTALL
   export PYTHONPATH="$AVSR_REPO${PYTHONPATH:+:$PYTHONPATH}"
   export PATH="$AVSR_VENV/bin:$PATH"
   export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$AVSR_CACHE/torch_extensions}
-  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # nothing is fetched from a hub
+  # Offline unless the caller says otherwise (HF_HUB_OFFLINE=0 before sourcing: hub names are fetched).
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-${HF_HUB_OFFLINE:-1}}
   cd "$AVSR_REPO" || return 1
 }
 
