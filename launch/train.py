@@ -26,6 +26,9 @@ def main() -> int | None:
         if rank == 0:             # every rank finds the same problem: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2
+    from trainer.distributed import one_process_without_launcher
+    if one_process_without_launcher():       # `python launch/train.py`: one process, as torchrun would set it
+        logging.getLogger("trainer").info("no launcher: one process (deepspeed or torchrun start several)")
     from data_tools.demo import ensure_demo_corpus
     from trainer.engine.checkpoint import SaveFailed, check_world_size
     from trainer.engine.trainer import Trainer

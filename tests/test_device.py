@@ -112,6 +112,9 @@ def test_a_launchers_cuda_visible_devices_alone_is_no_gpu():
     assert decide_device("auto", env, host, CUDA12_NO_GPU).device == "cpu"
     env = env_with(CUDA_VISIBLE_DEVICES="0,1", SLURM_STEP_GPUS="4,5")
     assert facts(env).visible_because == ("SLURM_STEP_GPUS=4,5", "CUDA_VISIBLE_DEVICES=0,1")
+    # SLURM's GPU lists name indices: a job given GPU 0 has SLURM_JOB_GPUS=0; SLURM_GPUS_ON_NODE=0 is a count
+    assert facts(env_with(SLURM_JOB_GPUS="0")).visible_because == ("SLURM_JOB_GPUS=0",)
+    assert facts(env_with(SLURM_GPUS_ON_NODE="0")).visible_because == ()
 
 
 def test_hidden_gpus_mean_cpu(tmp_path):

@@ -113,9 +113,9 @@ def host_facts(env: Mapping[str, str] = os.environ, driver_file: Path = DRIVER_F
         because.append(f"nvidia-smi lists {len(gpus)} GPU{'s' if len(gpus) > 1 else ''}")
     elif driver:
         because.append(f"an NVIDIA driver {driver} is loaded")
-    for var in SLURM_GPU_VARS:
+    for var in SLURM_GPU_VARS:      # ON_NODE is a count ("0": none); JOB_GPUS/STEP_GPUS list indices ("0": GPU 0)
         value = env.get(var, "").strip()
-        if value and value not in ("0", "(null)"):
+        if value and value != "(null)" and not (var == "SLURM_GPUS_ON_NODE" and value == "0"):
             because.append(f"{var}={value}")
     # CUDA_VISIBLE_DEVICES alone is no evidence: the deepspeed launcher sets it (0,1,...) on CPU machines
     # too. Next to a driver or SLURM's GPUs it says which GPUs the run was given.

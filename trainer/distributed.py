@@ -61,3 +61,24 @@ def broadcast_object(obj: Any, src: int) -> Any:
     holder = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+LAUNCHER_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def one_process_without_launcher(env=None) -> bool:
+    """`python launch/train.py` with no launcher: set what torchrun sets for one process (rank 0 of 1 on a
+    free local port), so that DeepSpeed does not go looking for MPI (mpi4py, which is not installed).
+    Returns whether it did; a launcher's, MPI's or a multi-task srun's variables are left alone."""
+    import os
+    import socket
+
+    env = os.environ if env is None else env
+    if any(k in env for k in LAUNCHER_VARS) or int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    return True
