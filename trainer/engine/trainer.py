@@ -397,7 +397,7 @@ class Trainer:
         self.tracker.log_artifact(self.run_dir / "ds_config.resolved.json", "config")
         self.tracker.log_datasets(shard_datasets(self.cfg.data))
         log.info("params: %s; world size %d on %s", self.param_counts, self.world_size, self.device)
-        if self.zero3:
+        if self.zero3 and self.cfg.model.decorrelation_weight > 0:
             log.info("the CE and lambda*L_dec gradient norms are not measured under ZeRO-3 (partitioned parameters); "
                      "ZeRO-2 (ds_configs/zero2.json) logs them as train/grad_norm_ce and train/grad_norm_dec")
 
@@ -435,7 +435,7 @@ class Trainer:
         ramp = decorrelation_ramp(self.step, self.cfg.model.decorrelation_warmup_steps)
         # Measured on a forward of its own (loss.term_gradients), before the step changes the weights;
         # not under ZeRO-3, whose partitioned parameters are empty outside its forward (said at the start).
-        measure = self.is_log_step(self.step + 1) and not self.zero3
+        measure = self.is_log_step(self.step + 1) and not self.zero3 and self.cfg.model.decorrelation_weight > 0
         grads: dict[str, torch.Tensor | None] = {"ce": None, "dec": None}    # summed over micro-batches
         for batch, expected in zip(batches, local):
             if measure:
@@ -479,11 +479,11 @@ class Trainer:
         if self.figure_queue is not None:
             self._log_sink_files(self.figure_queue.finished())
         if self.rank == 0:
-            log.info("step %d/%d loss %.4f ce %.4f dec %.4g lr %.2e gnorm %.3f (ce %.3g, lambda*dec %.3g) "
-                     "%.1f samples/s", self.step, self.cfg.train.max_steps, reduced["loss"], reduced["ce_loss"],
-                     reduced["dec_loss_raw"], metrics["train/lr"], reduced["grad_norm"],
-                     reduced.get("grad_norm_ce", float("nan")), reduced.get("grad_norm_dec", float("nan")),
-                     metrics["perf/samples_per_s"])
+            terms = (f" (ce {reduced['grad_norm_ce']:.3g}, lambda*dec {reduced['grad_norm_dec']:.3g})"
+                     if "grad_norm_ce" in reduced else "")
+            log.info("step %d/%d loss %.4f ce %.4f dec %.4g lr %.2e gnorm %.3f%s %.1f samples/s", self.step,
+                     self.cfg.train.max_steps, reduced["loss"], reduced["ce_loss"], reduced["dec_loss_raw"],
+                     metrics["train/lr"], reduced["grad_norm"], terms, metrics["perf/samples_per_s"])
             line = skip_summary(skipped)
             if line:
                 log.warning("data, all ranks, since the last log: %s; since this process started: %s",
