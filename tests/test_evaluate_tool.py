@@ -81,7 +81,7 @@ def _check_outputs(out: Path, stdout: str, conditions: list[str]) -> dict:
     for name, r in results["conditions"].items():
         rows = json.loads((out / f"utterances_{name}.json").read_text())["utterances"]
         assert len(rows) == int(r["num_utterances"]) == printed[name][2] > 0
-        assert all(set(row) == {"key", "ref", "hyp"} for row in rows)
+        assert all({"key", "ref", "hyp", "word_errors", "ref_words"} <= set(row) for row in rows)   # stats.py's input
         counts = error_counts([row["ref"] for row in rows], [row["hyp"] for row in rows])
         assert counts.wer == pytest.approx(r["wer"]) and counts.cer == pytest.approx(r["cer"])
         assert round(100 * counts.wer, 2) == printed[name][0] and round(100 * counts.cer, 2) == printed[name][1]
@@ -90,7 +90,8 @@ def _check_outputs(out: Path, stdout: str, conditions: list[str]) -> dict:
 
 def test_final_evaluation_follows_the_options(trained_run):
     results = json.loads((trained_run / "results.json").read_text())
-    assert set(results) == {"step", "test"} and results["step"] == 4       # no val, as asked
+    assert set(results) == {"step", "test", "data_skipped"} and results["step"] == 4       # no val, as asked
+    assert results["data_skipped"]["samples"] == 0 and results["data_skipped"]["summary"] == "nothing skipped"
     assert results["test"]["num_utterances"] == 3
     report = json.loads((trained_run / "eval" / "test_step00000004.json").read_text())
     assert len(report["utterances"]) == 3
