@@ -24,11 +24,13 @@ def _gathered(params):
 
 
 def export_trainable(model, out_dir: str | Path, rank: int) -> dict[str, Path]:
-    """LoRA adapters in peft format (`adapters/`) and every trainable weight (`trainable.safetensors`)."""
+    """LoRA adapters in peft format (`adapters/`) and every trainable weight (`trainable.safetensors`), plus
+    the delimiter rows even when frozen (--model.freeze-delimiters): using the export needs them."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters()
+                 if p.requires_grad or n.startswith("delimiter_embeddings.")}
     written: dict[str, Path] = {}
     with _gathered(list(trainable.values())):
         if rank == 0:

@@ -220,7 +220,7 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "latest", device: 
     model = build_model(cfg.model)
     state = read_state_dict(src)
     if src.kind == "trainable":
-        trainable = set(model.trainable_parameter_names())
+        trainable = set(model.trainable_parameter_names()) | {"delimiter_embeddings.weight"}   # written frozen too
         missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - trainable)
         if missing or unexpected:
             raise KeyError(f"{src.path} does not hold this run's trainable weights: missing {missing[:10]}, "
