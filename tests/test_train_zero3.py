@@ -276,7 +276,8 @@ def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_co
            "--model.avhubert-path", str(av_path), "--monitor.every", "0", "--train.final-eval", "False")
     _, mrun = _mlflow(run)
     assert mrun.info.status == "FINISHED"
-    assert json.loads((run / "results.json").read_text()) == {"step": STEPS}     # no end-of-run evaluation
+    results = json.loads((run / "results.json").read_text())
+    assert set(results) == {"step", "data_skipped"} and results["step"] == STEPS     # no end-of-run evaluation
     assert not (run / "eval").exists()
     assert 0.3 < mrun.data.metrics["zero/local_param_fraction"] < 0.7
     # the frozen base in the consolidated export is the pretrained one, not a fresh init
