@@ -178,23 +178,23 @@ def test_every_validation_message_names_its_flag(section):
         assert named >= set(bad), set(bad) - named         # every broken value is reported
 
 
-def test_a_run_folder_of_the_previous_shape_still_loads(tmp_path):
-    """Run folders written before the tiny sizes were grouped and before data lost modality and n_mels."""
+def test_a_run_folder_whose_saved_options_this_code_does_not_take_is_one_clear_line(tmp_path):
     import json
 
     from trainer.run_folder.load import load_run_config
-    from trainer.model.config import FLAT_TINY_NAMES
 
     cfg = parse_args(["--model.modality", "asr", "--model.tiny.llm-layers", "3"]).to_dict()
-    old = {**cfg, "model": {k: v for k, v in cfg["model"].items() if k != "tiny"},
-           "data": {**cfg["data"], "modality": "asr", "n_mels": 80}}
-    for flat, name in FLAT_TINY_NAMES.items():
-        old["model"][flat] = cfg["model"]["tiny"][name]
-    (tmp_path / "experiment.json").write_text(json.dumps(old))
+    (tmp_path / "experiment.json").write_text(json.dumps(cfg))
     run = load_run_config(tmp_path)
-    assert run.model.tiny.llm_layers == 3 and run.model.modality == "asr"
     assert run.model == parse_args(["--model.modality", "asr", "--model.tiny.llm-layers", "3"]).model
     assert (run.seed, run.eval_beams, run.eval_max_new_tokens) == (1234, 1, 32)
+    cfg["model"]["llm_layers"] = cfg["model"]["tiny"].pop("llm_layers")       # a key this trainer does not have
+    (tmp_path / "experiment.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as err:
+        load_run_config(tmp_path)
+    message = str(err.value)
+    assert "does not match this trainer's options" in message and "['llm_layers']" in message
+    assert "\n" not in message
 
 
 def test_final_evaluation_splits_cap_beams_and_off():

@@ -35,8 +35,8 @@ from trainer.data.config import DataConfig
 from trainer.engine.checkpoint import LATEST, MANIFEST, newest_verified, verify
 from trainer.engine.config import TrainConfig
 from trainer.engine.export import CONSOLIDATED, KIND_KEY
-from trainer.config_checks import build_config
-from trainer.model.config import FLAT_TINY_NAMES, ModelConfig
+from trainer.config_checks import build_config, one_line
+from trainer.model.config import ModelConfig
 from trainer.monitor.config import MonitorConfig
 
 log = logging.getLogger(__name__)
@@ -73,24 +73,6 @@ class WeightsSource:
         return f"{self.kind} {self.path}{at}"
 
 
-def upgrade_saved_config(raw: dict) -> dict:
-    """A saved experiment.json in today's shape. Run folders written before the tiny sizes were grouped
-    (`model.tiny_llm_layers`, `model.n_mels` -> `model.tiny.*`) and before the data section lost its
-    copies of the model's facts (`data.modality`, `data.n_mels`) must still evaluate and probe: their
-    flat keys are moved, and the data copies dropped (the old trainer overwrote data.modality with the
-    model's, and the model's Whisper decides the mel bins now)."""
-    model, data = dict(raw.get("model", {})), dict(raw.get("data", {}))
-    tiny = dict(model.get("tiny", {}))
-    for old, new in FLAT_TINY_NAMES.items():
-        if old in model:
-            tiny.setdefault(new, model.pop(old))
-    if tiny:
-        model["tiny"] = tiny
-    data.pop("modality", None)
-    data.pop("n_mels", None)
-    return {**raw, "model": model, "data": data}
-
-
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """Model, data and monitor configs from `run_dir/experiment.json` (written at the start of a run)."""
     run_dir = Path(run_dir)
@@ -101,11 +83,19 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         raise FileNotFoundError(f"{run_dir} is not a run folder: no experiment.json "
                                 f"(written by launch/train.py)")
     try:
-        raw = upgrade_saved_config(json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
         raw["model"], raw["data"]          # noqa: B018 (both sections are needed below)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path} is cut short or not a run's experiment.json ({type(err).__name__}: {err}); "
                          f"{run_dir} is not a run folder of launch/train.py") from None
+    try:
+        return _run_config(run_dir, path, raw)
+    except (TypeError, ValueError) as err:       # options this code does not take: another trainer's run
+        raise ValueError(f"{path} does not match this trainer's options ({one_line(err)}); read the run "
+                         f"with the checkout that trained it") from None
+
+
+def _run_config(run_dir: Path, path: Path, raw: dict) -> RunConfig:
     model = build_config(ModelConfig, raw["model"], f"{path} model", "model")
     # The tokenizer the trainer trained lives in the run folder: follow the folder if it moved.
     train = raw.get("train", {})        # read for a few values only: the rest is the training's business
