@@ -144,7 +144,7 @@ def _cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["--train.eval-untrained", "maybe"], "'maybe'"),
         (["--model.audio-rate", "0"], "--model.audio-rate must be an int >= 1"),
         (["--data.noise-prob", "nan"], "--data.noise-prob must be in [0, 1]"),
-        (["--model.tiny-llm-layers", "2"], "is now --model.tiny.llm-layers"),
+        (["--model.llm-layers", "2"], "did you mean --model.tiny.llm-layers"),
         (["--recipe"], "--recipe needs a path"),
         # recipes
         (["--recipe", _write(tmp / "r" / "lots.yaml", 'train: {max_steps: "lots"}\n')],
@@ -270,6 +270,7 @@ def _entry_cases(tmp: Path) -> list[tuple[list[str], dict, str]]:
         (train + ["--config", stage7], {}, "zero_optimization.stage is 7"),
         (train + ["--data.shard-dir", cut], {}, "cut short"),
         (train + ["--recipe", recipe], {}, "--train.max-steps must be an int, got 'lots'"),
+        (train + ["--model.llm-layers", "2"], {}, "did you mean --model.tiny.llm-layers"),
         (ds_launch + ["--config", stage7], {}, "zero_optimization.stage is 7"),
         (torchrun + ["--data.shard-dir", cut], {}, "cut short"),
         ([py, str(REPO / "launch" / "evaluate.py"), "--run-dir", str(tmp / "missing")], {}, "run folder not found"),

@@ -77,8 +77,8 @@ def _sections(cls=ExperimentConfig, prefix=""):
 
 
 def test_one_field_per_fact():
-    """No option is spelled in two sections (the old data.modality, data.n_mels, a flat tiny_* beside
-    tiny.*), except the two seeds, which seed different things (model init and dropout; data order)."""
+    """No option is spelled in two sections (two homes for one fact drift apart), except the two seeds,
+    which seed different things (model init and dropout; data order)."""
     import dataclasses
 
     homes: dict[str, list[str]] = {}
@@ -89,9 +89,6 @@ def test_one_field_per_fact():
                 homes.setdefault(f.name, []).append(section)
     twice = {name: where for name, where in homes.items() if len(where) > 1}
     assert twice == {"seed": ["data", "train"]}, twice
-    assert not any(name.startswith("tiny_") for name in homes)
-    from trainer.data.config import DataConfig
-    assert not any(hasattr(DataConfig, a) for a in ("use_audio", "use_video", "modality", "n_mels"))
 
 
 def test_the_tiny_model_sizes_are_nested_on_the_command_line_and_in_recipes(tmp_path):
@@ -104,27 +101,19 @@ def test_the_tiny_model_sizes_are_nested_on_the_command_line_and_in_recipes(tmp_
     assert cfg.model.tiny.llm_layers == 4                     # the rest of tiny keeps its defaults
 
 
-@pytest.mark.parametrize("old, new", [
-    ("model.tiny_llm_layers", "--model.tiny.llm-layers"),
-    ("model.tiny_tokenizer", "--model.tiny.tokenizer"),
-    ("model.n_mels", "--model.tiny.n-mels"),
-    ("data.n_mels", "--model.tiny.n-mels"),
-    ("data.modality", "--model.modality"),
-])
-def test_renamed_options_say_their_new_name(tmp_path, old, new):
+def test_an_unknown_option_is_one_line_naming_the_close_known_one(tmp_path):
     from trainer.config import ConfigError
 
-    section, name = old.split(".")
-    value = "asr" if name == "modality" else "bpe" if name == "tiny_tokenizer" else 2
-    recipe = tmp_path / "old.yaml"
-    recipe.write_text(f"{section}: {{{name}: {value}}}\n")
-    with pytest.raises(ValueError, match="renamed option") as err:
-        load_recipe(recipe)
-    assert new in str(err.value) and old in str(err.value)
-    flag = f"--{old.replace('_', '-')}"
-    for args in ([flag, str(value)], [f"{flag}={value}"], [f"--{old}", str(value)]):
-        with pytest.raises(ConfigError, match=f"{flag} is now {new}"):
+    for args in (["--model.llm-layers", "2"], ["--model.llm-layers=2"]):
+        with pytest.raises(ConfigError) as err:
             parse_args(args)
+        message = str(err.value)
+        assert "--model.llm-layers" in message and "did you mean --model.tiny.llm-layers" in message, message
+        assert "\n" not in message
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {llm_layers: 2}\n")
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['llm_layers'\].*llm_layers -> tiny.llm_layers"):
+        parse_args(["--recipe", str(recipe)])
 
 
 # Each config check broken once: every problem must start with the flag a user sets to fix it.
@@ -193,7 +182,7 @@ def test_a_run_folder_whose_saved_options_this_code_does_not_take_is_one_clear_l
     with pytest.raises(ValueError) as err:
         load_run_config(tmp_path)
     message = str(err.value)
-    assert "does not match this trainer's options" in message and "['llm_layers']" in message
+    assert "does not match this trainer's options" in message and "llm_layers -> tiny.llm_layers" in message
     assert "\n" not in message
 
 

@@ -19,34 +19,14 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from trainer.config_checks import Problems, build_config, flag, folder_problem, one_line
+from trainer.config_checks import Problems, build_config, folder_problem, one_line
 from trainer.data.config import DataConfig
 from trainer.engine.config import TrainConfig
-from trainer.model.config import FLAT_TINY_NAMES, ModelConfig
+from trainer.model.config import ModelConfig
 from trainer.monitor.config import MonitorConfig
 from trainer.tracking.config import TrackingConfig
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-
-# Options that moved (dotted recipe path -> new path, and why when it is more than a rename). A recipe or
-# flag that still uses the old name fails with the new one (README: "Renamed options").
-RENAMED = {
-    **{f"model.{old}": (f"model.tiny.{new}", "") for old, new in FLAT_TINY_NAMES.items()},
-    "data.modality": ("model.modality", "the data pipeline decodes what the model reads"),
-    "data.n_mels": ("model.tiny.n_mels", "for the tiny Whisper; a pretrained Whisper's mel bins are its "
-                    "checkpoint's, and the data pipeline computes what the model's Whisper expects"),
-}
-
-
-def _renamed_in_recipe(old: str) -> str:
-    """"model.tiny.llm_layers (--model.tiny.llm-layers; in a recipe: model: {tiny: {llm_layers: ...}})"."""
-    new, why = RENAMED[old]
-    *sections, name = new.split(".")
-    nested = f"{name}: ..."
-    for section in reversed(sections):
-        nested = f"{section}: {{{nested}}}"
-    return f"{new} ({flag('', new)}; in a recipe: {nested}){'; ' + why if why else ''}"
-
 
 @dataclass
 class ExperimentConfig:
@@ -85,8 +65,7 @@ def load_recipe(path: str | Path, **overrides: Any) -> ExperimentConfig:
         raise ValueError(f"recipe {path} must be a mapping of sections (model, data, train, ...)")
     raw.update(overrides)
     raw["recipe"] = str(path)
-    return build_config(ExperimentConfig, raw, f"recipe {path}",
-                        renamed={old: _renamed_in_recipe(old) for old in RENAMED})
+    return build_config(ExperimentConfig, raw, f"recipe {path}")
 
 
 class ConfigError(ValueError):
@@ -101,7 +80,6 @@ def parse_args(argv: Sequence[str] | None = None, check: bool = True) -> Experim
 
     args = list(sys.argv[1:] if argv is None else argv)
     args = [a for a in args if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
-    _refuse_renamed_flags(args)
     default = ExperimentConfig()
     if "--recipe" in args:
         i = args.index("--recipe")
@@ -131,14 +109,6 @@ def pin_hub_revisions(m):
     pins = {f"{part}_revision": r.commit for part, r in pretrained_sources(m).items()
             if r.commit and part in ("llm", "whisper")}
     return dataclasses.replace(m, **pins) if pins else m
-
-
-def _refuse_renamed_flags(args: Sequence[str]) -> None:
-    for arg in args:
-        old = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else ""
-        if old in RENAMED:
-            new, why = RENAMED[old]
-            raise ConfigError(f"{flag('', old)} is now {flag('', new)}{' (' + why + ')' if why else ''}")
 
 
 _one_line = one_line

@@ -146,23 +146,20 @@ def _as_float(hint: Any, value: Any) -> Any:
     return value
 
 
-def build_config(cls, values: Mapping[str, Any], where: str, section: str = "",
-          renamed: Mapping[str, str] | None = None):
+def build_config(cls, values: Mapping[str, Any], where: str, section: str = ""):
     """`cls` from a (possibly partial) dict, recursing into nested dataclass fields. An unknown key is
-    an error (naming the close known ones); one in `renamed` (dotted path such as
-    "model.tiny_llm_layers" -> what to use now) says what replaced it. A value of the wrong type is an
-    error naming the flag and the type wanted, before the section's own checks compare it."""
+    an error (naming the close known ones). A value of the wrong type is an error naming the flag and
+    the type wanted, before the section's own checks compare it."""
     known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:
-        path = [f"{section}.{k}" if section else k for k in unknown]
-        moved = [f"{p} is now {renamed[p]}" for p in path if renamed and p in renamed]
-        if moved:
-            raise ValueError(f"renamed option(s) in {where}: " + "; ".join(moved))
-        guesses = [f"{k} -> {' or '.join(close_names(k, known))}" for k in unknown if close_names(k, known)]
+        # a nested section's names too: a key one level too high (model: {llm_layers}) is a likely slip
+        names = [*known] + [f"{name}.{inner.name}" for name in known if dataclasses.is_dataclass(hints[name])
+                            for inner in dataclasses.fields(hints[name])]
+        guesses = [f"{k} -> {' or '.join(close_names(k, names))}" for k in unknown if close_names(k, names)]
         meant = f" (did you mean: {', '.join(guesses)}?)" if guesses else ""
         raise ValueError(f"unknown option(s) {unknown} in {where}{meant}; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
     kwargs, wrong = {}, []
     for name, value in values.items():
         value = _as_float(hints[name], value)
@@ -175,7 +172,7 @@ def build_config(cls, values: Mapping[str, Any], where: str, section: str = "",
         if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
             inner = f"{section}.{name}" if section else name
             try:
-                kwargs[name] = build_config(type(default), value, f"{where}.{name}", inner, renamed)
+                kwargs[name] = build_config(type(default), value, f"{where}.{name}", inner)
             except ValueError as err:
                 wrong.append(str(err))
         elif isinstance(value, list):

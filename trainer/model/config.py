@@ -83,10 +83,6 @@ class TinyModelConfig:
         p.raise_any()
 
 
-# The flat names these sizes had before they were grouped under `tiny` (README: "Renamed options").
-FLAT_TINY_NAMES = {("n_mels" if f.name == "n_mels" else f"tiny_{f.name}"): f.name for f in fields(TinyModelConfig)}
-
-
 @dataclass
 class ModelConfig:
     modality: str = "avsr"
