@@ -133,7 +133,7 @@ def build_config(args, device: str):
     cfg.train = dataclasses.replace(
         cfg.train, run_dir=str(args.run_dir or args.out / "run"), max_steps=1000, warmup_steps=2, lr=args.lr, log_every=1000,
         precision=args.precision, device=device, eval_beams=1, eval_max_new_tokens=args.max_new_tokens,
-        eval_untrained=False, test_at_end=False, save_every=0, keep_last=2, resume="never",
+        eval_untrained=False, final_eval_splits=(cfg.data.eval_split,), save_every=0, keep_last=2, resume="never",
         export_on_finish=False)
     cfg.monitor = dataclasses.replace(cfg.monitor, every=200, probe_batch_size=4, figures=True)
     cfg.tracking = dataclasses.replace(cfg.tracking, enabled=False)

@@ -150,7 +150,7 @@ def trained_run(tmp_path_factory, synth_corpus) -> Path:
            "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run), "--data.num-workers", "1", "--train.device", "cpu",
            "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
            "--data.batches-per-epoch", "4", "--train.max-steps", "3", "--train.save-every", "3",
-           "--train.warmup-steps", "1", "--train.eval-max-new-tokens", "4", "--train.test-at-end", "False",
+           "--train.warmup-steps", "1", "--train.eval-max-new-tokens", "4", "--train.final-eval-splits", "val",
            "--train.eval-untrained", "False",
            "--monitor.every", "3", "--monitor.probe-batch-size", "2", "--tracking.enabled", "False"]
     p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)

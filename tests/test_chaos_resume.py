@@ -29,7 +29,7 @@ KILLS = 3
 ARGS = ["--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
         "--data.batches-per-epoch", "4", "--train.max-steps", str(STEPS), "--train.log-every", "1",
         "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "1", "--train.keep-last", "2",
-        "--train.final-eval", "False", "--train.eval-untrained", "False", "--train.export-on-finish", "False",
+        "--train.final-eval-splits", "--train.eval-untrained", "False", "--train.export-on-finish", "False",
         "--monitor.every", "0", "--tracking.enabled", "False"]
 STEP_LINE = re.compile(r"step (\d+)/\d+ loss (\S+)")
 

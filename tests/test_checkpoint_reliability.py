@@ -34,7 +34,7 @@ STEPS = 8
 ARGS = ["--train.device", "cpu", "--data.num-workers", "2", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
         "--data.batches-per-epoch", "4", "--train.max-steps", str(STEPS), "--train.log-every", "1",
         "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "2", "--train.keep-last", "4",
-        "--train.eval-max-new-tokens", "4", "--train.test-at-end", "False", "--train.eval-untrained", "False",
+        "--train.eval-max-new-tokens", "4", "--train.final-eval-splits", "val", "--train.eval-untrained", "False",
         "--train.export-on-finish", "False", "--monitor.every", "0", "--tracking.enabled", "False"]
 OPTIM = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
 BROKEN_WAV = 2          # in every train shard and the val shard: this sample's audio is garbage

@@ -187,14 +187,13 @@ def test_a_run_folder_whose_saved_options_this_code_does_not_take_is_one_clear_l
 
 
 def test_final_evaluation_splits_cap_beams_and_off():
-    from trainer.engine.trainer import final_eval_splits
+    from trainer.config import final_eval_splits
 
     assert final_eval_splits(parse_args([])) == ["val", "test"]
-    assert final_eval_splits(parse_args(["--train.test-at-end", "False"])) == ["val"]
     assert final_eval_splits(parse_args(["--data.eval-split", "dev"])) == ["dev", "test"]
+    assert final_eval_splits(parse_args(["--train.final-eval-splits", "val"])) == ["val"]
     assert final_eval_splits(parse_args(["--train.final-eval-splits", "test", "val", "test"])) == ["test", "val"]
-    assert final_eval_splits(parse_args(["--train.final-eval-splits"])) == []
-    assert final_eval_splits(parse_args(["--train.final-eval", "False"])) == []
+    assert final_eval_splits(parse_args(["--train.final-eval-splits"])) == []       # no end-of-run evaluation
     cfg = parse_args(["--train.final-eval-max-samples", "5", "--train.final-eval-beams", "3"]).train
     assert (cfg.final_eval_max_samples, cfg.final_eval_beams) == (5, 3)
     from trainer.engine.config import TrainConfig

@@ -207,7 +207,7 @@ def test_a_shard_that_keeps_failing_is_skipped_like_a_corrupt_one(servers, via_s
 def test_an_unreachable_split_is_one_clear_error_at_start(servers, monkeypatch):
     from trainer.config import ConfigError, parse_args
     config = ["--config", str(REPO / "ds_configs" / "zero3.json"), "--data.remote-attempts", "2",
-              "--train.test-at-end", "False", "--train.eval-untrained", "False"]     # train and val only
+              "--train.final-eval-splits", "val", "--train.eval-untrained", "False"]     # train and val only
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")      # nothing listens there
     with pytest.raises(storage.RemoteError, match=r"cannot read the 'val' shard index s3://avsr-test/corpus/val"):
         build_eval_loader(_cfg(f"s3://{BUCKET}/corpus", remote_attempts=2), STREAMS, "val", 0, 1)

@@ -23,7 +23,7 @@ from tests.constants import REPO
 
 ARGS = ["--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
         "--data.batches-per-epoch", "4", "--train.max-steps", "6", "--train.log-every", "1",
-        "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "2", "--train.final-eval", "False",
+        "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "2", "--train.final-eval-splits",
         "--train.eval-untrained", "False", "--train.export-on-finish", "False", "--monitor.every", "0"]
 
 

@@ -28,7 +28,7 @@ def mini_run(offline_cache, synth_corpus, tmp_path):
            "--model.llm-path", LLM_REPO, "--model.whisper-path", WHISPER_REPO,
            "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run),
            "--data.max-frames-per-batch", "200", "--data.max-batch-size", "2", "--data.batches-per-epoch", "3",
-           "--train.max-steps", "3", "--train.warmup-steps", "1", "--train.lr", "1e-2", "--train.final-eval", "False",
+           "--train.max-steps", "3", "--train.warmup-steps", "1", "--train.lr", "1e-2", "--train.final-eval-splits",
            "--train.eval-untrained", "False", "--monitor.every", "0"]
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"training failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"

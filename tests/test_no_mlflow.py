@@ -71,7 +71,7 @@ def test_trainer_runs_with_mlflow_unimportable(tmp_path, synth_corpus):
            "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4", "--data.batches-per-epoch", "4",
            "--train.run-dir", str(run), "--train.max-steps", "2", "--train.warmup-steps", "1",
            "--train.log-every", "1", "--train.save-every", "1", "--train.eval-max-new-tokens", "4",
-           "--train.eval-max-samples", "4", "--train.eval-untrained", "False", "--train.test-at-end", "False",
+           "--train.eval-max-samples", "4", "--train.eval-untrained", "False", "--train.final-eval-splits", "val",
            "--monitor.every", "1", "--monitor.probe-batch-size", "2", "--tracking.enabled", "False"]
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"

@@ -66,7 +66,7 @@ def _recipe(path: Path, corpus: Path, monitor_every: int = 0) -> Path:
     path.write_text(f"""
 data: {{shard_dir: {corpus}, num_workers: 1, max_frames_per_batch: 600, max_batch_size: 4}}
 train: {{device: cpu, max_steps: {MAX_STEPS}, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
-        test_at_end: false, eval_untrained: false, export_on_finish: false}}
+        final_eval_splits: [val], eval_untrained: false, export_on_finish: false}}
 monitor: {{every: {monitor_every}, probe_batch_size: 2}}
 """)
     return path

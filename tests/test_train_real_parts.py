@@ -29,7 +29,7 @@ def test_mini_avsr_trains_under_zero3_with_the_real_parts(pretrained_models, syn
            "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run), "--train.device", "cpu",
            "--data.max-frames-per-batch", "200", "--data.max-batch-size", "2", "--data.batches-per-epoch", "3",
            "--train.max-steps", "2", "--train.warmup-steps", "1", "--train.log-every", "1",
-           "--train.eval-untrained", "False", "--train.test-at-end", "False", "--train.eval-max-new-tokens", "3",
+           "--train.eval-untrained", "False", "--train.final-eval-splits", "val", "--train.eval-max-new-tokens", "3",
            "--train.export-on-finish", "False", "--monitor.every", "2", "--monitor.probe-batch-size", "1",
            "--monitor.figures", "False"]
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)

@@ -26,7 +26,7 @@ STEPS = 6
 COMMON = ["--train.device", "cpu", "--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
           "--data.batches-per-epoch", "4", "--train.max-steps", str(STEPS), "--train.log-every", "1",
           "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "3",
-          "--train.eval-max-new-tokens", "6", "--train.test-at-end", "False", "--train.eval-untrained", "False",
+          "--train.eval-max-new-tokens", "6", "--train.final-eval-splits", "val", "--train.eval-untrained", "False",
           "--model.decorrelation-weight", "1.0", "--monitor.every", "3", "--monitor.probe-batch-size", "2"]
 
 
@@ -273,7 +273,7 @@ def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_co
 
     run = tmp_path / "pretrained"
     _train(run, synth_corpus, "--model.llm-path", str(llm_dir), "--model.whisper-path", str(whisper_dir),
-           "--model.avhubert-path", str(av_path), "--monitor.every", "0", "--train.final-eval", "False")
+           "--model.avhubert-path", str(av_path), "--monitor.every", "0", "--train.final-eval-splits")
     _, mrun = _mlflow(run)
     assert mrun.info.status == "FINISHED"
     results = json.loads((run / "results.json").read_text())
@@ -357,7 +357,7 @@ def test_accelerate_launch_runs_the_trainer(tmp_path, synth_corpus):
     from mlflow.tracking import MlflowClient
 
     run = tmp_path / "accelerate"
-    _train(run, synth_corpus, "--train.max-steps", "2", "--train.save-every", "0", "--train.final-eval", "False",
+    _train(run, synth_corpus, "--train.max-steps", "2", "--train.save-every", "0", "--train.final-eval-splits",
            "--train.export-on-finish", "False", "--monitor.every", "0", launcher="accelerate")
     run_id = json.loads((run / "mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri=f"sqlite:///{run / 'mlflow.db'}")

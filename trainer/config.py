@@ -56,6 +56,14 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
+def final_eval_splits(cfg: ExperimentConfig) -> list[str]:
+    """The splits evaluated when training finishes (--train.final-eval-splits), in order. The default
+    follows the data section's split names, so a run with another validation split needs no second flag."""
+    if cfg.train.final_eval_splits is not None:
+        return list(cfg.train.final_eval_splits)
+    return list(dict.fromkeys([cfg.data.eval_split, cfg.data.test_split]))
+
+
 def load_recipe(path: str | Path, **overrides: Any) -> ExperimentConfig:
     text = Path(path).read_text()
     if not text.strip():
@@ -215,11 +223,8 @@ def check_inputs(cfg: ExperimentConfig) -> list[str]:
     remote = is_remote(d.shard_dir)
     demo = not remote and Path(d.shard_dir).resolve() == Path(DEMO_SHARD_DIR).resolve()   # built on first use
     if not demo:
-        splits = [d.train_split, d.eval_split]
-        if cfg.train.test_at_end or cfg.train.eval_untrained:
-            splits.append(d.test_split)
-        t = cfg.train
-        splits += [s for s in (t.final_eval_splits or ()) if t.final_eval and s not in splits]
+        splits = list(dict.fromkeys([d.train_split, d.eval_split, *final_eval_splits(cfg)]
+                                    + ([d.test_split] if cfg.train.eval_untrained else [])))
         if remote:       # the store reachable and the indexes there (retried like every remote read)
             try:
                 missing = [s for s in splits if not exists(index_location(d.shard_dir, s), d.retry_policy)]

@@ -55,13 +55,10 @@ class TrainConfig:
     eval_untrained: bool = True
     """Before the first step of a fresh run, report the untrained model's WER on the test split
     (the baseline in results.json)."""
-    test_at_end: bool = True
-    """Report WER on the held-out test split after training."""
-    final_eval: bool = True
-    """Evaluate WER when training finishes (False: no end-of-run evaluation at all)."""
     final_eval_splits: Optional[tuple[str, ...]] = None
-    """Splits evaluated when training finishes, e.g. `val test` (None = data.eval_split, plus
-    data.test_split when test_at_end; an empty list = none). results.json has one entry per split."""
+    """Splits whose WER is evaluated when training finishes, in order, e.g. `val test` (None =
+    data.eval_split then data.test_split; an empty list = no end-of-run evaluation). results.json has
+    one entry per split."""
     final_eval_max_samples: Optional[int] = None
     """Cap on samples per split in the end-of-run evaluation, over all ranks (None = whole splits)."""
     final_eval_beams: Optional[int] = None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from trainer import distributed
-from trainer.config import ExperimentConfig
+from trainer.config import ExperimentConfig, final_eval_splits
 from trainer.device import DeviceError, settle_device
 from trainer.data.skips import NOTE_REASONS, RETRY_REASONS, SKIP_REASONS, metric_name, skip_report, skip_summary
 from trainer.data.stream import TrainStream
@@ -58,16 +58,6 @@ def _all_sum_counts(counts: dict[str, int], device) -> dict[str, int]:
     if t[-1]:
         out["other"] = out.get("other", 0) + int(t[-1])
     return out
-
-
-def final_eval_splits(cfg: ExperimentConfig) -> list[str]:
-    """The splits evaluated when training finishes (--train.final-eval*), in order."""
-    t, data = cfg.train, cfg.data
-    if not t.final_eval:
-        return []
-    if t.final_eval_splits is not None:
-        return list(t.final_eval_splits)
-    return [data.eval_split] + ([data.test_split] if t.test_at_end else [])
 
 
 class Trainer:
