@@ -3,7 +3,7 @@
 Layout under `{run_dir}/checkpoints/`:
     step_00000200/            DeepSpeed's files (model, ZeRO partitions, optimizer, scheduler)
         rng_rank{r}.pt        each rank's RNG and data-stream position (tensors and numbers only)
-        trainer_state.json    step, config digest, frozen-weight fingerprint
+        trainer_state.json    step, frozen-weight fingerprint, world size, MLflow run id
         MANIFEST.json         written last, atomically: every other file with its size and SHA-256.
                               A folder without it is an interrupted save.
     latest                    the tag of the newest checkpoint that verified, replaced atomically

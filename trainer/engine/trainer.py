@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -549,9 +548,8 @@ class Trainer:
         return result
 
     def _save(self) -> None:
-        digest = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
         self.ckpt.save(self.ds_engine, self.step, client_state={"step": self.step},
                        rank_state={"data": self.stream.state()},
-                       trainer_state={"config_sha256": digest, "frozen_fingerprint": self.frozen_fingerprint,
+                       trainer_state={"frozen_fingerprint": self.frozen_fingerprint,
                                       "world_size": self.world_size,
                                       "mlflow_run_id": getattr(self.tracker, "run_id", None)})
