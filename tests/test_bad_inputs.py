@@ -1,4 +1,4 @@
-"""Every input a user can get wrong (issue 24): one line naming the input, the problem and what is
+"""Every input a user can get wrong: one line naming the input, the problem and what is
 accepted; exit status 2; seconds, before any process group; nothing created or changed on disk.
 
 Most cases run in-process through the functions the entry points call (build_config for recipes,

@@ -289,7 +289,7 @@ def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_co
 
 
 def test_training_goes_on_while_another_process_locks_mlflow_db(tmp_path, synth_corpus):
-    """The issue's fault: another process holds an exclusive lock on mlflow.db mid-run, longer than
+    """A store another process locks: it holds an exclusive lock on mlflow.db mid-run, longer than
     MLflow's 20 s busy timeout. Training must finish, and every step must reach the store after."""
     import time
 

@@ -42,8 +42,7 @@ class ExperimentConfig:
 
     def __post_init__(self):
         # Each section has validated itself; what involves the file system or more than one section is
-        # checked here, in one place (nothing spans sections today: the modality was the one such fact,
-        # and now has a single field).
+        # checked here, in one place, so a fact shared by sections is checked once and reported once.
         p = Problems("")
         path = Path(self.config)
         if not path.is_file() and not path.is_absolute() and (CHECKOUT / path).is_file():
