@@ -1,7 +1,7 @@
 """The import graph of trainer/, data_tools/, launch/ and bench/: no cycle, and imports run one way.
 
 Every import statement counts, those inside functions too (a late import hides a cycle from the
-interpreter, not from a reader). The rules (README "Layout", docs/DESIGN.md):
+interpreter, not from a reader). The rules (docs/DESIGN.md section 8, README "Map of the code"):
   - no cycle between modules;
   - trainer/ (the library) imports none of data_tools/, launch/, bench/, tests/;
   - data_tools/ imports none of launch/, bench/, tests/; nothing imports tests/;

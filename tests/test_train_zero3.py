@@ -52,7 +52,7 @@ def _train(run_dir: Path, corpus: Path | str, *extra: str, launcher: str = "torc
     """One node, two processes, started by torchrun, `accelerate launch` or the `deepspeed` launcher as the
     README has it (`deepspeed --num_gpus 2 launch/train.py --config ds_configs/zero3.json ...`,
     which passes --local_rank to the script)."""
-    if launcher == "accelerate":        # README/ENV.md: accelerate's DeepSpeed launcher starts the trainer too
+    if launcher == "accelerate":        # docs/training.md: accelerate's DeepSpeed launcher starts the trainer too
         accelerate_bin = Path(sys.executable).with_name("accelerate")
         cmd = [str(accelerate_bin), "launch", "--num_processes", "2", "--main_process_port", str(_free_port()),
                "--use_deepspeed", "--deepspeed_config_file", str(REPO / "ds_configs" / "zero3.json"),
