@@ -37,7 +37,7 @@ def offline_cache(tmp_path, monkeypatch, pretrained_models):
     constants are set too) and for subprocesses."""
     from huggingface_hub import constants
 
-    from tests.hf_cache import hub_cache
+    from tests.support.hf_cache import hub_cache
 
     cache, commits = hub_cache(tmp_path, pretrained_models)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))

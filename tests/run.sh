@@ -5,7 +5,7 @@
 set -euo pipefail
 export AVSR_SETUP_APT=${AVSR_SETUP_APT:-1}   # ffmpeg and espeak-ng: the synthetic corpus needs them
 source "$(dirname "${BASH_SOURCE[0]}")/../launch/setup_env.sh"
-# tests/test_slurm_real.py runs the SLURM scripts on a private one-node SLURM (started and stopped by
+# tests/launch/test_slurm_real.py runs the SLURM scripts on a private one-node SLURM (started and stopped by
 # the tests, from a config in a temp dir): install Debian's packages where missing and we are root.
 if [ "$(id -u)" = 0 ] && [ "${AVSR_INSTALL_SLURM:-1}" = 1 ] && ! { [ -x /usr/sbin/slurmctld ] &&
     [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ] && command -v sbatch >/dev/null; }; then

@@ -139,7 +139,7 @@ def test_lrs3_cli_writes_straight_to_s3(lrs3_tree, tmp_path):
     stopped by PID; credentials and endpoint from the environment, as a user sets them."""
     import boto3
 
-    from tests.remote_servers import s3_env, start_moto
+    from tests.support.remote_servers import s3_env, start_moto
     moto = start_moto(tmp_path)
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO), **s3_env(moto.url)}

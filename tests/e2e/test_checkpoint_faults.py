@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from tests.constants import REPO
-from tests.untrusted import RunsCode
+from tests.support.untrusted import RunsCode
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]   # 2-process runs; slow on a loaded 2-core machine
 STEPS = 8

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.constants import REPO
-from tests.hf_cache import LLM_REPO, WHISPER_REPO
+from tests.support.hf_cache import LLM_REPO, WHISPER_REPO
 
 pytestmark = pytest.mark.slow
 

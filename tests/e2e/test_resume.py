@@ -7,7 +7,7 @@ save, a manifest write or a start-up; after each, the same command again; the la
 end. Every loss any attempt logged for a step must equal the uninterrupted run's for that step.
 
 The moments come from AVSR_CHAOS_SEED (default: the time), printed first, so that a failure replays with
-`AVSR_CHAOS_SEED=<seed> pytest tests/test_chaos_resume.py`.
+`AVSR_CHAOS_SEED=<seed> pytest tests/e2e/test_resume.py`.
 """
 import os
 import random

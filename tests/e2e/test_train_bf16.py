@@ -4,7 +4,7 @@ With the shipped JSON files and `--train.precision bf16`: ZeRO-3 under the `deep
 stopped at step 3 and resumed by the same command, must give the uninterrupted run's per-step losses
 exactly; its checkpoint, final evaluation, exports and launch/evaluate.py work; the Triton kernel runs
 (interpreted) on bf16 hidden states. ZeRO-2 (which casts parameters but not AV-HuBERT's BatchNorm
-buffers) trains too. The fp32 path is tests/test_train_zero3.py.
+buffers) trains too. The fp32 path is tests/e2e/test_train_zero3.py.
 """
 import json
 import subprocess
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.constants import REPO
-from tests.test_train_zero3 import STEPS, _env, _losses, _mlflow, _train
+from tests.e2e.test_train_zero3 import STEPS, _env, _losses, _mlflow, _train
 
 pytestmark = pytest.mark.slow
 BF16 = ("--train.precision", "bf16")

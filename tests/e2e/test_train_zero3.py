@@ -254,7 +254,7 @@ def test_a_copied_run_folder_resumes_without_touching_the_original(runs, tmp_pat
 def test_pretrained_parts_from_local_folders_load_under_zero3(tmp_path, synth_corpus):
     from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
 
-    from test_model_avhubert import official_tiny_state_dict
+    from tests.trainer.model.test_avhubert import official_tiny_state_dict
     from trainer.data.text import iter_transcripts
     from trainer.model.tokenizer import train_bpe_tokenizer
 
@@ -328,7 +328,7 @@ def test_streaming_from_s3_gives_the_same_losses_as_local_files(runs, tmp_path, 
     local S3 endpoint started here and stopped by PID; credentials and endpoint from the environment."""
     import boto3
 
-    from tests.remote_servers import s3_env, start_moto
+    from tests.support.remote_servers import s3_env, start_moto
     full, _, _ = runs
     moto = start_moto(tmp_path)
     try:

@@ -1,7 +1,7 @@
 """Resume on another world size, with real processes (torchrun, gloo, the tiny model on CPU).
 
 Per ZeRO stage (3 and 2) and per direction (2 ranks -> 1, 1 -> 2): an uninterrupted run of 6 steps on N
-ranks saving at step 3; a copy of its folder resumed from step 3 on M ranks by tests/world_size_probe.py,
+ranks saving at step 3; a copy of its folder resumed from step 3 on M ranks by tests/support/world_size_probe.py,
 which writes the state it loaded (gathered again on M ranks) before training on. The master weights, both
 Adam moments, Adam's step, the lr, the schedule and the engine's counters must equal the checkpoint's
 bit for bit, and the losses of steps 4-6 stay close to the uninterrupted run's (the data stream is
@@ -74,7 +74,7 @@ def test_resume_on_another_world_size_carries_the_state_exactly(uninterrupted, s
     assert json.loads((step3 / "MANIFEST.json").read_text())["world_size"] == saved
     assert "portable/state.safetensors" in json.loads((step3 / "MANIFEST.json").read_text())["files"]
     dump = tmp_path / "dump"
-    p = _run(resumed, [str(REPO / "tests" / "world_size_probe.py"), "--dump", str(dump), "--"], stage, run,
+    p = _run(resumed, [str(REPO / "tests" / "support" / "world_size_probe.py"), "--dump", str(dump), "--"], stage, run,
              synth_corpus, "--train.resume", str(step3))
     out = p.stdout + p.stderr
     assert f"was written by {saved} ranks, resuming on {resumed}" in out, out[-4000:]

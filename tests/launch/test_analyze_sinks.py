@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_monitor import J, MASSIVE_LAYER, R, S, plant_sink, tiny_llama
+from tests.trainer.monitor.test_monitor import J, MASSIVE_LAYER, R, S, plant_sink, tiny_llama
 from tests.constants import REPO
 
 SCRIPT = REPO / "launch" / "analyze_sinks.py"

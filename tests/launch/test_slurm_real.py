@@ -1,5 +1,5 @@
 """The SLURM scripts on a real SLURM: a private one-node cluster (munged, slurmctld, slurmd from
-Debian's packages, started from a temp-dir config: tests/slurm_cluster.py) runs the real sbatch
+Debian's packages, started from a temp-dir config: tests/support/slurm_cluster.py) runs the real sbatch
 scripts on the demo model (tiny, 2 ranks, a few steps). Skipped where the daemons are not installed
 or not root (tests/run.sh installs them as root).
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.constants import REPO
-from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
+from tests.support.slurm_cluster import SlurmCluster, SlurmUnavailable
 
 pytestmark = pytest.mark.slow
 

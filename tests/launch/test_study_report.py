@@ -1,6 +1,6 @@
 """launch/study_report.py's choices that decide what the study claims: which run each run is compared
 with (exactly one setting apart), when a validation curve counts as flat, and when CE takes over.
-The report's numbers come from trainer/stats.py (tests/test_stats.py); an end-to-end check is the
+The report's numbers come from trainer/stats.py (tests/trainer/test_stats.py); an end-to-end check is the
 STEPS=2 smoke in launch/study.sh's header."""
 import importlib.util
 

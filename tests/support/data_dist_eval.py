@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_data_pipeline.py: each rank reads its eval share with real
+"""Run under torchrun by tests/trainer/data/test_pipeline.py: each rank reads its eval share with real
 DataLoader workers; rank 0 writes every rank's keys (gathered over gloo) to --out as JSON."""
 import argparse
 import json

@@ -56,7 +56,7 @@ def write_shards(folder: str | os.PathLike, split: str, shards: list[list[dict]]
                 sink.write(s)
         infos.append(ShardInfo(name=name, samples=len(samples),
                                duration=round(sum(sample_duration(s) for s in samples), 3)))
-    index = ShardIndex(split=split, shards=infos, meta={"writer": "tests/data_fixtures.py"}, root=folder)
+    index = ShardIndex(split=split, shards=infos, meta={"writer": "tests/support/data_fixtures.py"}, root=folder)
     index.save(folder)
     return index
 

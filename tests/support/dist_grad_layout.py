@@ -1,4 +1,4 @@
-"""Run under torchrun (2 processes) by tests/test_token_weighting.py.
+"""Run under torchrun (2 processes) by tests/trainer/engine/test_loss_layouts.py.
 
 For each layout (a list per rank of micro-batches, each a list of clip indices), build the real
 Trainer (tiny model, ZeRO-3, SGD without clipping, fresh run folder), feed it exactly those

@@ -1,6 +1,6 @@
 """An HTTP proxy that injects network faults at chosen points: for the remote-shard tests.
 
-    python tests/fault_proxy.py --port P --upstream http://127.0.0.1:Q --rules rules.json --events events.jsonl
+    python tests/support/fault_proxy.py --port P --upstream http://127.0.0.1:Q --rules rules.json --events events.jsonl
 
 Forwards every request to the upstream server (a local S3 endpoint or http.server) unchanged. The
 rules file (re-read when it changes, hit counts then start over) is a JSON list; the first rule

@@ -2,7 +2,7 @@
 ahead-of-time path: Python -> TTIR -> PTX -> cubin with the bundled ptxas) and print, as JSON,
 the global load/store instructions of each kernel's PTX.
 
-    python tests/kernel_ptx.py [--arch 90]       # must run without TRITON_INTERPRET=1
+    python tests/support/kernel_ptx.py [--arch 90]       # must run without TRITON_INTERPRET=1
 
 The arguments are specialised as Triton's JIT does for a real launch at Llama sizes: pointers
 16-byte aligned and D (3072) divisible by 16; block sizes and warps are what the launcher's

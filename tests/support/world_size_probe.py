@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_world_size_resume.py: `world_size_probe.py --dump DIR -- <train args>`.
+"""Run under torchrun by tests/e2e/test_world_size_resume.py: `world_size_probe.py --dump DIR -- <train args>`.
 
 Builds the real Trainer from the train arguments, resumes (a checkpoint written by another world
 size), and before any step writes what it loaded, gathered again on this world size, to

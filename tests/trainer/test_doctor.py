@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.constants import REPO
-from tests.test_device import NEW_ENOUGH, fake_smi
+from tests.trainer.test_device import NEW_ENOUGH, fake_smi
 from trainer.doctor import optimizer_of
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data_tools.media import encode_mp4, encode_wav
-from tests.data_fixtures import have_ffmpeg, make_clip, make_sample
+from tests.support.data_fixtures import have_ffmpeg, make_clip, make_sample
 from trainer.data.config import DataConfig
 from trainer.data.decode import VIDEO_MEAN, VIDEO_STD, decode_clip, mix_at_snr
 from trainer.data.features import log_mel

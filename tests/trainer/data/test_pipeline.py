@@ -19,7 +19,7 @@ import soundfile as sf
 
 from data_tools.media import encode_mp4
 from tests.constants import REPO
-from tests.data_fixtures import have_ffmpeg, make_clip, make_corpus, make_sample, write_shards
+from tests.support.data_fixtures import have_ffmpeg, make_clip, make_corpus, make_sample, write_shards
 from trainer.data import DataConfig, SkipCounter, UnusableDataError, build_eval_loader, build_train_loader
 from trainer.data.shard_format import load_index
 from trainer.model.config import ModelConfig
@@ -298,7 +298,7 @@ def test_a_shard_set_of_non_tars_is_a_clear_error(tmp_path):
 def test_eval_exactly_once_under_torchrun_2_ranks_x_2_workers(corpus, tmp_path):
     out = tmp_path / "keys.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "data_dist_eval.py"), "--shard-dir", str(corpus.folder), "--split", "val",
+           str(REPO / "tests" / "support" / "data_dist_eval.py"), "--shard-dir", str(corpus.folder), "--split", "val",
            "--workers", "2", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")

@@ -1,7 +1,7 @@
 """Shards in object storage and behind HTTP, against real servers on loopback.
 
 A local S3 endpoint (moto's server) and Python's http.server, each started here and stopped by PID,
-with the fault proxy (tests/fault_proxy.py) between the loader and them where faults are wanted:
+with the fault proxy (tests/support/fault_proxy.py) between the loader and them where faults are wanted:
 connection resets mid-shard, 503 answers and stalls are retried and counted (data/retried/...), a
 shard that keeps failing is skipped and counted like a corrupt one, an unreachable split is one
 clear error at start. The shard writer writes straight to S3 with the old split kept until the new
@@ -21,8 +21,8 @@ from data_tools.shards import Sample, write_split
 from data_tools.tones import tone_sample
 from data_tools.validate import validate
 from tests.constants import REPO
-from tests.data_fixtures import have_ffmpeg
-from tests.remote_servers import fault_events, s3_env, set_faults, start_http, start_moto, start_proxy
+from tests.support.data_fixtures import have_ffmpeg
+from tests.support.remote_servers import fault_events, s3_env, set_faults, start_http, start_moto, start_proxy
 from trainer.data import DataConfig, build_eval_loader, build_train_loader
 from trainer.data import storage
 from trainer.data.shard_format import load_index

@@ -1,5 +1,5 @@
 """The decorrelation loss's weighting in the objective (trainer/engine/loss.py): the lambda ramp, and the
-gradient norm of each term measured alone. The same on 2 ranks under ZeRO-3: tests/test_token_weighting.py."""
+gradient norm of each term measured alone. The same on 2 ranks under ZeRO-3: tests/trainer/engine/test_loss_layouts.py."""
 from __future__ import annotations
 
 from types import SimpleNamespace

@@ -52,7 +52,7 @@ def _run_layouts(root, synth_corpus, ds_config: dict, layouts: list):
                     "--monitor.every", "0", "--train.device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "dist_grad_layout.py"), "--layouts", json.dumps(layouts), "--out", str(root),
+           str(REPO / "tests" / "support" / "dist_grad_layout.py"), "--layouts", json.dumps(layouts), "--out", str(root),
            "--", *trainer_args]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"layout run failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"

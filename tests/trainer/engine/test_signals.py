@@ -1,7 +1,7 @@
 """Stop signals with real processes, outside SLURM: SIGTERM/SIGUSR1 reach the helper processes too
 (DataLoader workers), the final evaluation keeps a complete result, and the `deepspeed` launcher:
 SIGTERM to the runner only (it dies without passing it on), then `kill -TERM -PGID` on the whole
-process group. (The figure pool: tests/test_monitor.py; a real SLURM: tests/test_slurm_real.py.)"""
+process group. (The figure pool: tests/trainer/monitor/test_monitor.py; a real SLURM: tests/launch/test_slurm_real.py.)"""
 from __future__ import annotations
 
 import json

@@ -365,7 +365,7 @@ def test_kernels_compile_for_hopper_with_16_byte_vector_accesses():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("kernel_ptx.py")
+    script = Path(__file__).parents[2] / "support" / "kernel_ptx.py"
     p = subprocess.run([sys.executable, str(script), "--arch", "90"], env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]

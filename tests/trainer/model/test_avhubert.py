@@ -146,7 +146,7 @@ def test_padding_does_not_change_real_frames(layer_norm_first):
 # ----------------------------------------------------------------------------- files as users bring them
 
 def _model_section(heads=4, layer_norm_first=False):
-    from tests.fairseq_pickles import avhubert_model_section
+    from tests.support.fairseq_pickles import avhubert_model_section
 
     return avhubert_model_section(WIDTH, LAYERS, FFN, heads, layer_norm_first, K, GROUPS)
 
@@ -171,7 +171,7 @@ def test_architecture_comes_from_the_checkpoints_own_config(tmp_path, style):
     default pre-LN): read from an omegaconf DictConfig or argparse Namespace holding fairseq enums,
     interpolations and numpy scalars, also from a fine-tuned file's w2v_args."""
     pytest.importorskip("omegaconf")
-    from tests.fairseq_pickles import new_style, old_style
+    from tests.support.fairseq_pickles import new_style, old_style
     from trainer.model.avsr import build_video_encoder
     from trainer.model.config import ModelConfig
 
@@ -242,7 +242,7 @@ def test_parametrized_weight_norm_keys_load(tmp_path):
 
 def test_files_that_are_not_an_avhubert_video_encoder_say_what_they_are(tmp_path):
     pytest.importorskip("omegaconf")
-    from tests.fairseq_pickles import new_style
+    from tests.support.fairseq_pickles import new_style
     from trainer.model.avsr import build_video_encoder
     from trainer.model.config import ModelConfig
 
@@ -264,7 +264,7 @@ def test_files_that_are_not_an_avhubert_video_encoder_say_what_they_are(tmp_path
 
 def test_a_contradicting_flag_is_one_error_before_any_process_group(tmp_path):
     pytest.importorskip("omegaconf")
-    from tests.fairseq_pickles import new_style
+    from tests.support.fairseq_pickles import new_style
     from trainer.config import ConfigError, parse_args
 
     path = str(new_style(tmp_path / "av.pt", official_tiny_state_dict(), _model_section()))

@@ -299,7 +299,7 @@ def test_pretrained_parts_load_from_local_folders(tmp_path):
     from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, WhisperConfig,
                               WhisperModel)
 
-    from test_model_avhubert import official_tiny_state_dict
+    from tests.trainer.model.test_avhubert import official_tiny_state_dict
 
     torch.manual_seed(0)
     # A "pretrained" tokenizer without the AVSR tokens: building must add them and resize the LLM.

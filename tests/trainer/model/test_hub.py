@@ -1,5 +1,5 @@
 """--model.llm-path / --model.whisper-path as hub names: resolved through huggingface_hub's own cache
-(laid out from the converted SmolLM2 and Whisper tiny.en: tests/hf_cache.py, fixture `offline_cache`)."""
+(laid out from the converted SmolLM2 and Whisper tiny.en: tests/support/hf_cache.py, fixture `offline_cache`)."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.constants import REPO
-from tests.hf_cache import LLM_REPO, WHISPER_REPO
+from tests.support.hf_cache import LLM_REPO, WHISPER_REPO
 
 pytestmark = pytest.mark.slow
 
