@@ -1,5 +1,8 @@
-"""The decorrelation loss's weighting in the objective (trainer/engine/loss.py): the lambda ramp, and the
-gradient norm of each term measured alone. The same on 2 ranks under ZeRO-3: tests/trainer/engine/test_loss_layouts.py."""
+"""trainer/engine/loss.py in one process: the step's objective is the token mean over the whole global
+batch (each micro-batch's share weighted by the global token counts), the counts are checked after the
+backward, the backward undoes DeepSpeed's divisions, the decorrelation ramp, and the gradient norm of each
+term measured alone. The same on 2 ranks under ZeRO-3 with the real model:
+tests/trainer/engine/test_loss_layouts.py."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,8 +10,76 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.engine.loss import GlobalCounts, decorrelation_ramp, micro_batch_share, term_grad_norms, term_gradients
+from trainer.engine.loss import (GlobalCounts, backward, check_counts, decorrelation_ramp, micro_batch_share,
+                                 term_grad_norms, term_gradients)
 from trainer.model.config import ModelConfig
+
+
+class _Out:
+    """What the model's forward returns for one micro-batch: token means and the token counts."""
+
+    def __init__(self, ce, dec, raw, targets, prefix):
+        self.ce_loss, self.dec_loss, self.dec_loss_raw = ce, dec, raw
+        self.num_target_tokens, self.num_prefix_tokens = torch.tensor(targets), torch.tensor(prefix)
+
+
+def test_the_counts_of_a_step_are_summed_over_its_micro_batches_without_a_process_group():
+    counts = GlobalCounts.all_reduced([(3, 10), (9, 30), (0, 0)], torch.device("cpu"))
+    assert counts == GlobalCounts(targets=12, prefix=40)
+
+
+def test_uneven_micro_batches_give_the_global_token_mean_and_its_gradient():
+    """Token CEs w * x_t over micro-batches of 1, 5 and 2 target tokens: the summed shares are the mean over
+    all 8 tokens, and so is their gradient; the mean of per-micro-batch means (what averaging losses over
+    micro-batches gives) would weight the lone token 5 times as much as each of its neighbours."""
+    x = [torch.tensor([4.0]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), torch.tensor([6.0, 7.0])]
+    w = torch.nn.Parameter(torch.tensor(0.5))
+    counts = GlobalCounts.all_reduced([(len(t), 0) for t in x], torch.device("cpu"))
+    total, logged = torch.zeros(()), torch.zeros(4)
+    for t in x:
+        out = _Out((w * t).mean(), torch.zeros(()), torch.tensor(float("nan")), len(t), 0)
+        loss, share = micro_batch_share(out, counts, (len(t), 0))
+        loss.backward()
+        total, logged = total + loss.detach(), logged + share
+    everything = torch.cat(x)
+    torch.testing.assert_close(total, 0.5 * everything.mean())
+    torch.testing.assert_close(w.grad, everything.mean())
+    assert logged[:3].tolist() == pytest.approx([0.5 * everything.mean().item(), 0.5 * everything.mean().item(), 0.0])
+    assert torch.isnan(logged[3])                   # the raw L_dec: not measured in this step
+    per_batch = torch.stack([t.mean() for t in x]).mean()
+    assert abs(per_batch - everything.mean()) > 0.3     # the mistake this weighting avoids is not a rounding
+
+
+def test_loss_share_is_fp32_and_weighted_by_the_global_counts():
+    """Two micro-batches of 3 and 9 target tokens: their shares add up to the global token means."""
+    counts = GlobalCounts(targets=12, prefix=40)
+    a = _Out(torch.tensor(2.0, dtype=torch.bfloat16), torch.tensor(0.5), torch.tensor(0.05), 3, 10)
+    b = _Out(torch.tensor(1.0, dtype=torch.bfloat16), torch.tensor(0.25), torch.tensor(0.025), 9, 30)
+    (la, sa), (lb, sb) = micro_batch_share(a, counts, (3, 10)), micro_batch_share(b, counts, (9, 30))
+    assert la.dtype is torch.float32 and sa.dtype is torch.float32
+    total = sa + sb                                   # loss, ce, dec, dec_raw
+    torch.testing.assert_close(total, torch.tensor([(2 * 3 + 1 * 9) / 12 + (0.5 * 10 + 0.25 * 30) / 40,
+                                                    (2 * 3 + 1 * 9) / 12, (0.5 * 10 + 0.25 * 30) / 40,
+                                                    (0.05 * 10 + 0.025 * 30) / 40]))
+
+
+def test_counts_that_differ_from_the_forwards_are_an_error_after_the_backward():
+    out = _Out(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0), 3, 10)
+    check_counts(out, (3, 10))
+    with pytest.raises(RuntimeError, match=r"\(3 targets, 10 prefix\) differ from those computed before it \(4, 10\)"):
+        check_counts(out, (4, 10))
+
+
+def test_backward_undoes_deepspeeds_division_by_accumulation_steps_and_ranks():
+    class Engine:                                 # records what DeepSpeed's engine.backward would get
+        dp_world_size = 4
+
+        def backward(self, loss, scale_wrt_gas=True):
+            self.got = (loss.item(), scale_wrt_gas)
+
+    engine = Engine()
+    backward(engine, torch.tensor(0.25))
+    assert engine.got == (1.0, False)             # x world size (DeepSpeed averages over ranks), no / grad_accum
 
 
 def test_ramp_rises_linearly_to_one_over_the_warmup_steps():

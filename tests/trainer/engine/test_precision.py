@@ -1,6 +1,7 @@
 """bf16 as GPUs run it, checked without a model run: which precision a run trains in, which Adam
-DeepSpeed builds, one dtype for every trainable parameter, BatchNorm in fp32, the loss in fp32, and no
-host read of a device value between a training forward and its backward."""
+DeepSpeed builds, one dtype for every trainable parameter, BatchNorm in fp32, and no
+host read of a device value between a training forward and its backward. (The loss in fp32:
+tests/trainer/engine/test_loss.py.)"""
 import dataclasses
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from tests.constants import REPO
 from trainer.engine.ds_config import (DeepSpeedConfigError, choose_adam, describe_optimizer, load_ds_config,
                                       resolve_ds_config, use_bf16)
-from trainer.engine.loss import GlobalCounts, check_counts, micro_batch_share
+from trainer.engine.loss import GlobalCounts, micro_batch_share
 
 COMMON = dict(hidden_size=64, micro_batch_size=8, grad_accum=2, grad_clip=1.0, lr=1e-3, weight_decay=0.01,
               total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
@@ -114,28 +115,6 @@ def test_batchnorm_runs_in_fp32_against_bf16_weights_and_fp32_statistics():
     before = bn.running_mean.clone()
     bn(x.bfloat16())
     assert not torch.equal(before, bn.running_mean) and bn.running_mean.dtype is torch.float32
-
-
-class _Out:
-    def __init__(self, ce, dec, raw, targets, prefix):
-        self.ce_loss, self.dec_loss, self.dec_loss_raw = ce, dec, raw
-        self.num_target_tokens, self.num_prefix_tokens = torch.tensor(targets), torch.tensor(prefix)
-
-
-def test_loss_share_is_fp32_and_weighted_by_the_global_counts():
-    """Two micro-batches of 3 and 9 target tokens: their shares add up to the global token mean."""
-    counts = GlobalCounts(targets=12, prefix=40)
-    a = _Out(torch.tensor(2.0, dtype=torch.bfloat16), torch.tensor(0.5), torch.tensor(0.05), 3, 10)
-    b = _Out(torch.tensor(1.0, dtype=torch.bfloat16), torch.tensor(0.25), torch.tensor(0.025), 9, 30)
-    (la, sa), (lb, sb) = micro_batch_share(a, counts, (3, 10)), micro_batch_share(b, counts, (9, 30))
-    assert la.dtype is torch.float32 and sa.dtype is torch.float32
-    total = sa + sb                                   # loss, ce, dec, dec_raw
-    torch.testing.assert_close(total, torch.tensor([(2 * 3 + 1 * 9) / 12 + (0.5 * 10 + 0.25 * 30) / 40,
-                                                    (2 * 3 + 1 * 9) / 12, (0.5 * 10 + 0.25 * 30) / 40,
-                                                    (0.05 * 10 + 0.025 * 30) / 40]))
-    check_counts(a, (3, 10))
-    with pytest.raises(RuntimeError, match="out of step"):
-        check_counts(a, (4, 10))
 
 
 def test_no_host_read_between_forward_and_backward():

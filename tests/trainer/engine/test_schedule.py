@@ -3,7 +3,7 @@
 Pinned values for warmup 0, 1 and 10 (peak 1e-3, 100 steps, floor 0.1), first as the factor function,
 then read from a real DeepSpeed engine (one process, gloo) exactly where the trainer reads it: before
 engine.step(), with every step checked to change the weights by the lr it claims (SGD, so the change is
-lr x gradient).
+lr x gradient). A resumed schedule: its position from the checkpoint, its curve from the current config.
 """
 import math
 
@@ -42,26 +42,29 @@ def test_schedule_ends_at_the_floor_and_never_rises_after_warmup():
     assert lr_factor(TOTAL + 5, warmup_steps=10, total_steps=TOTAL, min_lr_ratio=FLOOR) == pytest.approx(FLOOR)
 
 
-@pytest.fixture(scope="module")
-def dist_group():
-    import os
-    import socket
+def test_a_resumed_schedule_takes_its_position_from_the_checkpoint_and_its_shape_from_the_config():
+    """What a checkpoint keeps of the schedule is its position: resumed with another max-steps, the next
+    lr is the current config's curve at that position (the factor's settings are not saved)."""
+    def schedule(total):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=PEAK)
+        return opt, warmup_cosine(opt, warmup_steps=10, total_steps=total, min_lr_ratio=FLOOR)
 
-    import deepspeed
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
+    opt, first = schedule(TOTAL)
+    for _ in range(30):
+        opt.step()
+        first.step()
+    saved = first.state_dict()
+    opt, resumed = schedule(2 * TOTAL)
+    resumed.load_state_dict(saved)
+    assert resumed.last_epoch == 30
+    opt.step()
+    resumed.step()
+    assert resumed.get_last_lr()[0] == pytest.approx(PEAK * lr_factor(31, warmup_steps=10, total_steps=2 * TOTAL,
+                                                                      min_lr_ratio=FLOOR), rel=1e-12)
 
 
 @pytest.mark.parametrize("warmup", [0, 1, 10])
-def test_a_deepspeed_engine_trains_every_step_with_the_logged_lr(dist_group, warmup):
+def test_a_deepspeed_engine_trains_every_step_with_the_logged_lr(gloo_world_of_one, warmup):
     import deepspeed
 
     torch.manual_seed(0)
