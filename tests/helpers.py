@@ -134,6 +134,10 @@ _TINY_RUN = (*TINY_DATA, "--train.max-steps", str(TINY_STEPS), "--train.log-ever
              "--train.lr", "3e-3", "--train.save-every", "3", "--train.eval-untrained", "False")
 
 
+_ZERO3_2PROC = (*_TINY_RUN, "--train.eval-max-new-tokens", "6", "--train.final-eval-splits", "val",
+                "--model.decorrelation-weight", "1.0", "--monitor.every", "3", "--monitor.probe-batch-size", "2")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     launcher: str
@@ -148,16 +152,16 @@ RUNS = {
     # 2 ranks, the shipped ZeRO-3 JSON under the users' launcher, everything on: sink monitoring (steps 0, 3, 6),
     # the decorrelation loss, MLflow, checkpoints at steps 3 and 6, the end-of-run validation WER, exports.
     # The reference of tests/e2e/test_resume.py, which reruns its exact command.
-    "zero3_2proc": RunSpec("deepspeed", 2, (*_TINY_RUN, "--train.eval-max-new-tokens", "6", "--train.final-eval-splits",
-                                            "val", "--model.decorrelation-weight", "1.0", "--monitor.every", "3",
-                                            "--monitor.probe-batch-size", "2"),
-                           env=(("MLFLOW_EXPERIMENT_NAME", "e2e"),)),
+    "zero3_2proc": RunSpec("deepspeed", 2, _ZERO3_2PROC, env=(("MLFLOW_EXPERIMENT_NAME", "e2e"),)),
     # 1 process: what the offline tools read (launch/evaluate.py, launch/analyze_sinks.py); the end-of-run
     # evaluation on 3 test utterances with 2 beams only
     "zero3_1proc": RunSpec("torchrun", 1, (*_TINY_RUN, "--train.eval-max-new-tokens", "4", "--train.final-eval-splits",
                                            "test", "--train.final-eval-max-samples", "3", "--train.final-eval-beams",
                                            "2", "--monitor.every", "3", "--monitor.probe-batch-size", "2"),
                            env=(("MLFLOW_EXPERIMENT_NAME", "e2e"),)),
+    # the first in bf16 (DeepSpeed's CPU accelerator emulates it: ~6x slower), for tests/e2e/test_train_bf16.py
+    "zero3_2proc_bf16": RunSpec("deepspeed", 2, (*_ZERO3_2PROC, "--train.precision", "bf16"),
+                                env=(("MLFLOW_EXPERIMENT_NAME", "e2e"),)),
     # ZeRO-2 on 2 ranks, nothing after training: the other stage for tests/e2e/test_world_size_resume.py
     "zero2_2proc": RunSpec("torchrun", 2, (*_TINY_RUN, "--train.final-eval-splits", "--train.export-on-finish", "False",
                                            "--monitor.every", "0", "--tracking.enabled", "False"), config="zero2.json"),

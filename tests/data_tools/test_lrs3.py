@@ -16,6 +16,7 @@ from data_tools.lrs3 import convert, sample_key
 from data_tools.media import encode_wav, run_ffmpeg
 from data_tools.validate import iter_samples, validate
 from tests.constants import REPO
+from tests.helpers import child_env
 from trainer.data.shard_format import SAMPLES_PER_FRAME, decode_audio, load_index
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs ffmpeg")
@@ -95,7 +96,7 @@ def test_convert_lrs3_tree(lrs3_tree, tmp_path):
 
 
 def test_lrs3_cli_reports_skips(lrs3_tree, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     cmd = [sys.executable, "-m", "data_tools", "lrs3", str(lrs3_tree), str(tmp_path), "--split", "test",
            "--workers", "1", "--quiet"]
     out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, cwd=REPO)
@@ -118,7 +119,7 @@ def test_zero_clip_conversion_writes_nothing_and_the_rerun_works(lrs3_tree, tmp_
     (src / "spk").mkdir(parents=True)
     shutil.copy(lrs3_tree / "spkA" / "00001.mp4", src / "spk" / "00001.mp4")
     out = tmp_path / "shards"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     cmd = [sys.executable, "-m", "data_tools", "lrs3", str(src), str(out), "--split", "train",
            "--workers", "1", "--quiet"]
     first = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env, cwd=REPO)
@@ -142,7 +143,7 @@ def test_lrs3_cli_writes_straight_to_s3(lrs3_tree, tmp_path):
     from tests.support.remote_servers import s3_env, start_moto
     moto = start_moto(tmp_path)
     try:
-        env = {**os.environ, "PYTHONPATH": str(REPO), **s3_env(moto.url)}
+        env = child_env(**s3_env(moto.url))
         boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1", aws_access_key_id="testing",
                      aws_secret_access_key="testing").create_bucket(Bucket="lrs3")
         cmd = [sys.executable, "-m", "data_tools", "lrs3", str(lrs3_tree), "s3://lrs3/shards", "--split", "test",

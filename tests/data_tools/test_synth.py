@@ -20,6 +20,7 @@ from data_tools.shards import Sample, SkipSample, check_key, plan_shards, write_
 from data_tools.synth import GRID_SIZE, GRID_WORDS, build_corpus, grid_sentence, plan_corpus
 from data_tools.validate import iter_samples, validate
 from tests.constants import REPO
+from tests.helpers import child_env
 from trainer.data.shard_format import SAMPLES_PER_FRAME, decode_audio, decode_video, load_index, resample
 
 NUM = 30
@@ -276,7 +277,7 @@ def test_validate_flags_corruption(corpus, tmp_path):
 
 
 def test_validate_cli_exit_codes(corpus, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     ok = subprocess.run([sys.executable, "-m", "data_tools", "validate", str(corpus), "--split", "val"],
                         capture_output=True, text=True, env=env, cwd=REPO)
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr

@@ -13,17 +13,15 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.constants import REPO
+from tests.helpers import TINY_DATA, child_env, train
 
-ARGS = ["--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
-        "--data.batches-per-epoch", "4", "--train.max-steps", "6", "--train.log-every", "1",
-        "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "2", "--train.final-eval", "False",
+ARGS = [*TINY_DATA, "--train.max-steps", "6", "--train.log-every", "1",
+        "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "2", "--train.final-eval-splits",
         "--train.eval-untrained", "False", "--train.export-on-finish", "False", "--monitor.every", "0"]
 
 
@@ -40,13 +38,8 @@ def small_disk(path: Path, size: str = "40m"):
 
 
 def _train(run_dir: Path, corpus: Path, mlflow_db: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_db}", "MLFLOW_EXPERIMENT_NAME": "disk-full"}
-    env.pop("MLFLOW_RUN_ID", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-           "--data.shard-dir", str(corpus), "--train.run-dir", str(run_dir), *ARGS]
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    env = child_env(DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}", MLFLOW_EXPERIMENT_NAME="disk-full")
+    return train(run_dir, corpus, *ARGS, env=env, ok=False)
 
 
 @pytest.mark.slow

@@ -3,14 +3,12 @@ plain peft onto SmolLM2 gives the trainer's LLM logits; the projector and delimi
 `trainable.safetensors` work in plain torch. The run takes the LLM and Whisper by hub name from an
 offline Hugging Face cache, so MLflow's record of the resolved commit is checked here too."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.constants import REPO
+from tests.helpers import child_env, train
 from tests.support.hf_cache import LLM_REPO, WHISPER_REPO
 
 pytestmark = pytest.mark.slow
@@ -19,19 +17,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture()
 def mini_run(offline_cache, synth_corpus, tmp_path):
     run = tmp_path / "mini"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-           "--recipe", str(REPO / "launch" / "recipes" / "mini_asr.yaml"),
-           "--model.llm-path", LLM_REPO, "--model.whisper-path", WHISPER_REPO,
-           "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run),
-           "--data.max-frames-per-batch", "200", "--data.max-batch-size", "2", "--data.batches-per-epoch", "3",
-           "--train.max-steps", "3", "--train.warmup-steps", "1", "--train.lr", "1e-2", "--train.final-eval", "False",
-           "--train.eval-untrained", "False", "--monitor.every", "0"]
-    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"training failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    train(run, synth_corpus, "--recipe", str(REPO / "launch" / "recipes" / "mini_asr.yaml"),
+          "--model.llm-path", LLM_REPO, "--model.whisper-path", WHISPER_REPO,
+          "--data.max-frames-per-batch", "200", "--data.max-batch-size", "2", "--data.batches-per-epoch", "3",
+          "--train.max-steps", "3", "--train.warmup-steps", "1", "--train.lr", "1e-2", "--train.final-eval-splits",
+          "--train.eval-untrained", "False", "--monitor.every", "0", env=child_env(DS_ACCELERATOR="cpu"), cwd=tmp_path)
     return run, offline_cache[1]
 
 

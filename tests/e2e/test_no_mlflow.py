@@ -7,7 +7,6 @@ were not installed; then a real one-process DeepSpeed run trains two steps, prob
 evaluates and exports."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.constants import REPO
+from tests.helpers import TINY_DATA, child_env, free_port, train
 
 pytestmark = pytest.mark.slow
 
@@ -40,20 +40,10 @@ BLOCKER = textwrap.dedent("""\
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(blocker_dir: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{blocker_dir}{os.pathsep}{REPO}",
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
-        env.pop(key, None)
-    return env
+    # one process without a launcher, as bench/gpu_checks.sh runs it
+    return child_env(PYTHONPATH=f"{blocker_dir}{os.pathsep}{REPO}", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                     LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def test_trainer_runs_with_mlflow_unimportable(tmp_path, synth_corpus):
@@ -66,15 +56,11 @@ def test_trainer_runs_with_mlflow_unimportable(tmp_path, synth_corpus):
     assert probe.returncode != 0 and "No module named 'mlflow'" in probe.stderr   # the blocker works
 
     run = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-           "--data.shard-dir", str(synth_corpus), "--data.num-workers", "1", "--train.device", "cpu",
-           "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4", "--data.batches-per-epoch", "4",
-           "--train.run-dir", str(run), "--train.max-steps", "2", "--train.warmup-steps", "1",
-           "--train.log-every", "1", "--train.save-every", "1", "--train.eval-max-new-tokens", "4",
-           "--train.eval-max-samples", "4", "--train.eval-untrained", "False", "--train.test-at-end", "False",
-           "--monitor.every", "1", "--monitor.probe-batch-size", "2", "--tracking.enabled", "False"]
-    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    p = train(run, synth_corpus, *TINY_DATA, "--train.max-steps", "2", "--train.warmup-steps", "1", "--train.log-every",
+              "1", "--train.save-every", "1", "--train.eval-max-new-tokens", "4", "--train.eval-max-samples", "4",
+              "--train.eval-untrained", "False", "--train.final-eval-splits", "val", "--monitor.every", "1",
+              "--monitor.probe-batch-size", "2", "--tracking.enabled", "False", launcher="python", env=env, cwd=tmp_path,
+              timeout=600)
     assert "Traceback" not in p.stderr and "ModuleNotFoundError" not in p.stderr, p.stderr[-4000:]
     results = json.loads((run / "results.json").read_text())
     assert results["step"] == 2 and results["val"]["num_utterances"] > 0

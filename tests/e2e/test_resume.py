@@ -1,20 +1,30 @@
-"""Chaos: SIGKILL of the whole process group at random moments, the same command after each.
+"""Resume end to end: a run stopped, then killed, then started again by the same command trains exactly
+what the uninterrupted run trained.
 
-A 2-process ZeRO-3 run (torchrun, the tiny model) saves a checkpoint after every step. It is killed
-(kill -9 of its process group: launcher, ranks, DataLoader workers) at KILLS random moments, each a random
-number of logged steps plus a random delay into the run, so a kill can land in a forward, a backward, a
-save, a manifest write or a start-up; after each, the same command again; the last attempt runs to the
-end. Every loss any attempt logged for a step must equal the uninterrupted run's for that step.
+The uninterrupted run is the session's `trained_run("zero3_2proc")`: 2 ranks under the `deepspeed`
+launcher with the shipped ds_configs/zero3.json, 6 steps, checkpoints after steps 3 and 6, sink
+monitoring, MLflow, the end-of-run validation WER and exports. Its exact command, in a fresh folder:
 
-The moments come from AVSR_CHAOS_SEED (default: the time), printed first, so that a failure replays with
-`AVSR_CHAOS_SEED=<seed> pytest tests/e2e/test_resume.py`.
+1. with `--train.stop-after 3`: a clean stop with a checkpoint; the MLflow run is KILLED;
+2. again, killed with SIGKILL of its whole process group (launcher, ranks, DataLoader workers, the
+   tracking and figure processes) at a random moment: 1 or 2 logged steps plus up to 2 s in, so in a
+   forward, a backward, a save, the final evaluation or the export;
+3. again, to the end.
+
+Every loss any attempt printed, the MLflow history (one run, each step once, FINISHED), the
+checkpoints (each verifies) and the final evaluation (the WER and every hypothesis) must equal the
+uninterrupted run's exactly: on CPU the same seeds, data order, gloo reduction order and thread count
+give the same bits, and a resume restores all of them (RNG and data position included).
+
+The moment of the kill comes from AVSR_CHAOS_SEED (default: the time), printed first, so that a
+failure replays with `AVSR_CHAOS_SEED=<seed> python -m pytest tests/e2e/test_resume.py -m slow -s`.
+What each part of a resume restores, in one process: tests/trainer/engine/test_checkpoint.py.
 """
+import json
 import os
 import random
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,40 +32,26 @@ from pathlib import Path
 import pytest
 
 from tests.constants import REPO
+from tests.helpers import TINY_STEPS, mlflow_run, printed_losses
+from trainer.engine.checkpoint import verify
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-STEPS = 6
-KILLS = 3
-ARGS = ["--data.num-workers", "1", "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
-        "--data.batches-per-epoch", "4", "--train.max-steps", str(STEPS), "--train.log-every", "1",
-        "--train.warmup-steps", "1", "--train.lr", "3e-3", "--train.save-every", "1", "--train.keep-last", "2",
-        "--train.final-eval", "False", "--train.eval-untrained", "False", "--train.export-on-finish", "False",
-        "--monitor.every", "0", "--tracking.enabled", "False"]
-STEP_LINE = re.compile(r"step (\d+)/\d+ loss (\S+)")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 class Attempt:
     """One start of the command in its own process group, its output read line by line as it comes."""
 
-    def __init__(self, run_dir: Path, corpus: Path):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-               "--data.shard-dir", str(corpus), "--train.run-dir", str(run_dir), *ARGS]
+    def __init__(self, cmd: list[str], env: dict):
         self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
+    def losses(self) -> dict[int, str]:
+        return printed_losses("".join(list(self.lines)))
 
-    def losses(self) -> list[tuple[int, str]]:
-        return [(int(m[1]), m[2]) for ln in list(self.lines) if (m := STEP_LINE.search(ln))]
-
-    def wait_for_steps(self, n: int, timeout: float = 600) -> bool:
+    def wait_for_steps(self, n: int, timeout: float = 900) -> bool:
         """True once n steps were logged; False if the run ended first."""
         deadline = time.monotonic() + timeout
         while len(self.losses()) < n:
@@ -71,7 +67,7 @@ class Attempt:
             pass
         self.finish()
 
-    def finish(self, timeout: float = 600) -> int:
+    def finish(self, timeout: float = 900) -> int:
         code = self.proc.wait(timeout)
         self.reader.join(30)
         return code
@@ -80,32 +76,62 @@ class Attempt:
         return "".join(self.lines)
 
 
-def test_random_kills_then_the_same_command_reproduce_the_uninterrupted_losses(tmp_path, synth_corpus):
+def _final_eval(run_dir: Path) -> tuple[dict, list]:
+    results = json.loads((run_dir / "results.json").read_text())["val"]
+    hyps = [json.loads(p.read_text())["utterances"] for p in sorted((run_dir / "eval").glob("val_*"))]
+    return {k: v for k, v in results.items() if k != "eval_time_s"}, hyps
+
+
+def test_stopped_then_killed_then_the_same_command_trains_the_uninterrupted_run(trained_run, synth_corpus, tmp_path):
     seed = int(os.environ.get("AVSR_CHAOS_SEED") or time.time())
     print(f"AVSR_CHAOS_SEED={seed}", flush=True)
     rng = random.Random(seed)
-    reference = Attempt(tmp_path / "reference", synth_corpus)
-    assert reference.finish() == 0, reference.output()[-6000:]
-    want = dict(reference.losses())
-    assert sorted(want) == list(range(1, STEPS + 1))
+    full = trained_run("zero3_2proc")
+    want = printed_losses(full.output)
+    assert sorted(want) == list(range(1, TINY_STEPS + 1)), full.output[-3000:]
+    run = tmp_path / "resumed"
 
-    run = tmp_path / "chaos"
-    seen: list[tuple[int, str]] = []
-    for kill in range(KILLS):
-        attempt = Attempt(run, synth_corpus)
-        steps, delay = rng.randint(1, 2), rng.uniform(0.0, 2.0)
-        if attempt.wait_for_steps(steps):
-            time.sleep(delay)
-            attempt.kill()
-            how = f"killed {delay:.2f} s after its step line {steps}"
-        else:
-            assert attempt.finish() == 0, attempt.output()[-6000:]
-            how = "ended by itself"
-        print(f"attempt {kill + 1}: {how}; it logged {[s for s, _ in attempt.losses()]}", flush=True)
-        seen += attempt.losses()
-    last = Attempt(run, synth_corpus)
+    # 1. a clean stop after 3 steps: checkpoint, MLflow run KILLED, resumable
+    first = Attempt(full.command(run, synth_corpus, "--train.stop-after", "3"), full.env())
+    assert first.finish() == 0, first.output()[-6000:]
+    assert sorted(first.losses()) == [1, 2, 3], first.output()[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    client, mrun = mlflow_run(run)
+    assert mrun.info.status == "KILLED"
+
+    # 2. the same command, killed at a random moment
+    second = Attempt(full.command(run, synth_corpus), full.env())
+    steps, delay = rng.randint(1, 2), rng.uniform(0.0, 2.0)
+    if second.wait_for_steps(steps):
+        time.sleep(delay)
+        second.kill()
+        how = f"killed {delay:.2f} s after its step line {steps}"
+    else:
+        assert second.finish() == 0, second.output()[-6000:]
+        how = "ended by itself"
+    print(f"attempt 2: {how}; it logged steps {sorted(second.losses())}", flush=True)
+
+    # 3. the same command to the end
+    last = Attempt(full.command(run, synth_corpus), full.env())
     assert last.finish() == 0, f"AVSR_CHAOS_SEED={seed}\n" + last.output()[-6000:]
-    seen += last.losses()
-    assert max(s for s, _ in seen) == STEPS, seen
-    wrong = [(s, loss, want[s]) for s, loss in seen if loss != want[s]]
-    assert not wrong, f"AVSR_CHAOS_SEED={seed}: (step, loss after a kill, uninterrupted) {wrong}"
+    printed = [(a, step, loss) for a, attempt in enumerate((first, second, last), 1)
+               for step, loss in attempt.losses().items()]
+    assert {step for _, step, _ in printed} == set(want), printed
+    wrong = [(a, step, loss, want[step]) for a, step, loss in printed if loss != want[step]]
+    assert not wrong, f"AVSR_CHAOS_SEED={seed}: (attempt, step, loss, uninterrupted) {wrong}"
+
+    # one MLflow run, reattached by each attempt: each step once, with the uninterrupted values
+    client, mrun = mlflow_run(run)
+    assert mrun.info.status == "FINISHED"
+    history = client.get_metric_history(mrun.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, TINY_STEPS + 1))        # each step once
+    ref_client, ref = mlflow_run(full.folder)
+    reference = {m.step: m.value for m in ref_client.get_metric_history(ref.info.run_id, "train/loss")}
+    assert {m.step: m.value for m in history} == reference
+    # the checkpoints of a save that a kill interrupted were set aside; the kept ones verify
+    ck = run / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert (ck / "latest").read_text().strip() == "step_00000006"
+    assert all(verify(folder) == [] for folder in ck.glob("step_*"))
+    # the same weights at the end: the same decoding, word for word
+    assert _final_eval(run) == _final_eval(full.folder)

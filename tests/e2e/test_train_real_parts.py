@@ -2,13 +2,11 @@
 SmolLM2-135M-Instruct (frozen, LoRA) and Whisper tiny.en's encoder (clip-length frames), converted
 by data_tools.pretrained (session fixture `pretrained_models`), on the session's synthetic corpus."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.constants import REPO
+from tests.helpers import child_env, train
 
 pytestmark = pytest.mark.slow
 
@@ -17,23 +15,14 @@ def test_mini_avsr_trains_under_zero3_with_the_real_parts(pretrained_models, syn
     from mlflow.tracking import MlflowClient
 
     run = tmp_path / "mini"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "MLFLOW_EXPERIMENT_NAME": "real_parts"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_RUN_ID", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-           "--recipe", str(REPO / "launch" / "recipes" / "mini_avsr.yaml"),
-           "--model.llm-path", str(pretrained_models / "SmolLM2-135M-Instruct"),
-           "--model.whisper-path", str(pretrained_models / "whisper-tiny.en"),
-           "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run), "--train.device", "cpu",
-           "--data.max-frames-per-batch", "200", "--data.max-batch-size", "2", "--data.batches-per-epoch", "3",
-           "--train.max-steps", "2", "--train.warmup-steps", "1", "--train.log-every", "1",
-           "--train.eval-untrained", "False", "--train.test-at-end", "False", "--train.eval-max-new-tokens", "3",
-           "--train.export-on-finish", "False", "--monitor.every", "2", "--monitor.probe-batch-size", "1",
-           "--monitor.figures", "False"]
-    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"training failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    train(run, synth_corpus, "--recipe", str(REPO / "launch" / "recipes" / "mini_avsr.yaml"),
+          "--model.llm-path", str(pretrained_models / "SmolLM2-135M-Instruct"),
+          "--model.whisper-path", str(pretrained_models / "whisper-tiny.en"), "--train.device", "cpu",
+          "--data.max-frames-per-batch", "200", "--data.max-batch-size", "2", "--data.batches-per-epoch", "3",
+          "--train.max-steps", "2", "--train.warmup-steps", "1", "--train.log-every", "1",
+          "--train.eval-untrained", "False", "--train.final-eval-splits", "val", "--train.eval-max-new-tokens", "3",
+          "--train.export-on-finish", "False", "--monitor.every", "2", "--monitor.probe-batch-size", "1",
+          "--monitor.figures", "False", env=child_env(MLFLOW_EXPERIMENT_NAME="real_parts"), cwd=tmp_path)
 
     exp = json.loads((run / "experiment.json").read_text())
     assert exp["model"]["modality_order"] == ["audio", "video"] and exp["model"]["whisper_pad_to_30s"] is False

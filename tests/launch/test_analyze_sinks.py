@@ -2,7 +2,7 @@
 
 - text-only mode on a tiny local transformers Llama with a planted sink (as in test_monitor.py),
   saved with its own tokenizer: the report finds BOS and '.' as sinks fed by a massive feature;
-- run mode on a real 3-step ZeRO-3 training run (one process): the offline report from the
+- run mode on the session's 1-process ZeRO-3 run of 6 steps: the offline report from its last
   checkpoint equals the trainer's own probe at that step; the consolidated export and another
   split work; trainable-only weights are refused (the random frozen base is not reproducible);
 - clear errors for a missing run folder, checkpoint, shard set or split.
@@ -12,9 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,24 +19,15 @@ import torch
 
 from tests.trainer.monitor.test_monitor import J, MASSIVE_LAYER, R, S, plant_sink, tiny_llama
 from tests.constants import REPO
+from tests.helpers import TINY_STEPS, command, run
 
 SCRIPT = REPO / "launch" / "analyze_sinks.py"
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "the", "cat", "sat", "on", "mat", ".", "a", "dog", "ran", "home"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
-        env.pop(k, None)
-    return env
-
-
-def _analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, str(SCRIPT), *args], env=_env(), cwd=cwd, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, f"analyze_sinks failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return p
+def _analyze(*args: str, cwd: Path):
+    return run(command(SCRIPT, *args), cwd=cwd, timeout=300)
 
 
 def _script_main():
@@ -141,55 +129,44 @@ def test_text_mode_finds_the_planted_sinks(tmp_path):
 
 # --------------------------------------------------------------------------- run mode
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, synth_corpus) -> Path:
-    """3 optimizer steps of the tiny model under ZeRO-3 in one process; checkpoint and probe at step 3."""
-    root = tmp_path_factory.mktemp("analyze")
-    run = root / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-           "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run), "--data.num-workers", "1", "--train.device", "cpu",
-           "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4",
-           "--data.batches-per-epoch", "4", "--train.max-steps", "3", "--train.save-every", "3",
-           "--train.warmup-steps", "1", "--train.eval-max-new-tokens", "4", "--train.test-at-end", "False",
-           "--train.eval-untrained", "False",
-           "--monitor.every", "3", "--monitor.probe-batch-size", "2", "--tracking.enabled", "False"]
-    p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"training failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return run
+def trained_run_dir(trained_run, tmp_path_factory) -> Path:
+    """A copy of the session's 1-process run: checkpoints and probes at steps 3 and 6, an export."""
+    return trained_run("zero3_1proc").copy(tmp_path_factory.mktemp("analyze") / "run")
 
 
 @pytest.mark.slow
-def test_run_mode_reproduces_the_training_probe(trained_run, synth_corpus, tmp_path):
+def test_run_mode_reproduces_the_training_probe(trained_run_dir, tmp_path):
     out = tmp_path / "out"
-    p = _analyze("--run-dir", str(trained_run), "--out", str(out), cwd=tmp_path)
-    trained = json.loads((trained_run / "sinks" / "step_0000003" / "report.json").read_text())
+    p = _analyze("--run-dir", str(trained_run_dir), "--out", str(out), cwd=tmp_path)
+    probed = trained_run_dir / "sinks" / f"step_{TINY_STEPS:07d}"
+    trained = json.loads((probed / "report.json").read_text())
     offline = json.loads((out / "report.json").read_text())
-    assert offline["step"] == 3 and len(offline["lengths"]) == len(trained["lengths"]) >= 1
+    assert offline["step"] == TINY_STEPS and len(offline["lengths"]) == len(trained["lengths"]) >= 1
     _same(trained, offline)              # same weights, same probe batch, same prompt: same report
-    trained_pngs = (trained_run / "sinks" / "step_0000003").glob("*.png")
+    trained_pngs = probed.glob("*.png")
     assert sorted(f.name for f in out.glob("*.png")) == sorted(f.name for f in trained_pngs)
     probe = json.loads((out / "probe.json").read_text())
-    assert probe["split"] == "val" and "step_00000003" in probe["weights"] and len(probe["keys"]) == 2
+    assert probe["split"] == "val" and f"step_{TINY_STEPS:08d}" in probe["weights"] and len(probe["keys"]) == 2
     roles = offline["token_roles"][0]
     assert probe["tokens"][0][0] == "<s>" and probe["tokens"][0][1] == "<audio>" and roles[:2] == [1, 2]   # paper order
     assert "checkpoint" in p.stdout and "layer" in p.stdout and "intermediate sinks of sample 0" in p.stdout
 
 
 @pytest.mark.slow
-def test_run_mode_export_other_split_and_trainable_only(trained_run, synth_corpus, tmp_path, capsys):
+def test_run_mode_export_other_split_and_trainable_only(trained_run_dir, synth_corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    _analyze("--run-dir", str(trained_run), "--checkpoint", "export", "--shards", str(synth_corpus),
+    _analyze("--run-dir", str(trained_run_dir), "--checkpoint", "export", "--shards", str(synth_corpus),
              "--split", "test", "--num-samples", "1", "--no-figures", "--out", str(out), cwd=tmp_path)
     js = json.loads((out / "report.json").read_text())
-    assert len(js["lengths"]) == 1 and len(js["layers"]) == 4 and js["step"] == 3
+    assert len(js["lengths"]) == 1 and len(js["layers"]) == 4 and js["step"] == TINY_STEPS
     assert not list(out.glob("*.png"))
     probe = json.loads((out / "probe.json").read_text())
     assert probe["split"] == "test" and "export/model.safetensors" in probe["weights"]
 
     # export/trainable.safetensors alone: the rebuilt random frozen base is not the run's -> refused
     main = _script_main()
-    trainable = trained_run / "export" / "trainable.safetensors"
-    rc = main(["--run-dir", str(trained_run), "--checkpoint", str(trainable),
+    trainable = trained_run_dir / "export" / "trainable.safetensors"
+    rc = main(["--run-dir", str(trained_run_dir), "--checkpoint", str(trainable),
                "--out", str(tmp_path / "refused")])
     assert rc == 2 and "frozen weights differ" in capsys.readouterr().err
 

@@ -1,69 +1,35 @@
-"""launch/evaluate.py end to end on CPU, on a real 4-step ZeRO-3 run folder.
+"""launch/evaluate.py end to end on CPU, on the session's 1-process ZeRO-3 run of 6 steps.
 
 The training run also checks the end-of-run evaluation options: only the test split, capped at 3
-utterances. Then the tool, as a real subprocess: 1 process (clean and two SNRs of babble noise,
-logged to the run's MLflow run) and 2 processes under the deepspeed launcher; the printed table,
-results.json and the per-utterance files must agree, and the clean WER must not depend on the
-number of processes. Bad input gives clear errors.
+utterances, 2 beams. Then the tool, as a real subprocess, on a copy of the run folder: 1 process (clean
+and two SNRs of babble noise, logged to the run's MLflow run) and 2 processes under the deepspeed
+launcher; the printed table, results.json and the per-utterance files must agree, and the clean WER
+must not depend on the number of processes. Bad input gives clear errors.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.constants import REPO
+from tests.helpers import TINY_STEPS, command, run
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "launch" / "evaluate.py"
-
-
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "MLFLOW_EXPERIMENT_NAME": "evaluate-tool"}
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
-        env.pop(k, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LAST = f"step_{TINY_STEPS:08d}"
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, synth_corpus) -> Path:
-    run = tmp_path_factory.mktemp("evaluate") / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           str(REPO / "launch" / "train.py"), "--config", str(REPO / "ds_configs" / "zero3.json"),
-           "--data.shard-dir", str(synth_corpus), "--train.run-dir", str(run), "--data.num-workers", "1", "--train.device", "cpu",
-           "--data.max-frames-per-batch", "600", "--data.max-batch-size", "4", "--data.batches-per-epoch", "4",
-           "--train.max-steps", "4", "--train.save-every", "4", "--train.warmup-steps", "1",
-           "--train.eval-max-new-tokens", "4", "--train.eval-untrained", "False", "--monitor.every", "0",
-           "--train.final-eval-splits", "test", "--train.final-eval-max-samples", "3",
-           "--train.final-eval-beams", "2"]
-    p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"training failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return run
+def trained_run_dir(trained_run, tmp_path_factory) -> Path:
+    """A copy of the session run (the tool logs into its MLflow run)."""
+    return trained_run("zero3_1proc").copy(tmp_path_factory.mktemp("evaluate") / "run")
 
 
-def _evaluate(*args: str, procs: int = 1, ok: bool = True) -> subprocess.CompletedProcess:
-    if procs == 1:
-        cmd = [sys.executable, str(SCRIPT), *args]
-    else:
-        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(procs), "--master_port",
-               str(_free_port()), str(SCRIPT), *args]
-    p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
-    if ok:
-        assert p.returncode == 0, f"evaluate.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return p
+def _evaluate(*args: str, procs: int = 1, ok: bool = True):
+    return run(command(SCRIPT, *args, launcher="python" if procs == 1 else "deepspeed", nproc=procs), ok=ok)
 
 
 def _printed(stdout: str) -> dict[str, tuple[float, float, int]]:
@@ -88,49 +54,49 @@ def _check_outputs(out: Path, stdout: str, conditions: list[str]) -> dict:
     return results
 
 
-def test_final_evaluation_follows_the_options(trained_run):
-    results = json.loads((trained_run / "results.json").read_text())
-    assert set(results) == {"step", "test", "data_skipped"} and results["step"] == 4       # no val, as asked
+def test_final_evaluation_follows_the_options(trained_run_dir):
+    results = json.loads((trained_run_dir / "results.json").read_text())
+    assert set(results) == {"step", "test", "data_skipped"} and results["step"] == TINY_STEPS     # no val, as asked
     assert results["data_skipped"]["samples"] == 0 and results["data_skipped"]["summary"] == "nothing skipped"
     assert results["test"]["num_utterances"] == 3
-    report = json.loads((trained_run / "eval" / "test_step00000004.json").read_text())
+    report = json.loads((trained_run_dir / "eval" / f"test_step{TINY_STEPS:08d}.json").read_text())
     assert len(report["utterances"]) == 3
-    assert not list((trained_run / "eval").glob("val_*"))
+    assert not list((trained_run_dir / "eval").glob("val_*"))
 
 
 @pytest.fixture(scope="module")
-def one_process(trained_run, synth_corpus, tmp_path_factory) -> tuple[Path, str]:
+def one_process(trained_run_dir, synth_corpus, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("one") / "out"
-    p = _evaluate("--run-dir", str(trained_run), "--shards", str(synth_corpus), "--split", "test",
+    p = _evaluate("--run-dir", str(trained_run_dir), "--shards", str(synth_corpus), "--split", "test",
                   "--max-new-tokens", "4", "--snr", "clean", "10", "-5", "--noise", "babble", "--out", str(out),
                   "--mlflow")
     return out, p.stdout
 
 
-def test_one_process_clean_and_babble_table_logged_to_mlflow(trained_run, one_process):
+def test_one_process_clean_and_babble_table_logged_to_mlflow(trained_run_dir, one_process):
     from mlflow.tracking import MlflowClient
 
     out, stdout = one_process
     results = _check_outputs(out, stdout, ["clean", "10dB", "-5dB"])
-    assert results["noise"] == "babble" and results["step"] == 4 and results["split"] == "test"
-    assert "step_00000004" in results["weights"] and results["world_size"] == 1
+    assert results["noise"] == "babble" and results["step"] == TINY_STEPS and results["split"] == "test"
+    assert LAST in results["weights"] and results["world_size"] == 1
     keys = {json.dumps(sorted(r["key"] for r in json.loads((out / f"utterances_{c}.json").read_text())["utterances"]))
             for c in results["conditions"]}
     assert len(keys) == 1                              # every condition decodes the same utterances
 
-    run_id = json.loads((trained_run / "mlflow_run.json").read_text())["run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{trained_run / 'mlflow.db'}")
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED"               # the finished run stays finished
-    assert run.data.metrics["evaluate/test/-5dB/avsr/wer"] == pytest.approx(results["conditions"]["-5dB"]["wer"])
+    run_id = json.loads((trained_run_dir / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{trained_run_dir / 'mlflow.db'}")
+    mrun = client.get_run(run_id)
+    assert mrun.info.status == "FINISHED"               # the finished run stays finished
+    assert mrun.data.metrics["evaluate/test/-5dB/avsr/wer"] == pytest.approx(results["conditions"]["-5dB"]["wer"])
     files = [a.path for a in client.list_artifacts(run_id, f"evaluate/{out.name}")]
     assert any(f.endswith("results.json") for f in files) and any(f.endswith("utterances_clean.json") for f in files)
 
 
-def test_two_processes_give_the_one_process_figures(trained_run, one_process, tmp_path):
+def test_two_processes_give_the_one_process_figures(trained_run_dir, one_process, tmp_path):
     one, _ = one_process
     two = tmp_path / "two"
-    p2 = _evaluate("--run-dir", str(trained_run), "--split", "test", "--max-new-tokens", "4", "--checkpoint",
+    p2 = _evaluate("--run-dir", str(trained_run_dir), "--split", "test", "--max-new-tokens", "4", "--checkpoint",
                    "export", "--out", str(two), procs=2)
     r1 = json.loads((one / "results.json").read_text())
     r2 = _check_outputs(two, p2.stdout, ["clean"])
@@ -141,10 +107,10 @@ def test_two_processes_give_the_one_process_figures(trained_run, one_process, tm
     assert r1["conditions"]["clean"]["wer"] == r2["conditions"]["clean"]["wer"]
 
 
-def test_bad_input_is_a_clear_error(trained_run, synth_corpus, tmp_path):
-    p = _evaluate("--run-dir", str(trained_run), "--split", "nope", ok=False)
+def test_bad_input_is_a_clear_error(trained_run_dir, synth_corpus, tmp_path):
+    p = _evaluate("--run-dir", str(trained_run_dir), "--split", "nope", ok=False)
     assert p.returncode != 0 and "no split 'nope'" in p.stderr and "test" in p.stderr
     p = _evaluate("--run-dir", str(tmp_path / "missing"), ok=False)
     assert p.returncode != 0 and "run folder not found" in p.stderr
-    p = _evaluate("--run-dir", str(trained_run), "--snr", "clean", "loud", ok=False)
+    p = _evaluate("--run-dir", str(trained_run_dir), "--snr", "clean", "loud", ok=False)
     assert p.returncode != 0 and "'loud'" in p.stderr

@@ -6,7 +6,8 @@ or not root (tests/run.sh installs them as root).
 - a chain: a real time limit (`--time=3 --signal=B:USR1@170`: SIGUSR1 to the batch shell, the job
   requeues itself), then `scontrol requeue` (SIGTERM to every process of the step, then SLURM's own
   requeue), then the end: checkpoints at the stop steps, Restarts=2, one MLflow run (KILLED in
-  between, FINISHED at the end), the per-step losses of an uninterrupted job, each step logged once;
+  between, FINISHED at the end), each step logged once (that a resume reproduces the uninterrupted
+  losses: tests/e2e/test_resume.py);
 - `scancel` (SIGTERM to every process): checkpoint, KILLED, not requeued;
 - submitted from outside the checkout, and the dry run's `sbatch --test-only` check.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.constants import REPO
+from tests.helpers import free_port, tiny_recipe
 from tests.support.slurm_cluster import SlurmCluster, SlurmUnavailable
 
 pytestmark = pytest.mark.slow
@@ -46,30 +48,13 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _job_env(cluster: SlurmCluster) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SBATCH_", "AVSR_", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"))}
     env.update(OMP_NUM_THREADS="1", AVSR_NPROC_PER_NODE="2",
-               AVSR_RDZV_PORT=str(_free_port()), MLFLOW_EXPERIMENT_NAME="slurm", PYTHONPATH=str(REPO),
+               AVSR_RDZV_PORT=str(free_port()), MLFLOW_EXPERIMENT_NAME="slurm", PYTHONPATH=str(REPO),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     return cluster.env(env)
-
-
-def _recipe(path: Path, corpus: Path, monitor_every: int = 0) -> Path:
-    path.write_text(f"""
-data: {{shard_dir: {corpus}, num_workers: 1, max_frames_per_batch: 600, max_batch_size: 4}}
-train: {{device: cpu, max_steps: {MAX_STEPS}, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
-        test_at_end: false, eval_untrained: false, export_on_finish: false}}
-monitor: {{every: {monitor_every}, probe_batch_size: 2}}
-""")
-    return path
 
 
 def _sbatch(cluster, *args, cwd: Path, env: dict) -> str:
@@ -146,17 +131,11 @@ def _failures(log: str) -> list[str]:
     return [f for f in FAILURES if f in log] + re.findall(r"sink figures for step \d+ failed.*", log)
 
 
-def test_time_limit_and_requeue_chain_resumes_with_the_uninterrupted_losses(cluster, tmp_path, synth_corpus):
+def test_time_limit_and_requeue_chain_resumes_and_logs_each_step_once(cluster, tmp_path, synth_corpus):
     env = _job_env(cluster)
-    # The reference: an uninterrupted job, submitted from the checkout with the script's own
-    # --output=logs/%x-%j.out (logs/ is part of the checkout).
-    recipe = _recipe(tmp_path / "tiny.yaml", synth_corpus, monitor_every=4)
-    ref_run = tmp_path / "ref"
-    ref = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-ref", str(SINGLE), str(recipe), "ds_configs/zero3.json",
-                  "--train.run-dir", str(ref_run), cwd=REPO, env={**env, "AVSR_RDZV_PORT": str(_free_port())})
-    ref_log = REPO / "logs" / f"avsr-ref-{ref}.out"
-    # The chain: submitted from outside the checkout (recipe path relative to there, own --output),
-    # with a real time limit whose warning (SIGUSR1 to the batch shell) comes 10-40 s after the start.
+    tiny_recipe(tmp_path / "tiny.yaml", synth_corpus, MAX_STEPS, monitor_every=4)
+    # submitted from outside the checkout (recipe path relative to there, own --output), with a real time
+    # limit whose warning (SIGUSR1 to the batch shell) comes 10-40 s after the start
     run = tmp_path / "chain"
     job = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-chain", "--time=3", "--signal=B:USR1@170",
                   f"--output={tmp_path}/%x-%j.out", str(SINGLE), "tiny.yaml", "ds_configs/zero3.json",
@@ -182,9 +161,8 @@ def test_time_limit_and_requeue_chain_resumes_with_the_uninterrupted_losses(clus
 
         # 3. the end
         final = w.ended()
-        Watch(cluster, ref, ref_log).ended()
     finally:
-        subprocess.run(["scancel", job, ref], env=cluster.env(), timeout=180)
+        subprocess.run(["scancel", job], env=cluster.env(), timeout=180)
     log = w.text()
     assert final["JobState"] == "COMPLETED" and final["Restarts"] == "2", (final, log[-3000:])
     assert not _failures(log), log[-6000:]
@@ -193,19 +171,15 @@ def test_time_limit_and_requeue_chain_resumes_with_the_uninterrupted_losses(clus
     history = client.get_metric_history(run_id, "train/loss")
     steps = [m.step for m in history]
     assert sorted(steps) == list(range(1, MAX_STEPS + 1)), steps          # each step logged once
-    ref_client, ref_id = _mlflow(ref_run)
-    reference = {m.step: m.value for m in ref_client.get_metric_history(ref_id, "train/loss")}
-    assert {m.step: m.value for m in history} == pytest.approx(reference, rel=1e-5, abs=1e-6)
     val = [m.step for m in client.get_metric_history(run_id, next(k for k in client.get_run(run_id).data.metrics
                                                                    if k.startswith("val/")))]
     assert val == [MAX_STEPS], val                                        # the final evaluation, once
     assert (run / "sinks" / f"step_{4:07d}" / "report.json").is_file()
-    ref_log.unlink(missing_ok=True)
 
 
 def test_scancel_checkpoints_and_stops(cluster, tmp_path, synth_corpus):
     env = _job_env(cluster)
-    recipe = _recipe(tmp_path / "tiny.yaml", synth_corpus)
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", synth_corpus, MAX_STEPS)
     run = tmp_path / "cancelled"
     # submitted from elsewhere with --chdir: the script's own logs/ output lands in the checkout
     job = _sbatch(cluster, *CPU_NODE, "--job-name=avsr-cancel", f"--chdir={REPO}", str(SINGLE), str(recipe),
@@ -254,7 +228,7 @@ def test_a_login_node_without_gpus_passes_no_device_choice(cluster, tmp_path):
     fake = tmp_path / "torchrun"
     fake.write_text(ENV_DUMP)
     fake.chmod(0o755)
-    recipe = _recipe(tmp_path / "recipe.yaml", tmp_path / "no_corpus_needed")
+    recipe = tiny_recipe(tmp_path / "recipe.yaml", tmp_path / "no_corpus_needed", MAX_STEPS)
     env = {k: v for k, v in _job_env(cluster).items() if k != "DS_ACCELERATOR"}
     env.update(AVSR_VENV=sys.prefix, AVSR_CACHE=str(tmp_path / "cache"), AVSR_TORCHRUN=str(fake),
                AVSR_ENV_DUMP=str(dump))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.constants import REPO
+from tests.helpers import child_env, free_port
 from trainer.config import ConfigError, ExperimentConfig, parse_args
 from trainer.config_checks import build_config, flag
 
@@ -261,7 +262,7 @@ def _entry_cases(tmp: Path) -> list[tuple[list[str], dict, str]]:
     stage7 = _ds(tmp, "stage7", zero={"stage": 7})
     recipe = _write(tmp / "lots.yaml", 'train: {max_steps: "lots"}\n')
     (tmp / "notrun").mkdir()
-    ds_launch = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29731",
+    ds_launch = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
                  str(REPO / "launch" / "train.py"), "--train.run-dir", str(tmp / "run")]
     torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 str(REPO / "launch" / "train.py"), "--train.run-dir", str(tmp / "run")]
@@ -305,8 +306,7 @@ def test_under_the_launchers_too(tmp_path):
 
 
 def _check_entry_points(tmp_path: Path, cases: list) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
+    env = child_env(DS_ACCELERATOR="cpu")
     before, repo_before = _tree(tmp_path), sorted(p.name for p in REPO.iterdir())
 
     def run(case):

@@ -6,9 +6,6 @@ Eval covers every sample exactly once across ranks x workers; training is determ
 import io
 import json
 import logging
-import os
-import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -19,6 +16,7 @@ import soundfile as sf
 
 from data_tools.media import encode_mp4
 from tests.constants import REPO
+from tests.helpers import command, run
 from tests.support.data_fixtures import have_ffmpeg, make_clip, make_corpus, make_sample, write_shards
 from trainer.data import DataConfig, SkipCounter, UnusableDataError, build_eval_loader, build_train_loader
 from trainer.data.shard_format import load_index
@@ -297,13 +295,8 @@ def test_a_shard_set_of_non_tars_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_eval_exactly_once_under_torchrun_2_ranks_x_2_workers(corpus, tmp_path):
     out = tmp_path / "keys.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "support" / "data_dist_eval.py"), "--shard-dir", str(corpus.folder), "--split", "val",
-           "--workers", "2", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(command(REPO / "tests" / "support" / "data_dist_eval.py", "--shard-dir", str(corpus.folder), "--split", "val",
+                "--workers", "2", "--out", str(out), launcher="torchrun", nproc=2), timeout=300)
     per_rank = json.loads(out.read_text())
     assert len(per_rank) == 2 and all(per_rank)
     assert not set(per_rank[0]) & set(per_rank[1])

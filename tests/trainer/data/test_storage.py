@@ -21,6 +21,7 @@ from data_tools.shards import Sample, write_split
 from data_tools.tones import tone_sample
 from data_tools.validate import validate
 from tests.constants import REPO
+from tests.helpers import child_env
 from tests.support.data_fixtures import have_ffmpeg
 from tests.support.remote_servers import fault_events, s3_env, set_faults, start_http, start_moto, start_proxy
 from trainer.data import DataConfig, build_eval_loader, build_train_loader
@@ -249,7 +250,7 @@ def test_the_cache_keeps_shards_read_again(servers, tmp_path):
 
 
 def test_validate_cli_checks_remote_shard_sets(servers):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     for args in ([f"s3://{BUCKET}/corpus"], [servers["web"].url, "--split", "val"]):
         p = subprocess.run([sys.executable, "-m", "data_tools", "validate", *args], env=env, capture_output=True,
                            text=True, timeout=300)
@@ -261,7 +262,7 @@ def test_synth_writes_straight_to_s3(servers):
     """The converters' output: `data_tools synth --out s3://...` (credentials from the environment)."""
     out = f"s3://{BUCKET}/synth-cli"
     p = subprocess.run([sys.executable, "-m", "data_tools", "synth", "--out", out, "--num", "6", "--workers", "1",
-                        "--samples-per-shard", "2", "--quiet"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                        "--samples-per-shard", "2", "--quiet"], env=child_env(),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     assert sum(load_index(out, split).num_samples for split in ("train", "val", "test")) == 6

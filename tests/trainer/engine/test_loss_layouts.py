@@ -8,14 +8,12 @@ logged loss, CE and decorrelation values must agree across layouts. (Averaging p
 as DeepSpeed's engine.backward does by itself, weights the lone clips 5x and fails this.)
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.constants import REPO
+from tests.helpers import command, run
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +48,8 @@ def _run_layouts(root, synth_corpus, ds_config: dict, layouts: list):
                     "--model.decorrelation-weight", "1.0", "--train.lr", "1.0", "--train.warmup-steps", "0",
                     "--train.max-steps", "1", "--train.grad-clip", "0", "--tracking.enabled", "False",
                     "--monitor.every", "0", "--train.device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "support" / "dist_grad_layout.py"), "--layouts", json.dumps(layouts), "--out", str(root),
-           "--", *trainer_args]
-    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"layout run failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    run(command(REPO / "tests" / "support" / "dist_grad_layout.py", "--layouts", json.dumps(layouts), "--out", str(root),
+                "--", *trainer_args, launcher="torchrun", nproc=2))
     return root
 
 

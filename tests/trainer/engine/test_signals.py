@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import psutil
 import pytest
 
 from tests.constants import REPO
+from tests.helpers import TRAIN, child_env, command, tiny_recipe
 
 
 def _helpers(pid: int) -> list[psutil.Process]:
@@ -64,22 +64,11 @@ def test_final_stages_survive_a_restart_at_the_same_step_only(tmp_path):
 
 
 # ---- the deepspeed launcher ---------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deepspeed(recipe: Path, run: Path) -> tuple[subprocess.Popen, list[str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MLFLOW_EXPERIMENT_NAME="signals")
-    runner = Path(sys.executable).parent / "deepspeed"
-    proc = subprocess.Popen([sys.executable, str(runner), "--num_gpus", "2", "--master_port", str(_free_port()),
-                             "launch/train.py", "--config", "ds_configs/zero3.json", "--recipe", str(recipe),
-                             "--train.run-dir", str(run)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)          # its own process group, as in a terminal
+    cmd = command(TRAIN, "--config", "ds_configs/zero3.json", "--recipe", str(recipe), "--train.run-dir", str(run),
+                  launcher="deepspeed")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(MLFLOW_EXPERIMENT_NAME="signals"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)   # its own process group
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     return proc, lines
@@ -101,13 +90,7 @@ def _stopped_at(lines: list[str]) -> int:
 def test_deepspeed_launcher_stops_with_a_checkpoint_on_sigterm(tmp_path, synth_corpus):
     from mlflow.tracking import MlflowClient
 
-    recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(f"""
-data: {{shard_dir: {synth_corpus}, num_workers: 1, max_frames_per_batch: 600, max_batch_size: 4}}
-train: {{device: cpu, max_steps: 40, log_every: 1, warmup_steps: 1, save_every: 1000, eval_max_new_tokens: 4,
-        test_at_end: false, eval_untrained: false, export_on_finish: false}}
-monitor: {{every: 0}}
-""")
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", synth_corpus, max_steps=40)
     run = tmp_path / "run"
 
     # 1. SIGTERM to the `deepspeed` runner only: it dies (no handler); the ranks see it gone

@@ -1,13 +1,12 @@
 """--model.llm-path / --model.whisper-path as hub names: resolved through huggingface_hub's own cache
 (laid out from the converted SmolLM2 and Whisper tiny.en: tests/support/hf_cache.py, fixture `offline_cache`)."""
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.constants import REPO
+from tests.helpers import TRAIN, child_env, command, run
 from tests.support.hf_cache import LLM_REPO, WHISPER_REPO
 
 pytestmark = pytest.mark.slow
@@ -46,14 +45,13 @@ def test_hub_names_resolve_from_the_cache_and_build_the_same_model(offline_cache
         assert torch.equal(by_name.base_llm(ids).logits, by_folder.base_llm(ids).logits)
 
 
-def _train_py(args, env, cwd):
-    return subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args], capture_output=True, text=True,
-                          env={**env, "PYTHONPATH": str(REPO), "RANK": "0"}, cwd=cwd, timeout=300)
+def _train_py(args, cwd):
+    return run(command(TRAIN, *args), env=child_env(RANK="0"), cwd=cwd, timeout=300, ok=False)
 
 
 def test_a_name_not_in_the_cache_is_one_line_before_any_process_group(offline_cache, tmp_path):
     p = _train_py(["--model.llm-path", "meta-llama/Llama-3.2-1B", "--train.run-dir", str(tmp_path / "run")],
-                  dict(os.environ), tmp_path)
+                  tmp_path)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
     assert lines[0].startswith("error: --model.llm-path meta-llama/Llama-3.2-1B: no such folder, and not in the "
@@ -68,7 +66,7 @@ def test_parsing_pins_the_resolved_commit(offline_cache, tmp_path):
             f"'--model.llm-path', '{LLM_REPO}', '--model.whisper-path', '{WHISPER_REPO}']).model; "
             "print(json.dumps([m.llm_path, m.llm_revision, m.whisper_path, m.whisper_revision]))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env=child_env())
     assert p.returncode == 0, p.stderr[-3000:]
     _, commits = offline_cache
     import json

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,26 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.constants import REPO
+from tests.helpers import child_env, free_port
 from trainer.tracking.config import TrackingConfig
 from trainer.tracking.tracker import MLflowTracker, preflight
 from trainer.tracking.courier import SPILL_NAME
 from trainer.tracking.store import TrackingUnreachable, check_reachable
 
 FAST = 0.5     # a tracking call from the training loop returns within this, whatever the store does
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **extra}
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
-        if k not in extra:
-            env.pop(k, None)
-    return env
 
 
 @pytest.fixture
@@ -60,14 +46,14 @@ class MlflowServer:
     """A real `mlflow server` on a fixed port and store, started and stopped by PID."""
 
     def __init__(self, root: Path):
-        self.root, self.port, self.proc = root, _free_port(), None
+        self.root, self.port, self.proc = root, free_port(), None
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
                f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination", str(self.root / "artifacts"),
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        self.proc = subprocess.Popen(cmd, cwd=self.root, env=_env(), stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=child_env(), stdout=subprocess.DEVNULL,
                                      stderr=open(self.root / "server.log", "a"), start_new_session=True)
         deadline = time.monotonic() + 240          # ~6 s on an idle machine; minutes on a loaded one
         while time.monotonic() < deadline:
@@ -141,11 +127,11 @@ def test_store_down_at_exit_is_written_to_the_run_folder_and_replayed(server, tm
     assert spilled[-1]["op"] == "terminate" and spilled[-1]["status"] == "KILLED"
 
     replay = [sys.executable, str(REPO / "launch" / "replay_tracking.py"), "--run-dir", str(run_dir)]
-    down = subprocess.run(replay + ["--timeout", "2"], env=_env(MLFLOW_TRACKING_URI=server.uri), capture_output=True, text=True)
+    down = subprocess.run(replay + ["--timeout", "2"], env=child_env(MLFLOW_TRACKING_URI=server.uri), capture_output=True, text=True)
     assert down.returncode == 1 and "does not answer" in down.stderr, down.stderr
     server.start()
     for _ in range(2):                              # replaying twice delivers each value once
-        ok = subprocess.run(replay, env=_env(MLFLOW_TRACKING_URI=server.uri), capture_output=True, text=True)
+        ok = subprocess.run(replay, env=child_env(MLFLOW_TRACKING_URI=server.uri), capture_output=True, text=True)
         assert ok.returncode == 0, ok.stdout + ok.stderr
     from mlflow.tracking import MlflowClient
     client = MlflowClient(server.uri)
@@ -189,12 +175,12 @@ def test_sqlite_store_locked_mid_run(tmp_path, no_mlflow_env):
 
 
 def test_unreachable_server_at_start_is_one_clear_error_in_seconds(tmp_path):
-    port = _free_port()                                            # nothing listens there
+    port = free_port()                                            # nothing listens there
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--train.run-dir", str(run_dir),
                         "--tracking.connect-timeout-s", "4"],
-                       env=_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"), capture_output=True, text=True,
+                       env=child_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"), capture_output=True, text=True,
                        timeout=120)
     elapsed = time.monotonic() - t0
     assert p.returncode != 0
@@ -205,7 +191,7 @@ def test_unreachable_server_at_start_is_one_clear_error_in_seconds(tmp_path):
 
 
 def test_unreachable_server_with_continue_trains_untracked(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     cfg = TrackingConfig(on_unreachable="continue", connect_timeout_s=2)
     assert preflight(cfg, tmp_path) is False
     assert "WITHOUT tracking" in caplog.text
@@ -229,7 +215,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 @pytest.mark.slow
 def test_kill9_of_the_tracking_process_leaves_no_run_running(tmp_path, no_mlflow_env):
     run_dir = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-c", _KILLED_OWNER, str(run_dir)], env=_env(), capture_output=True,
+    p = subprocess.run([sys.executable, "-c", _KILLED_OWNER, str(run_dir)], env=child_env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     run_id = p.stdout.split()[0]
@@ -239,7 +225,7 @@ def test_kill9_of_the_tracking_process_leaves_no_run_running(tmp_path, no_mlflow
 
     # The replay tool (or the next start) notices that the owner is gone: FAILED, ended at its heartbeat.
     out = subprocess.run([sys.executable, str(REPO / "launch" / "replay_tracking.py"), "--run-dir", str(run_dir)],
-                         env=_env(), capture_output=True, text=True, timeout=300)
+                         env=child_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and "gone" in run.data.tags["avsr.closed_as_stale"]
@@ -256,7 +242,7 @@ def test_kill9_of_the_tracking_process_leaves_no_run_running(tmp_path, no_mlflow
 
 def test_next_start_closes_a_run_left_running(tmp_path, no_mlflow_env):
     run_dir = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-c", _KILLED_OWNER, str(run_dir)], env=_env(), capture_output=True,
+    p = subprocess.run([sys.executable, "-c", _KILLED_OWNER, str(run_dir)], env=child_env(), capture_output=True,
                        text=True, timeout=300)
     run_id = p.stdout.split()[0]
     tr = MLflowTracker(run_dir, experiment_name="k9")              # the resume, with no tool run in between
