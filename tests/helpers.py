@@ -191,16 +191,20 @@ class TrainedRun:
 
 
 class TrainedRuns:
-    """RUNS by name, each trained on first use and kept for the session."""
+    """RUNS by name, each trained on first use and kept for the session (a failed training is not tried
+    again: every test that needs it fails with its output)."""
 
     def __init__(self, root: Path, corpus: Path):
-        self.root, self.corpus, self.done = root, corpus, {}
+        self.root, self.corpus, self.done, self.failed = root, corpus, {}, {}
 
     def __call__(self, name: str) -> TrainedRun:
+        assert name not in self.failed, f"the session run {name!r} failed to train:\n{self.failed[name]}"
         if name not in self.done:
-            spec = RUNS[name]
             folder = self.root / name
-            made = TrainedRun(folder, "", spec)
-            p = run(made.command(folder, self.corpus), env=made.env())
-            self.done[name] = TrainedRun(folder, p.stdout + p.stderr, spec)
+            plan = TrainedRun(folder, "", RUNS[name])
+            p = run(plan.command(folder, self.corpus), env=plan.env(), ok=False)
+            if p.returncode != 0:
+                self.failed[name] = f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+                return self(name)
+            self.done[name] = TrainedRun(folder, p.stdout + p.stderr, RUNS[name])
         return self.done[name]

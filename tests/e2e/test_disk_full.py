@@ -38,7 +38,8 @@ def small_disk(path: Path, size: str = "40m"):
 
 
 def _train(run_dir: Path, corpus: Path, mlflow_db: Path) -> subprocess.CompletedProcess:
-    env = child_env(DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}", MLFLOW_EXPERIMENT_NAME="disk-full")
+    env = child_env(DS_ACCELERATOR="cpu", MLFLOW_TRACKING_URI=f"sqlite:///{mlflow_db}",
+                    MLFLOW_EXPERIMENT_NAME="disk-full")
     return train(run_dir, corpus, *ARGS, env=env, ok=False)
 
 

@@ -59,8 +59,8 @@ def test_trainer_runs_with_mlflow_unimportable(tmp_path, synth_corpus):
     p = train(run, synth_corpus, *TINY_DATA, "--train.max-steps", "2", "--train.warmup-steps", "1", "--train.log-every",
               "1", "--train.save-every", "1", "--train.eval-max-new-tokens", "4", "--train.eval-max-samples", "4",
               "--train.eval-untrained", "False", "--train.final-eval-splits", "val", "--monitor.every", "1",
-              "--monitor.probe-batch-size", "2", "--tracking.enabled", "False", launcher="python", env=env, cwd=tmp_path,
-              timeout=600)
+              "--monitor.probe-batch-size", "2", "--tracking.enabled", "False", launcher="python", env=env,
+              cwd=tmp_path, timeout=600)
     assert "Traceback" not in p.stderr and "ModuleNotFoundError" not in p.stderr, p.stderr[-4000:]
     results = json.loads((run / "results.json").read_text())
     assert results["step"] == 2 and results["val"]["num_utterances"] > 0

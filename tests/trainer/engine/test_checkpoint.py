@@ -226,7 +226,8 @@ def test_a_bf16_zero3_engine_resumes_bit_for_bit(gloo_world_of_one, tmp_path):
     got = load_file(str(tmp_path / "resumed" / portable.FOLDER / portable.TENSORS))
     assert sorted(want) == sorted(got) and any(k.startswith("exp_avg_sq/") for k in want)
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
-    meta = [json.loads((tmp_path / name / portable.FOLDER / portable.META).read_text()) for name in ("first", "resumed")]
+    meta = [json.loads((tmp_path / name / portable.FOLDER / portable.META).read_text())
+            for name in ("first", "resumed")]
     assert meta[0]["adam_step"] == meta[1]["adam_step"] == 4
     assert meta[0]["lr_scheduler"] == meta[1]["lr_scheduler"] and meta[0]["param_groups"] == meta[1]["param_groups"]
 

@@ -48,8 +48,9 @@ def _run_layouts(root, synth_corpus, ds_config: dict, layouts: list):
                     "--model.decorrelation-weight", "1.0", "--train.lr", "1.0", "--train.warmup-steps", "0",
                     "--train.max-steps", "1", "--train.grad-clip", "0", "--tracking.enabled", "False",
                     "--monitor.every", "0", "--train.device", "cpu"]
-    run(command(REPO / "tests" / "support" / "dist_grad_layout.py", "--layouts", json.dumps(layouts), "--out", str(root),
-                "--", *trainer_args, launcher="torchrun", nproc=2))
+    script = REPO / "tests" / "support" / "dist_grad_layout.py"
+    run(command(script, "--layouts", json.dumps(layouts), "--out", str(root), "--", *trainer_args,
+                launcher="torchrun", nproc=2))
     return root
 
 
