@@ -18,7 +18,7 @@ from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("run without TRITON_INTERPRET=1: the interpreter does not compile")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))     # the checkout
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

@@ -6,12 +6,11 @@ and the tests marked by CUDA add larger shapes.
 """
 import gc
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.constants import KERNEL_DEVICE, TRITON_INTERPRETED
+from tests.constants import KERNEL_DEVICE, REPO, TRITON_INTERPRETED
 from trainer.kernels import DecorrelationLoss, decorrelation_loss, resolve_impl
 from trainer.kernels.decorrelation_reference import EPS, decorrelation_loss_reference
 from trainer.kernels.decorrelation_triton import block_sizes, decorrelation_loss_triton
@@ -365,7 +364,7 @@ def test_kernels_compile_for_hopper_with_16_byte_vector_accesses():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).parents[2] / "support" / "kernel_ptx.py"
+    script = REPO / "tests" / "support" / "kernel_ptx.py"
     p = subprocess.run([sys.executable, str(script), "--arch", "90"], env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
