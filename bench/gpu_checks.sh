@@ -9,7 +9,7 @@
 #               `pip install --no-index --no-deps --target`, first on PYTHONPATH (skipped when
 #               deepspeed, webdataset, jiwer, decord, soundfile and tyro already import)
 #   versions    nvidia-smi, torch/triton/deepspeed/transformers versions, nvcc
-#   kernel      the CUDA kernel tests: tests/test_decorrelation_kernel.py (odd-shape grid compiled,
+#   kernel      the CUDA kernel tests: tests/trainer/kernels/test_decorrelation.py (odd-shape grid compiled,
 #               fp32 and bf16, larger shapes)
 #   models      random-weight model folders at real widths (bench/bench_trainer.py models): a
 #               Llama-3.2-1B-shaped LLM, Whisper-medium and AV-HuBERT-Large-shaped encoders
@@ -104,7 +104,7 @@ fi
 part versions bash -c "nvidia-smi || true; $PY -m trainer.doctor --out '$out' -- --train.device $device"
 
 # ---- the kernel on CUDA -----------------------------------------------------------------------------
-part kernel $PY -m pytest -q -p no:cacheprovider tests/test_decorrelation_kernel.py
+part kernel $PY -m pytest -q -p no:cacheprovider tests/trainer/kernels/test_decorrelation.py
 
 # ---- the trainer at real widths ---------------------------------------------------------------------
 clips=.gpu_clips

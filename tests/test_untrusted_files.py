@@ -3,14 +3,14 @@
 Each case plants a pickle whose unpickling would `touch` a marker file, proves that plain pickle
 would run it, then shows the project's loader refuses it (or ignores the planted object) and the
 marker never appears. The resume path (rng_rank*.pt and DeepSpeed's own files in a real checkpoint)
-is covered in tests/test_checkpoint_reliability.py.
+is covered in tests/e2e/test_checkpoint_faults.py.
 """
 import pickle
 
 import pytest
 import torch
 
-from tests.untrusted import RunsCode
+from tests.support.untrusted import RunsCode
 
 
 def _really_runs_code(tmp_path):
