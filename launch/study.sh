@@ -17,7 +17,7 @@
 # over utterances, paired differences to the comparison run: trainer/stats.py) and logs them to MLflow as a
 # parent run with the training runs as its children (runs/study/mlflow.db).
 #
-#   bash launch/study.sh                      # defaults: STEPS=100, ~45 min on 2 idle CPU cores (an estimate: docs/monitoring.md, "The study")
+#   bash launch/study.sh                      # defaults: STEPS=100, 31.6 min on 2 idle CPU cores (2026-12-07; docs/monitoring.md, "The study")
 #   STEPS=2 RUNS="base_s1:1:ln:0 dec1e4_s1:1:ln:1e4" STUDY_DIR=runs/study_smoke bash launch/study.sh   # plumbing check
 #   RUNS="dec100_s1:1:ln:100" STUDY_DIR=runs/study_l100 bash launch/study.sh                            # other arms
 #   mlflow ui --backend-store-uri sqlite:///runs/study/mlflow.db --port 5001
