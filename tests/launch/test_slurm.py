@@ -13,6 +13,7 @@ import pytest
 
 from tests.constants import REPO
 from tests.helpers import free_port, tiny_recipe
+from tests.support.slurm_cluster import can_start
 
 sys.path.insert(0, str(REPO / "launch" / "slurm"))
 import plan  # noqa: E402
@@ -178,6 +179,7 @@ def _collect(proc: subprocess.Popen, lines: list[str]) -> threading.Thread:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(can_start(), reason="a real SLURM runs here: tests/launch/test_slurm_real.py runs this path on it")
 def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, synth_corpus):
     from mlflow.tracking import MlflowClient
     recipe = tiny_recipe(tmp_path / "tiny.yaml", synth_corpus, max_steps=60)

@@ -24,6 +24,11 @@ CLIENTS = ("sbatch", "scontrol", "squeue", "scancel")
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 
 
+def can_start() -> bool:
+    """Whether `SlurmCluster.start` has what it needs here (the packages, root)."""
+    return all(_which(n) for n in DAEMONS + CLIENTS + ("mungekey",)) and os.geteuid() == 0
+
+
 class SlurmUnavailable(RuntimeError):
     pass
 
