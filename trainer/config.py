@@ -4,8 +4,8 @@
         --recipe launch/recipes/lrs3_avsr.yaml --train.lr 1e-3 --model.modality asr
 
 Precedence: command line > recipe (YAML with sections model/data/train/monitor/tracking)
-> defaults (a tiny model on the synthetic corpus; launch/recipes/demo.yaml sizes it for the CPU demo). Every section validates itself when built (trainer/config_checks.py), all
-before any process group starts.
+> defaults (a tiny model on the synthetic corpus; launch/recipes/demo.yaml sizes it for the CPU demo).
+Every section validates itself when built (trainer/config_checks.py), all before any process group starts.
 """
 from __future__ import annotations
 
