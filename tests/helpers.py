@@ -5,6 +5,8 @@ runs that several tests read, trained once per session (fixture `trained_run` in
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -28,6 +30,27 @@ TINY_DATA = ("--train.device", "cpu", "--data.num-workers", "1", "--data.max-fra
 _LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _MLFLOW_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")
 STEP_LINE = re.compile(r"step (\d+)/\d+ loss (\S+)")
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path):
+    """Hold an exclusive lock on `lock_file` (created if missing): one process at a time, across the
+    pytest-xdist workers of a session and across clones sharing $AVSR_CACHE."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def built_once(out: Path, build) -> None:
+    """`build()` writes `out`, once per session whichever worker asks first; the others wait for it. A
+    folder left by a build that failed is removed and built again."""
+    done = out.with_name(out.name + ".done")
+    with exclusive(out.with_name(out.name + ".lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            build()
+            done.touch()
 
 
 def free_port() -> int:
@@ -191,20 +214,22 @@ class TrainedRun:
 
 
 class TrainedRuns:
-    """RUNS by name, each trained on first use and kept for the session (a failed training is not tried
-    again: every test that needs it fails with its output)."""
+    """RUNS by name, each trained on first use and kept for the session, in `root`, which the xdist workers
+    share: the first to ask trains it while the others wait. A failed training is not tried again: every
+    test that needs it fails with its output."""
 
     def __init__(self, root: Path, corpus: Path):
-        self.root, self.corpus, self.done, self.failed = root, corpus, {}, {}
+        self.root, self.corpus = root, corpus
 
     def __call__(self, name: str) -> TrainedRun:
-        assert name not in self.failed, f"the session run {name!r} failed to train:\n{self.failed[name]}"
-        if name not in self.done:
-            folder = self.root / name
-            plan = TrainedRun(folder, "", RUNS[name])
-            p = run(plan.command(folder, self.corpus), env=plan.env(), ok=False)
-            if p.returncode != 0:
-                self.failed[name] = f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-                return self(name)
-            self.done[name] = TrainedRun(folder, p.stdout + p.stderr, RUNS[name])
-        return self.done[name]
+        folder, output, failed = (self.root / name, self.root / f"{name}.output", self.root / f"{name}.failed")
+        with exclusive(self.root / f"{name}.lock"):
+            if not output.exists() and not failed.exists():
+                plan = TrainedRun(folder, "", RUNS[name])
+                p = run(plan.command(folder, self.corpus), env=plan.env(), ok=False)
+                if p.returncode != 0:
+                    failed.write_text(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+                else:
+                    output.write_text(p.stdout + p.stderr)
+        assert not failed.exists(), f"the session run {name!r} failed to train:\n{failed.read_text()}"
+        return TrainedRun(folder, output.read_text(), RUNS[name])
