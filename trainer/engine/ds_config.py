@@ -45,6 +45,13 @@ def _fill(section: dict, key: str, value: Any, *, what: str) -> None:
             f"set it to \"auto\" in the JSON or change the experiment option")
 
 
+def _default(section: dict, key: str, value: Any) -> None:
+    """Fill `auto` with a sizing default; a number the user wrote is their tuning, not a contradiction
+    of the experiment config, and is kept (as HF's integration does for these keys)."""
+    if section.get(key, AUTO) == AUTO:
+        section[key] = value
+
+
 def use_bf16(precision: str, raw: dict, *, on_cpu: bool, bf16_supported: bool) -> bool:
     """Whether the run trains in bf16: --train.precision, or with "auto" the JSON's explicit
     `bf16.enabled`, else bf16 on a GPU that has it and fp32 on CPU (where bf16 runs, tested, but
@@ -158,12 +165,12 @@ def resolve_ds_config(raw: dict, *, hidden_size: int, micro_batch_size: int, gra
     zero = cfg.get("zero_optimization", {})
     h = hidden_size
     # The values HF's integration uses for "auto" (DeepSpeed's docs recommend the same scale).
-    _fill(zero, "reduce_bucket_size", h * h, what="zero_optimization.reduce_bucket_size")
+    _default(zero, "reduce_bucket_size", h * h)
     if "allgather_bucket_size" in zero:
-        _fill(zero, "allgather_bucket_size", h * h, what="zero_optimization.allgather_bucket_size")
+        _default(zero, "allgather_bucket_size", h * h)
     if zero_stage(cfg) == 3:
-        _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * h * h), what="stage3_prefetch_bucket_size")
-        _fill(zero, "stage3_param_persistence_threshold", 10 * h, what="stage3_param_persistence_threshold")
+        _default(zero, "stage3_prefetch_bucket_size", int(0.9 * h * h))
+        _default(zero, "stage3_param_persistence_threshold", 10 * h)
 
     left = list(_find_auto(cfg))
     if left:

@@ -29,6 +29,16 @@ def test_shipped_configs_resolve_fully(name):
     assert "auto" not in json.dumps(cfg)
 
 
+def test_explicit_bucket_sizes_are_kept():
+    """The sizing knobs are the user's tuning, not facts of the experiment config: a number stays."""
+    raw = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    raw["zero_optimization"].update(reduce_bucket_size=5e8, stage3_prefetch_bucket_size=123,
+                                    stage3_param_persistence_threshold=100000)
+    zero = resolve_ds_config(raw, **COMMON)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (5e8, 123, 100000)
+
+
 def test_explicit_value_conflicting_with_experiment_is_an_error():
     raw = load_ds_config(REPO / "ds_configs" / "zero3.json")
     raw["gradient_accumulation_steps"] = 4
