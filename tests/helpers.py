@@ -222,7 +222,8 @@ class TrainedRuns:
         self.root, self.corpus = root, corpus
 
     def __call__(self, name: str) -> TrainedRun:
-        folder, output, failed = (self.root / name, self.root / f"{name}.output", self.root / f"{name}.failed")
+        folder = self.root / name
+        output, failed = self.root / f"{name}.output", self.root / f"{name}.failed"
         with exclusive(self.root / f"{name}.lock"):
             if not output.exists() and not failed.exists():
                 plan = TrainedRun(folder, "", RUNS[name])
