@@ -112,10 +112,16 @@ def offline_cache(tmp_path, monkeypatch, pretrained_models):
     hub.clear_cache()
 
 
+# The longest files, mostly waiting (SLURM's requeues, a run stopped and killed and resumed): started
+# first, so that the other xdist worker computes meanwhile and they never end the session alone.
+LONGEST_FIRST = ("tests/launch/test_slurm_real.py", "tests/e2e/test_resume.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules with `slow` tests run first, each module's tests kept together and in order: the xdist
-    workers (tests/run.sh: `--dist loadfile`) take the long ones before the short ones fill the gaps.
-    Tests marked `gpu` (setup.cfg) need a CUDA device: skipped, and said so, without one."""
+    """LONGEST_FIRST, then the other modules with `slow` tests, then the rest, each module's tests kept
+    together and in order: the xdist workers (tests/run.sh: `--dist loadfile`) take the long ones before
+    the short ones fill the gaps. Tests marked `gpu` (setup.cfg) need a CUDA device: skipped, and said
+    so, without one."""
     def module(item) -> str:
         return item.nodeid.split("::")[0]
 
@@ -123,7 +129,13 @@ def pytest_collection_modifyitems(config, items):
     first_seen: dict[str, int] = {}
     for i, item in enumerate(items):
         first_seen.setdefault(module(item), i)
-    items.sort(key=lambda item: (module(item) not in slow_modules, first_seen[module(item)]))
+
+    def rank(item) -> tuple[int, int]:
+        m = module(item)
+        group = LONGEST_FIRST.index(m) if m in LONGEST_FIRST else len(LONGEST_FIRST) + (m not in slow_modules)
+        return group, first_seen[m]
+
+    items.sort(key=rank)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker: gpu)")

@@ -98,6 +98,10 @@ class Watch:
         ~2 min BeginTime delay for requeued jobs), with `scontrol update` fields if given."""
         self.until(lambda: self.state().get("JobState") == "PENDING"
                    and int(self.state().get("Restarts", 0)) == restarts, f"requeue #{restarts}")
+        # SLURM's delay is what keeps a restart clear of the ended run's revoked job credential: slurmd
+        # refuses a credential made in the second of the revocation or before ("Job credential revoked",
+        # the job FAILED). Let a second or two pass first.
+        time.sleep(2)
         _scontrol(self.cluster, "update", f"JobId={self.job}", *updates, "StartTime=now")
 
     def ended(self) -> dict:
