@@ -38,9 +38,7 @@ def trained_run(tmp_path_factory, synth_corpus):
     a test that writes into one (resumes it, logs to its MLflow run) works on `.copy(tmp_path / ...)`."""
     from tests.helpers import TrainedRuns
 
-    root = _session_dir(tmp_path_factory, "runs")
-    root.mkdir(parents=True, exist_ok=True)
-    return TrainedRuns(root, synth_corpus)
+    return TrainedRuns(_session_dir(tmp_path_factory, "runs"), synth_corpus)
 
 
 def _launcher_env(mp: pytest.MonkeyPatch, port: int) -> None:
